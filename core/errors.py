@@ -1,0 +1,68 @@
+"""Every domain error headfleet raises, in one module.
+
+Each layer raises these; only the service maps them to HTTP status (one table in
+``headfleet.service.errors``). ``error_type`` is the stable name clients see in
+``{"error": ..., "error_type": ...}``.
+"""
+
+from __future__ import annotations
+
+
+class HeadfleetError(Exception):
+    error_type = "internal_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class ValidationError(HeadfleetError):
+    """The caller's input is malformed or out of range."""
+
+    error_type = "validation_error"
+
+
+class TooLargeError(ValidationError):
+    """A request exceeds a configured limit (texts, classifiers, characters)."""
+
+    error_type = "too_large"
+
+
+class TrainingDataError(ValidationError):
+    """Training data that cannot give a usable classifier (one class, too few examples, empty texts)."""
+
+    error_type = "training_data_error"
+
+
+class NotFoundError(HeadfleetError):
+    """Unknown classifier, version or alias — also what a tenant gets for another tenant's classifier."""
+
+    error_type = "not_found"
+
+
+class ConflictError(HeadfleetError):
+    """A write that lost a race or would overwrite something immutable."""
+
+    error_type = "conflict"
+
+
+class ParentMismatchError(HeadfleetError):
+    """A head or adapter trained on another backbone than the one loaded."""
+
+    error_type = "parent_mismatch"
+
+
+class OverloadedError(HeadfleetError):
+    """Admission control refused the work; retry later."""
+
+    error_type = "overloaded"
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BackendError(HeadfleetError):
+    """The backbone or a storage backend failed."""
+
+    error_type = "backend_error"
