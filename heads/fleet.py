@@ -1,0 +1,258 @@
+"""Every loaded head stacked into padded arrays, so any subset is scored in one batched op.
+
+Layout (rebuilt lazily, at the first predict after an add/remove — never per predict):
+    linear group: W [G, Lmax, d], b [G, Lmax]                      (logreg heads)
+    mlp group:    W1 [G, Hmax, d], b1 [G, Hmax], W2 [G, Lmax, Hmax], b2 [G, Lmax]
+Padding is zeros: a padded hidden unit is relu(0) = 0 and meets a zero column of W2, so it adds
+nothing; padded labels get logit -inf before softmax (probability exactly 0) and are zeroed
+after sigmoid.
+
+predict(X [n, d], keys) per group, with r = the group rows of the requested keys:
+    linear: z[n, k, L] = (X @ W[r].reshape(k*L, d).T).reshape(n, k, L) + b[r]
+    mlp:    a[n, k, H] = relu((X @ W1[r].reshape(k*H, d).T).reshape(n, k, H) + b1[r])
+            z[k, n, L] = a.transpose(1, 0, 2) @ W2[r].transpose(0, 2, 1) + b2[r]
+    p = sigmoid(z) where the head is multi-label else softmax(masked z), scattered back into
+    request order. One GEMM per group, whatever the number of heads asked for.
+
+Concurrency: add/remove take a lock and drop the snapshot; predict works on whichever
+immutable snapshot it picked up, so a predict racing an add sees the fleet before or after it,
+never half of it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from headfleet.errors import NotFoundError, ValidationError
+from headfleet.heads.activations import sigmoid, softmax
+from headfleet.heads.types import HeadArrays
+
+_LINEAR, _MLP = 0, 1
+
+
+@dataclass
+class FleetOutput:
+    """Probabilities for n rows x k requested heads, padded to the widest requested head."""
+
+    probs: np.ndarray  # [n, k, Lmax] float32; entries past a head's n_labels are 0
+    n_labels: np.ndarray  # [k] int
+    labels: list[list[str]]  # [k][n_labels[j]]
+    multi_label: np.ndarray  # [k] bool
+    keys: list[str] = field(default_factory=list)  # [k], the request order
+
+    def for_head(self, j: int) -> np.ndarray:
+        """Probabilities of the j-th requested head, [n, L_j] (a view, no padding)."""
+        return self.probs[:, j, : int(self.n_labels[j])]
+
+    def top_labels(self) -> list[list[str | list[str]]]:
+        """Per row, per head: the argmax label (single-label) or the labels with p >= 0.5
+        (multi-label, possibly none)."""
+        n, k = self.probs.shape[:2]
+        best = self.probs.argmax(axis=2) if k else np.zeros((n, 0), dtype=int)  # padding is 0, never the max
+        on = self.probs >= 0.5
+        out: list[list[str | list[str]]] = []
+        for i in range(n):
+            row: list[str | list[str]] = []
+            for j in range(k):
+                names = self.labels[j]
+                if self.multi_label[j]:
+                    row.append([names[c] for c in np.flatnonzero(on[i, j, : len(names)])])
+                else:
+                    row.append(names[int(best[i, j])])
+            out.append(row)
+        return out
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One kind of head, stacked. W1/b1 is the only layer of linear heads."""
+
+    W1: np.ndarray  # linear: [G, Lmax, d]; mlp: [G, Hmax, d]
+    b1: np.ndarray  # [G, Lmax] | [G, Hmax]
+    W2: np.ndarray | None  # mlp: [G, Lmax, Hmax]
+    b2: np.ndarray | None  # mlp: [G, Lmax]
+    n_labels: np.ndarray  # [G]
+    hidden: np.ndarray  # [G]; 0 for linear
+    multi_label: np.ndarray  # [G] bool
+
+    def probs(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """[n, k, L] probabilities for group rows ``rows`` (k of them), L = their widest head."""
+        n, k = X.shape[0], len(rows)
+        n_labels = self.n_labels[rows]
+        L = int(n_labels.max())
+        if self.W2 is None:
+            W = self.W1[rows, :L]  # [k, L, d], gathered and trimmed in one copy
+            z = (X @ W.reshape(k * L, -1).T).reshape(n, k, L) + self.b1[rows, :L]
+        else:
+            H = int(self.hidden[rows].max())
+            W1 = self.W1[rows, :H]  # [k, H, d]
+            a = (X @ W1.reshape(k * H, -1).T).reshape(n, k, H) + self.b1[rows, :H]
+            np.maximum(a, 0.0, out=a)
+            W2 = self.W2[rows, :L, :H]  # [k, L, H]
+            z = np.matmul(a.transpose(1, 0, 2), W2.transpose(0, 2, 1)).transpose(1, 0, 2) + self.b2[rows, :L]
+        real = np.arange(L)[None, :] < n_labels[:, None]  # [k, L]
+        multi = self.multi_label[rows]
+        out = np.zeros_like(z)
+        if not multi.all():
+            soft = softmax(np.where(real, z, -np.inf))
+            out = np.where(multi[None, :, None], out, soft)
+        if multi.any():
+            sig = sigmoid(z) * real
+            out = np.where(multi[None, :, None], sig, out)
+        return out
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    where: dict[str, tuple[int, int]]  # key -> (group, row)
+    groups: tuple[_Group | None, _Group | None]  # (linear, mlp)
+    labels: dict[str, list[str]]
+
+
+class HeadFleet:
+    """A keyed set of heads sharing one embedding width, scored together."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._heads: dict[str, HeadArrays] = {}
+        self._dim: int | None = None
+        self._snapshot: _Snapshot | None = None
+
+    # --- membership ---------------------------------------------------------------------------
+    def add(self, key: str, head: HeadArrays) -> None:
+        """Add a head, or replace the one under ``key`` (a new version of the same classifier)."""
+        with self._lock:
+            others = [h for k, h in self._heads.items() if k != key]
+            if others and head.dim != others[0].dim:
+                raise ValidationError(f"head {key!r} takes {head.dim}-d embeddings; this fleet holds {others[0].dim}-d heads")
+            self._heads = {**self._heads, key: head}
+            self._snapshot = None
+
+    def remove(self, key: str) -> None:
+        with self._lock:
+            if key not in self._heads:
+                raise NotFoundError(f"head {key!r} is not loaded")
+            self._heads = {k: h for k, h in self._heads.items() if k != key}
+            self._snapshot = None
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._heads
+
+    def __len__(self) -> int:
+        return len(self._heads)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._heads))
+
+    def keys(self) -> list[str]:
+        return list(self._heads)
+
+    def get(self, key: str) -> HeadArrays:
+        try:
+            return self._heads[key]
+        except KeyError:
+            raise NotFoundError(f"head {key!r} is not loaded") from None
+
+    @property
+    def dim(self) -> int | None:
+        heads = self._heads
+        return next(iter(heads.values())).dim if heads else None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the heads' own arrays (the stacked copy costs about as much again, plus padding)."""
+        return sum(h.nbytes for h in self._heads.values())
+
+    # --- scoring ------------------------------------------------------------------------------
+    def predict(self, X: np.ndarray, keys: Sequence[str]) -> FleetOutput:
+        """Score X [n, d] with the heads ``keys`` (any subset, any order, repeats allowed)."""
+        snap = self._current()
+        keys = list(keys)
+        missing = [k for k in keys if k not in snap.where]
+        if missing:
+            raise NotFoundError(f"head(s) not loaded: {sorted(set(missing))}")
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        if X.ndim != 2:
+            raise ValidationError(f"expected embeddings [n, d], got shape {X.shape}")
+        n, k = X.shape[0], len(keys)
+        labels = [snap.labels[key] for key in keys]
+        n_labels = np.array([len(x) for x in labels], dtype=np.int64)
+        multi = np.zeros(k, dtype=bool)
+        probs = np.zeros((n, k, int(n_labels.max()) if k else 0), dtype=np.float32)
+        if k == 0:
+            return FleetOutput(probs, n_labels, labels, multi, keys)
+        loc = np.array([snap.where[key] for key in keys], dtype=np.int64)  # [k, 2]: group, row
+        for g, group in enumerate(snap.groups):
+            pos = np.flatnonzero(loc[:, 0] == g)
+            if group is None or pos.size == 0:
+                continue
+            rows = loc[pos, 1]
+            if X.shape[1] != group.W1.shape[2]:
+                raise ValidationError(f"expected embeddings [n, {group.W1.shape[2]}], got shape {X.shape}")
+            p = group.probs(X, rows)
+            probs[:, pos, : p.shape[2]] = p
+            multi[pos] = group.multi_label[rows]
+        return FleetOutput(probs, n_labels, labels, multi, keys)
+
+    # --- stacking -----------------------------------------------------------------------------
+    def _current(self) -> _Snapshot:
+        snap = self._snapshot
+        if snap is None:
+            with self._lock:
+                if self._snapshot is None:
+                    self._snapshot = _build(self._heads)
+                snap = self._snapshot
+        return snap
+
+
+def _build(heads: dict[str, HeadArrays]) -> _Snapshot:
+    where: dict[str, tuple[int, int]] = {}
+    members: tuple[list[HeadArrays], list[HeadArrays]] = ([], [])
+    for key, head in heads.items():
+        g = _MLP if head.kind == "mlp" else _LINEAR
+        where[key] = (g, len(members[g]))
+        members[g].append(head)
+    groups = (_stack_linear(members[_LINEAR]), _stack_mlp(members[_MLP]))
+    return _Snapshot(where=where, groups=groups, labels={k: h.labels for k, h in heads.items()})
+
+
+def _stack_linear(heads: list[HeadArrays]) -> _Group | None:
+    if not heads:
+        return None
+    G, d, L = len(heads), heads[0].dim, max(h.n_labels for h in heads)
+    W = np.zeros((G, L, d), dtype=np.float32)
+    b = np.zeros((G, L), dtype=np.float32)
+    for i, h in enumerate(heads):
+        W[i, : h.n_labels] = h.W1
+        b[i, : h.n_labels] = h.b1
+    return _Group(W, b, None, None, _n_labels(heads), np.zeros(G, dtype=np.int64), _multi(heads))
+
+
+def _stack_mlp(heads: list[HeadArrays]) -> _Group | None:
+    if not heads:
+        return None
+    G, d = len(heads), heads[0].dim
+    L, H = max(h.n_labels for h in heads), max(h.hidden for h in heads)
+    W1 = np.zeros((G, H, d), dtype=np.float32)
+    b1 = np.zeros((G, H), dtype=np.float32)
+    W2 = np.zeros((G, L, H), dtype=np.float32)
+    b2 = np.zeros((G, L), dtype=np.float32)
+    for i, h in enumerate(heads):
+        W1[i, : h.hidden] = h.W1
+        b1[i, : h.hidden] = h.b1
+        W2[i, : h.n_labels, : h.hidden] = h.W2
+        b2[i, : h.n_labels] = h.b2
+    hidden = np.array([h.hidden for h in heads], dtype=np.int64)
+    return _Group(W1, b1, W2, b2, _n_labels(heads), hidden, _multi(heads))
+
+
+def _n_labels(heads: list[HeadArrays]) -> np.ndarray:
+    return np.array([h.n_labels for h in heads], dtype=np.int64)
+
+
+def _multi(heads: list[HeadArrays]) -> np.ndarray:
+    return np.array([h.multi_label for h in heads], dtype=bool)

@@ -1,0 +1,277 @@
+"""A versioned, per-tenant store of heads in a data folder.
+
+Layout:
+    root/<tenant>/<name>/versions/<N>/manifest.json       what the head is and where it came from
+    root/<tenant>/<name>/versions/<N>/weights.safetensors the arrays
+    root/<tenant>/<name>/aliases.json                     {"latest": N, "prod": M, ...}
+    root/<tenant>/<name>/.aliases.lock                    flock target for alias updates
+
+Guarantees and how they are kept:
+- A version appears complete or not at all: it is written into a hidden temp dir inside the
+  classifier dir (same filesystem) and published with one ``os.rename`` to ``versions/N``.
+  ``rename`` onto an existing non-empty directory fails, so two writers can never both get N;
+  the loser retries with N+1. No lock is needed for allocation.
+- Versions are immutable: nothing in this module writes into ``versions/N`` after the rename.
+- Alias updates are read-modify-write under an flock, published with ``os.replace``. After a
+  save, "latest" points at the highest version saved (max, so concurrent savers finishing out
+  of order cannot move it backwards).
+- Tenants are isolated by path only: a lookup reads ``root/<tenant>/...`` and nothing else, so
+  another tenant's classifier is indistinguishable from a missing one, message included.
+- Delete renames the classifier dir to a hidden trash name (one atomic step, after which every
+  lookup is NotFound), then removes the trash.
+Hidden entries (leading '.') are the registry's own and can never collide with valid names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from headfleet.errors import ConflictError, NotFoundError, ParentMismatchError
+from headfleet.heads.atomic import dump_json, fsync_dir, locked, write_json_atomic
+from headfleet.heads.refs import LATEST, NAME_RE, Ref, check_alias, check_name, parse_ref
+from headfleet.heads.types import WEIGHTS_FILE, HeadArrays
+
+MANIFEST_FILE = "manifest.json"
+ALIASES_FILE = "aliases.json"
+LOCK_FILE = ".aliases.lock"
+VERSIONS_DIR = "versions"
+_TMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
+
+
+class Registry:
+    """Versioned heads under ``root``; safe for concurrent writers in several processes."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    # --- writing ------------------------------------------------------------------------------
+    def save(self, tenant: str, name: str, head: HeadArrays, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Store ``head`` as the next version of ``tenant/name`` and point "latest" at it.
+
+        ``manifest`` carries the caller's provenance (parent_fingerprint, tokenizer_hash,
+        training_data_hash, metrics, validation, library versions, git_commit, ...); the
+        registry's own fields (id, tenant, name, version, type, labels, multi_label, created_at,
+        weights) are set here and win over same-named caller fields. Returns the full manifest.
+        """
+        cdir = self._classifier_dir(tenant, name)
+        versions = cdir / VERSIONS_DIR
+        versions.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=cdir))
+        except FileNotFoundError:
+            raise ConflictError(f"classifier {name!r} was deleted while saving; save again") from None
+        try:
+            head.save(tmp)
+            weights_sha = _sha256(tmp / WEIGHTS_FILE)
+            version = _next_version(versions)
+            while True:
+                full = {
+                    **(manifest or {}),
+                    "id": f"{name}@{version}",
+                    "tenant": tenant,
+                    "name": name,
+                    "version": version,
+                    "type": head.kind,
+                    "labels": list(head.labels),
+                    "multi_label": head.multi_label,
+                    "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "weights": {"file": WEIGHTS_FILE, "sha256": weights_sha, "nbytes": head.nbytes},
+                }
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp / MANIFEST_FILE)
+                dump_json(tmp / MANIFEST_FILE, full)
+                os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a published version is world-readable
+                try:
+                    os.rename(tmp, versions / str(version))
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise
+                    version = max(version + 1, _next_version(versions))  # a concurrent writer won N
+        except FileNotFoundError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _prune_if_empty(cdir)
+            raise ConflictError(f"classifier {name!r} was deleted while saving; save again") from None
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):  # deleted right after publishing: nothing to persist
+            fsync_dir(versions)
+        self._update_aliases(cdir, name, lambda a: a.__setitem__(LATEST, max(int(a.get(LATEST, 0)), version)))
+        return full
+
+    def set_alias(self, tenant: str, name: str, alias: str, version: int) -> dict[str, int]:
+        """Point ``alias`` at an existing ``version``; returns all aliases afterwards."""
+        check_alias(alias)
+        cdir = self._existing_dir(tenant, name)
+        version = int(version)
+        if version not in self._versions_of(cdir):
+            raise NotFoundError(f"classifier {name!r} has no version {version}")
+        return self._update_aliases(cdir, name, lambda a: a.__setitem__(alias, version))
+
+    def delete(self, tenant: str, name: str) -> None:
+        """Remove a classifier with all its versions; lookups fail from the rename on."""
+        cdir = self._existing_dir(tenant, name)
+        trash = cdir.parent / f"{_TRASH_PREFIX}{name}-{uuid.uuid4().hex}"
+        try:
+            os.rename(cdir, trash)
+        except FileNotFoundError:
+            raise NotFoundError(_missing(name)) from None
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # --- reading ------------------------------------------------------------------------------
+    def resolve(self, tenant: str, ref: str) -> dict[str, Any]:
+        """The manifest that ``ref`` ("name", "name@3", "name@prod") names for ``tenant``."""
+        parsed = parse_ref(ref)
+        cdir = self._existing_dir(tenant, parsed.name)
+        version = self._version_for(cdir, parsed)
+        try:
+            with open(self._version_dir(cdir, version) / MANIFEST_FILE, encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise NotFoundError(f"classifier {parsed.name!r} has no version {version}") from None
+
+    def load(self, tenant: str, ref: str, expected_fingerprint: str | None = None) -> tuple[dict[str, Any], HeadArrays]:
+        """Manifest and head for ``ref``; refuses a head trained on another backbone."""
+        manifest = self.resolve(tenant, ref)
+        parent = manifest.get("parent_fingerprint")
+        if expected_fingerprint is not None and parent != expected_fingerprint:
+            raise ParentMismatchError(
+                f"classifier {manifest['id']!r} was trained on backbone "
+                f"{str(parent)[:12] if parent else 'unknown'} but the loaded backbone is "
+                f"{expected_fingerprint[:12]}; the head must be retrained on this backbone"
+            )
+        cdir = self._classifier_dir(tenant, manifest["name"])
+        try:
+            head = HeadArrays.load(self._version_dir(cdir, int(manifest["version"])))
+        except FileNotFoundError:  # deleted between resolve and load
+            raise NotFoundError(_missing(manifest["name"])) from None
+        return manifest, head
+
+    def versions(self, tenant: str, name: str) -> list[int]:
+        return self._versions_of(self._existing_dir(tenant, name))
+
+    def aliases(self, tenant: str, name: str) -> dict[str, int]:
+        cdir = self._existing_dir(tenant, name)
+        aliases = _read_aliases(cdir)
+        if LATEST not in aliases:  # a saver died between publishing and aliasing
+            aliases[LATEST] = self._versions_of(cdir)[-1]
+        return aliases
+
+    def list(self, tenant: str) -> list[dict[str, Any]]:
+        """One summary per classifier of ``tenant`` (none for an unknown tenant)."""
+        tdir = self.root / check_name(tenant, "tenant")
+        out: list[dict[str, Any]] = []
+        if not tdir.is_dir():
+            return out
+        for entry in sorted(tdir.iterdir()):
+            if not NAME_RE.match(entry.name) or not entry.is_dir():  # hidden temp/trash, strays
+                continue
+            try:
+                versions = self.versions(tenant, entry.name)
+                aliases = self.aliases(tenant, entry.name)
+                latest = self.resolve(tenant, f"{entry.name}@{aliases[LATEST]}")
+            except NotFoundError:  # deleted meanwhile, or a save still in flight
+                continue
+            out.append({
+                "name": entry.name,
+                "id": latest["id"],
+                "latest": latest["version"],
+                "versions": versions,
+                "aliases": aliases,
+                "labels": latest["labels"],
+                "multi_label": latest["multi_label"],
+                "type": latest["type"],
+                "created_at": latest.get("created_at"),
+            })
+        return out
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _classifier_dir(self, tenant: str, name: str) -> Path:
+        return self.root / check_name(tenant, "tenant") / check_name(name, "classifier name")
+
+    def _existing_dir(self, tenant: str, name: str) -> Path:
+        """The classifier dir, or NotFoundError that reads the same whoever else owns ``name``."""
+        cdir = self._classifier_dir(tenant, name)
+        if not self._versions_of_or_empty(cdir):
+            raise NotFoundError(_missing(name))
+        return cdir
+
+    @staticmethod
+    def _version_dir(cdir: Path, version: int) -> Path:
+        return cdir / VERSIONS_DIR / str(version)
+
+    def _versions_of(self, cdir: Path) -> list[int]:
+        versions = self._versions_of_or_empty(cdir)
+        if not versions:
+            raise NotFoundError(_missing(cdir.name))
+        return versions
+
+    @staticmethod
+    def _versions_of_or_empty(cdir: Path) -> list[int]:
+        try:
+            names = os.listdir(cdir / VERSIONS_DIR)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(int(n) for n in names if n.isdigit())
+
+    def _version_for(self, cdir: Path, ref: Ref) -> int:
+        if ref.version is not None:
+            return ref.version
+        aliases = _read_aliases(cdir)
+        if ref.alias in aliases:
+            return int(aliases[ref.alias])
+        if ref.alias == LATEST:
+            return self._versions_of(cdir)[-1]
+        raise NotFoundError(f"classifier {ref.name!r} has no alias {ref.alias!r}")
+
+    @staticmethod
+    def _update_aliases(cdir: Path, name: str, change: Any) -> dict[str, int]:
+        try:
+            with locked(cdir / LOCK_FILE):
+                aliases = _read_aliases(cdir)
+                change(aliases)
+                write_json_atomic(cdir / ALIASES_FILE, aliases)
+        except FileNotFoundError:
+            raise NotFoundError(_missing(name)) from None
+        return aliases
+
+
+def _missing(name: str) -> str:
+    # One message whether the classifier never existed or belongs to another tenant.
+    return f"no classifier named {name!r}"
+
+
+def _read_aliases(cdir: Path) -> dict[str, int]:
+    try:
+        with open(cdir / ALIASES_FILE, encoding="utf-8") as f:
+            return {k: int(v) for k, v in json.load(f).items()}
+    except FileNotFoundError:
+        return {}
+
+
+def _next_version(versions: Path) -> int:
+    existing = [int(n) for n in os.listdir(versions) if n.isdigit()]
+    return max(existing, default=0) + 1
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _prune_if_empty(cdir: Path) -> None:
+    """After losing a race with delete, remove a classifier dir our own writes re-created."""
+    for path in (cdir / VERSIONS_DIR, cdir):
+        with contextlib.suppress(OSError):
+            os.rmdir(path)

@@ -1,0 +1,133 @@
+"""Fit a head on embeddings the caller computed, and measure it on a holdout split.
+
+The head that ships is the one fitted on the train split, so the holdout metrics describe
+exactly the weights in the registry (refitting on everything would ship an unmeasured head).
+Metrics are computed with ``HeadArrays.predict_proba`` — the converted head — not with the
+sklearn estimator, for the same reason. sklearn warnings raised while fitting (no convergence,
+a label constant in the train split) are recorded in the metrics, never swallowed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from headfleet.errors import TrainingDataError, ValidationError
+from headfleet.heads.examples import Examples
+from headfleet.heads.metrics import classification_metrics
+from headfleet.heads.types import KINDS, HeadArrays
+from headfleet.heads.validation import ValidationReport, validate
+
+LOGREG_MAX_ITER = 2000
+MLP_HIDDEN = (64,)
+MLP_MAX_ITER = 500
+
+
+@dataclass
+class TrainedHead:
+    head: HeadArrays
+    metrics: dict[str, Any]  # holdout: accuracy, macro_f1, per_class, n_train, n_holdout, fit_warnings, ...
+    report: ValidationReport | None = field(default=None)  # the data report the training went ahead on
+
+
+def train_head(
+    X: np.ndarray,
+    examples: Examples,
+    kind: str = "logreg",
+    seed: int = 0,
+    holdout: float = 0.2,
+    report: ValidationReport | None = None,
+) -> TrainedHead:
+    """Fit ``kind`` ("logreg" | "mlp") on X [n, d] (row i embeds ``examples.texts[i]``).
+
+    ``report``: pass the result of ``validate`` when the caller already ran it (for instance
+    with token stats); otherwise the data is validated here, so bad data is always refused.
+    ``holdout``: fraction held out; 0 trains on everything and reports no holdout metrics.
+    """
+    if kind not in KINDS:
+        raise ValidationError(f"unknown head kind {kind!r}; expected one of {list(KINDS)}")
+    if not 0.0 <= holdout < 1.0:
+        raise ValidationError(f"holdout must be in [0, 1), got {holdout}")
+    if report is None:
+        report = validate(examples)
+    X = _check_embeddings(X, len(examples))
+    classes = examples.classes()
+    y = _targets(examples, classes)
+    train_idx, test_idx = _split(y, len(classes), examples.multi_label, holdout, seed)
+
+    model = _estimator(kind, examples.multi_label, seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(X[train_idx], y[train_idx])
+    if not examples.multi_label and len(model.classes_) != len(classes):
+        raise TrainingDataError(f"the train split lacks some classes ({len(model.classes_)} of {len(classes)}); add examples")
+    head = HeadArrays.from_sklearn(model, labels=classes, multi_label=examples.multi_label)
+
+    metrics: dict[str, Any] = {
+        "kind": kind,
+        "seed": seed,
+        "holdout_fraction": holdout,
+        "n_train": int(len(train_idx)),
+        "n_holdout": int(len(test_idx)),
+        "fit_warnings": sorted({f"{w.category.__name__}: {w.message}" for w in caught}),
+    }
+    if len(test_idx):
+        probs = head.predict_proba(X[test_idx])
+        pred = (probs >= 0.5).astype(int) if examples.multi_label else probs.argmax(axis=1)
+        metrics.update(classification_metrics(y[test_idx], pred, classes, examples.multi_label))
+    return TrainedHead(head=head, metrics=metrics, report=report)
+
+
+def _check_embeddings(X: np.ndarray, n: int) -> np.ndarray:
+    X = np.asarray(X)
+    if X.ndim != 2 or X.shape[0] != n:
+        raise ValidationError(f"expected embeddings of shape [{n}, d] (one row per example), got {X.shape}")
+    if not np.issubdtype(X.dtype, np.floating) or not np.isfinite(X).all():
+        raise ValidationError("embeddings must be finite floats")
+    return X
+
+
+def _targets(examples: Examples, classes: list[str]) -> np.ndarray:
+    """Single-label: class indices [n]; multi-label: 0/1 indicator matrix [n, L]."""
+    index = {c: i for i, c in enumerate(classes)}
+    if examples.multi_label:
+        Y = np.zeros((len(examples), len(classes)), dtype=np.int64)
+        for i, row in enumerate(examples.labels):
+            Y[i, [index[c] for c in row]] = 1
+        return Y
+    return np.array([index[c] for c in examples.labels], dtype=np.int64)
+
+
+def _split(y: np.ndarray, n_classes: int, multi_label: bool, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified for single-label (test size at least one per class); plain random for
+    multi-label, where stratifying on label sets is undefined, capped at half the data."""
+    from sklearn.model_selection import train_test_split
+
+    n = len(y)
+    idx = np.arange(n)
+    if holdout == 0.0:
+        return idx, idx[:0]
+    size = max(n_classes, round(holdout * n))
+    try:
+        if multi_label:
+            size = max(1, min(size, n // 2))
+            train, test = train_test_split(idx, test_size=size, random_state=seed, shuffle=True)
+        else:
+            train, test = train_test_split(idx, test_size=size, random_state=seed, stratify=y)
+    except ValueError as e:  # only reachable with data that skipped validate()
+        raise TrainingDataError(f"cannot hold out {size} of {n} examples over {n_classes} classes: {e}") from None
+    return np.sort(train), np.sort(test)
+
+
+def _estimator(kind: str, multi_label: bool, seed: int) -> Any:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.neural_network import MLPClassifier
+
+    if kind == "mlp":
+        return MLPClassifier(hidden_layer_sizes=MLP_HIDDEN, max_iter=MLP_MAX_ITER, early_stopping=False, random_state=seed)
+    logreg = LogisticRegression(max_iter=LOGREG_MAX_ITER)
+    return OneVsRestClassifier(logreg) if multi_label else logreg
