@@ -40,12 +40,15 @@ def train_head(
     seed: int = 0,
     holdout: float = 0.2,
     report: ValidationReport | None = None,
+    refit: bool = False,
 ) -> TrainedHead:
     """Fit ``kind`` ("logreg" | "mlp") on X [n, d] (row i embeds ``examples.texts[i]``).
 
     ``report``: pass the result of ``validate`` when the caller already ran it (for instance
     with token stats); otherwise the data is validated here, so bad data is always refused.
     ``holdout``: fraction held out; 0 trains on everything and reports no holdout metrics.
+    ``refit``: after measuring on the holdout, fit again on every example and ship that head
+    (with few labels the held-out fifth is worth having); ``metrics["n_shipped"]`` says which.
     """
     if kind not in KINDS:
         raise ValidationError(f"unknown head kind {kind!r}; expected one of {list(KINDS)}")
@@ -78,6 +81,15 @@ def train_head(
         probs = head.predict_proba(X[test_idx])
         pred = (probs >= 0.5).astype(int) if examples.multi_label else probs.argmax(axis=1)
         metrics.update(classification_metrics(y[test_idx], pred, classes, examples.multi_label))
+    metrics["n_shipped"] = int(len(train_idx))
+    if refit and len(test_idx):
+        model = _estimator(kind, examples.multi_label, seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(X, y)
+        head = HeadArrays.from_sklearn(model, labels=classes, multi_label=examples.multi_label)
+        metrics["n_shipped"] = int(len(y))
+        metrics["fit_warnings"] = sorted(set(metrics["fit_warnings"]) | {f"{w.category.__name__}: {w.message}" for w in caught})
     return TrainedHead(head=head, metrics=metrics, report=report)
 
 

@@ -89,7 +89,7 @@ def cmd_train(args) -> int:
     print(format_report(manifest["validation"]))
     m = manifest["metrics"]
     print(f"holdout ({m['n_holdout']} examples, trained on {m['n_train']}): accuracy {m['accuracy']:.3f}, "
-          f"macro-F1 {m['macro_f1']:.3f}")
+          f"macro-F1 {m['macro_f1']:.3f}; the saved head is refit on all {m['n_shipped']} examples")
     print(f"saved {args.tenant}/{manifest['id']} (type {manifest['type']}, labels {', '.join(manifest['labels'])})")
     return 0
 

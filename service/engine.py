@@ -228,7 +228,7 @@ class Engine:
                                truncated_share=float(counts.truncated.mean()))
         report = validate(examples, stats)
         batch = self.embed(tenant, examples.texts, progress=progress)
-        trained = train_head(batch.vectors, examples, kind=kind, seed=seed, report=report)
+        trained = train_head(batch.vectors, examples, kind=kind, seed=seed, report=report, refit=True)
         manifest = self.registry.save(tenant, name, trained.head, {
             "parent_fingerprint": self.embedder.fingerprint,
             "tokenizer_hash": self.embedder.tokenizer_hash,

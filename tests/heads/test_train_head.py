@@ -87,3 +87,19 @@ def test_no_holdout_trains_on_everything(make_clusters):
     X, y = make_clusters({"a": 5, "b": 5})
     m = train_head(X, _examples(y), holdout=0.0).metrics
     assert m["n_train"] == 10 and m["n_holdout"] == 0 and "accuracy" not in m
+
+
+def test_refit_ships_a_head_trained_on_every_example(seed):
+    from headfleet.heads import examples_from_records, train_head
+
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(2, 16))
+    X = np.concatenate([centers[0] + 0.3 * rng.normal(size=(10, 16)), centers[1] + 0.3 * rng.normal(size=(10, 16))])
+    X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
+    ex = examples_from_records([{"text": f"t{i}", "label": "ab"[i // 10]} for i in range(20)])
+    split = train_head(X, ex, seed=seed)
+    shipped = train_head(X, ex, seed=seed, refit=True)
+    assert split.metrics["n_shipped"] == split.metrics["n_train"] < 20
+    assert shipped.metrics["n_shipped"] == 20
+    assert shipped.metrics["accuracy"] == split.metrics["accuracy"]  # the holdout figure is the split model's
+    assert not np.allclose(shipped.head.W1, split.head.W1)
