@@ -15,9 +15,22 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     Every row must hold at least one finite logit; subtracting the row max keeps ``exp`` from
     overflowing for the large logits that a confident linear head produces.
     """
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(axis=-1, keepdims=True)
+    e = np.exp(logits - _last_axis(np.maximum, logits))
+    return e / _last_axis(np.add, e)
+
+
+def _last_axis(op: np.ufunc, a: np.ndarray) -> np.ndarray:
+    """``op.reduce`` over a short last axis, kept as [..., 1].
+
+    numpy's reduce over a last axis of 2-10 entries (a head's labels) walks tiny strided rows
+    and is several times slower than folding the columns with the ufunc itself.
+    """
+    if a.shape[-1] > 16:
+        return op.reduce(a, axis=-1, keepdims=True)
+    out = a[..., 0].copy()
+    for j in range(1, a.shape[-1]):
+        op(out, a[..., j], out=out)
+    return out[..., None]
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:

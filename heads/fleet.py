@@ -69,40 +69,49 @@ class FleetOutput:
 
 @dataclass(frozen=True)
 class _Group:
-    """One kind of head, stacked. W1/b1 is the only layer of linear heads."""
+    """One kind of head, stacked and pre-transposed so a request is one matmul per layer.
 
-    W1: np.ndarray  # linear: [G, Lmax, d]; mlp: [G, Hmax, d]
-    b1: np.ndarray  # [G, Lmax] | [G, Hmax]
-    W2: np.ndarray | None  # mlp: [G, Lmax, Hmax]
-    b2: np.ndarray | None  # mlp: [G, Lmax]
+    The first layer is kept as ``W1t`` [d, G*W] (W = Lmax for linear heads, Hmax for MLPs) so a
+    request for most of the group multiplies against it in place, without gathering a copy.
+    Padded output slots carry a bias of -inf: softmax and sigmoid both turn them into exactly 0.
+    """
+
+    W1t: np.ndarray  # [d, G*W]
+    b1: np.ndarray  # [G, W]; linear: padded slots -inf
+    W2t: np.ndarray | None  # mlp: [G, Hmax, Lmax] (second layer, transposed)
+    b2: np.ndarray | None  # mlp: [G, Lmax], padded slots -inf
     n_labels: np.ndarray  # [G]
-    hidden: np.ndarray  # [G]; 0 for linear
     multi_label: np.ndarray  # [G] bool
 
-    def probs(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """[n, k, L] probabilities for group rows ``rows`` (k of them), L = their widest head."""
+    @property
+    def size(self) -> int:
+        return len(self.n_labels)
+
+    def _first_layer(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """X @ W1[rows].T + b1[rows] as [n, k, W]."""
+        G, W = self.b1.shape
         n, k = X.shape[0], len(rows)
-        n_labels = self.n_labels[rows]
-        L = int(n_labels.max())
-        if self.W2 is None:
-            W = self.W1[rows, :L]  # [k, L, d], gathered and trimmed in one copy
-            z = (X @ W.reshape(k * L, -1).T).reshape(n, k, L) + self.b1[rows, :L]
+        if 2 * k >= G:  # most of the group: one matmul against all of it, then pick the rows
+            z = (X @ self.W1t).reshape(n, G, W)
+            z = z if k == G and np.array_equal(rows, np.arange(G)) else z[:, rows]
         else:
-            H = int(self.hidden[rows].max())
-            W1 = self.W1[rows, :H]  # [k, H, d]
-            a = (X @ W1.reshape(k * H, -1).T).reshape(n, k, H) + self.b1[rows, :H]
-            np.maximum(a, 0.0, out=a)
-            W2 = self.W2[rows, :L, :H]  # [k, L, H]
-            z = np.matmul(a.transpose(1, 0, 2), W2.transpose(0, 2, 1)).transpose(1, 0, 2) + self.b2[rows, :L]
-        real = np.arange(L)[None, :] < n_labels[:, None]  # [k, L]
+            cols = (rows[:, None] * W + np.arange(W)[None, :]).ravel()
+            z = (X @ self.W1t[:, cols]).reshape(n, k, W)
+        return z + self.b1[rows]
+
+    def probs(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """[n, k, Lmax] probabilities for group rows ``rows``; padded slots are 0."""
+        z = self._first_layer(X, rows)
+        if self.W2t is not None:
+            np.maximum(z, 0.0, out=z)  # relu; padded hidden units have zero weights and bias
+            z = np.matmul(z.transpose(1, 0, 2), self.W2t[rows]).transpose(1, 0, 2) + self.b2[rows]
         multi = self.multi_label[rows]
-        out = np.zeros_like(z)
+        if not multi.any():
+            return softmax(z)
+        out = sigmoid(z)
         if not multi.all():
-            soft = softmax(np.where(real, z, -np.inf))
-            out = np.where(multi[None, :, None], out, soft)
-        if multi.any():
-            sig = sigmoid(z) * real
-            out = np.where(multi[None, :, None], sig, out)
+            single = ~multi
+            out[:, single] = softmax(z[:, single])
         return out
 
 
@@ -191,9 +200,9 @@ class HeadFleet:
             if group is None or pos.size == 0:
                 continue
             rows = loc[pos, 1]
-            if X.shape[1] != group.W1.shape[2]:
-                raise ValidationError(f"expected embeddings [n, {group.W1.shape[2]}], got shape {X.shape}")
-            p = group.probs(X, rows)
+            if X.shape[1] != group.W1t.shape[0]:
+                raise ValidationError(f"expected embeddings [n, {group.W1t.shape[0]}], got shape {X.shape}")
+            p = group.probs(X, rows)[:, :, : probs.shape[2]]  # beyond the widest requested head: zeros
             probs[:, pos, : p.shape[2]] = p
             multi[pos] = group.multi_label[rows]
         return FleetOutput(probs, n_labels, labels, multi, keys)
@@ -225,11 +234,12 @@ def _stack_linear(heads: list[HeadArrays]) -> _Group | None:
         return None
     G, d, L = len(heads), heads[0].dim, max(h.n_labels for h in heads)
     W = np.zeros((G, L, d), dtype=np.float32)
-    b = np.zeros((G, L), dtype=np.float32)
+    b = np.full((G, L), -np.inf, dtype=np.float32)
     for i, h in enumerate(heads):
         W[i, : h.n_labels] = h.W1
         b[i, : h.n_labels] = h.b1
-    return _Group(W, b, None, None, _n_labels(heads), np.zeros(G, dtype=np.int64), _multi(heads))
+    W1t = np.ascontiguousarray(W.reshape(G * L, d).T)
+    return _Group(W1t, b, None, None, _n_labels(heads), _multi(heads))
 
 
 def _stack_mlp(heads: list[HeadArrays]) -> _Group | None:
@@ -239,15 +249,15 @@ def _stack_mlp(heads: list[HeadArrays]) -> _Group | None:
     L, H = max(h.n_labels for h in heads), max(h.hidden for h in heads)
     W1 = np.zeros((G, H, d), dtype=np.float32)
     b1 = np.zeros((G, H), dtype=np.float32)
-    W2 = np.zeros((G, L, H), dtype=np.float32)
-    b2 = np.zeros((G, L), dtype=np.float32)
+    W2t = np.zeros((G, H, L), dtype=np.float32)
+    b2 = np.full((G, L), -np.inf, dtype=np.float32)
     for i, h in enumerate(heads):
         W1[i, : h.hidden] = h.W1
         b1[i, : h.hidden] = h.b1
-        W2[i, : h.n_labels, : h.hidden] = h.W2
+        W2t[i, : h.hidden, : h.n_labels] = h.W2.T
         b2[i, : h.n_labels] = h.b2
-    hidden = np.array([h.hidden for h in heads], dtype=np.int64)
-    return _Group(W1, b1, W2, b2, _n_labels(heads), hidden, _multi(heads))
+    W1t = np.ascontiguousarray(W1.reshape(G * H, d).T)
+    return _Group(W1t, b1, W2t, b2, _n_labels(heads), _multi(heads))
 
 
 def _n_labels(heads: list[HeadArrays]) -> np.ndarray:

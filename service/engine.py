@@ -158,7 +158,7 @@ class Engine:
         """
         name = ref.partition("@")[0]
         if not _NAME_RE.match(name) or not _NAME_RE.match(tenant):
-            raise NotFoundError(f"classifier {ref!r} not found")
+            return self.registry.resolve(tenant, ref)  # raises the registry's own error for the bad name
         try:
             st = os.stat(self.registry.root / tenant / name / "aliases.json")
             ident = (st.st_ino, st.st_mtime_ns, st.st_size)
