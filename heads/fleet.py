@@ -3,6 +3,7 @@
 Layout (rebuilt lazily, at the first predict after an add/remove — never per predict):
     linear group: W [G, Lmax, d], b [G, Lmax]                      (logreg heads)
     mlp group:    W1 [G, Hmax, d], b1 [G, Hmax], W2 [G, Lmax, Hmax], b2 [G, Lmax]
+    binary group: two-label softmax heads as one column w1 - w0, p1 = sigmoid(z1 - z0)
 Padding is zeros: a padded hidden unit is relu(0) = 0 and meets a zero column of W2, so it adds
 nothing; padded labels get logit -inf before softmax (probability exactly 0) and are zeroed
 after sigmoid.
@@ -31,7 +32,7 @@ from headfleet.errors import NotFoundError, ValidationError
 from headfleet.heads.activations import sigmoid, softmax
 from headfleet.heads.types import HeadArrays
 
-_LINEAR, _MLP = 0, 1
+_LINEAR, _MLP, _BINARY = 0, 1, 2
 
 
 @dataclass
@@ -82,6 +83,7 @@ class _Group:
     b2: np.ndarray | None  # mlp: [G, Lmax], padded slots -inf
     n_labels: np.ndarray  # [G]
     multi_label: np.ndarray  # [G] bool
+    binary: bool = False  # two-label softmax heads stored as one logit difference
 
     @property
     def size(self) -> int:
@@ -102,6 +104,9 @@ class _Group:
     def probs(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """[n, k, Lmax] probabilities for group rows ``rows``; padded slots are 0."""
         z = self._first_layer(X, rows)
+        if self.binary:  # softmax([z0, z1]) = [1 - sigmoid(z1 - z0), sigmoid(z1 - z0)]
+            p1 = sigmoid(z)
+            return np.concatenate([1.0 - p1, p1], axis=-1)
         if self.W2t is not None:
             np.maximum(z, 0.0, out=z)  # relu; padded hidden units have zero weights and bias
             z = np.matmul(z.transpose(1, 0, 2), self.W2t[rows]).transpose(1, 0, 2) + self.b2[rows]
@@ -118,7 +123,7 @@ class _Group:
 @dataclass(frozen=True)
 class _Snapshot:
     where: dict[str, tuple[int, int]]  # key -> (group, row)
-    groups: tuple[_Group | None, _Group | None]  # (linear, mlp)
+    groups: tuple[_Group | None, _Group | None, _Group | None]  # (linear, mlp, binary linear)
     labels: dict[str, list[str]]
 
 
@@ -220,12 +225,15 @@ class HeadFleet:
 
 def _build(heads: dict[str, HeadArrays]) -> _Snapshot:
     where: dict[str, tuple[int, int]] = {}
-    members: tuple[list[HeadArrays], list[HeadArrays]] = ([], [])
+    members: tuple[list[HeadArrays], ...] = ([], [], [])
     for key, head in heads.items():
-        g = _MLP if head.kind == "mlp" else _LINEAR
+        if head.kind == "mlp":
+            g = _MLP
+        else:
+            g = _BINARY if head.n_labels == 2 and not head.multi_label else _LINEAR
         where[key] = (g, len(members[g]))
         members[g].append(head)
-    groups = (_stack_linear(members[_LINEAR]), _stack_mlp(members[_MLP]))
+    groups = (_stack_linear(members[_LINEAR]), _stack_mlp(members[_MLP]), _stack_binary(members[_BINARY]))
     return _Snapshot(where=where, groups=groups, labels={k: h.labels for k, h in heads.items()})
 
 
@@ -240,6 +248,15 @@ def _stack_linear(heads: list[HeadArrays]) -> _Group | None:
         b[i, : h.n_labels] = h.b1
     W1t = np.ascontiguousarray(W.reshape(G * L, d).T)
     return _Group(W1t, b, None, None, _n_labels(heads), _multi(heads))
+
+
+def _stack_binary(heads: list[HeadArrays]) -> _Group | None:
+    """Two-label softmax heads need one column each, (w1 - w0), instead of two: half the GEMM."""
+    if not heads:
+        return None
+    W1t = np.ascontiguousarray(np.stack([h.W1[1] - h.W1[0] for h in heads], axis=1))  # [d, G]
+    b = np.array([[h.b1[1] - h.b1[0]] for h in heads], dtype=np.float32)  # [G, 1]
+    return _Group(W1t, b, None, None, _n_labels(heads), _multi(heads), binary=True)
 
 
 def _stack_mlp(heads: list[HeadArrays]) -> _Group | None:
