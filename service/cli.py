@@ -107,8 +107,8 @@ def cmd_classify(args) -> int:
     from headfleet.service.engine import Engine
 
     texts = _read_texts(args)
-    with Engine.open(_settings(args)) as engine, progress_bar(len(texts), "embedding"):
-        out = engine.classify(args.tenant, texts, args.classifier, namespace=args.namespace)
+    with Engine.open(_settings(args)) as engine, progress_bar(len(texts), "embedding") as cb:
+        out = engine.classify(args.tenant, texts, args.classifier, namespace=args.namespace, progress=cb)
     print(json.dumps(out, indent=2, ensure_ascii=False) if args.json else format_classify(texts, out))
     return 0
 

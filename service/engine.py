@@ -185,7 +185,7 @@ class Engine:
         return key, manifest
 
     def classify(self, tenant: str, texts: Sequence[str], classifiers: Sequence[str], *,
-                 namespace: str | None = None) -> dict:
+                 namespace: str | None = None, progress: Callable[[int], None] | None = None) -> dict:
         """Every text against every classifier: label, scores, version; and the cache report."""
         if not texts:
             raise ValidationError("texts must hold at least one text")
@@ -194,7 +194,7 @@ class Engine:
         refs = list(dict.fromkeys(classifiers))
         resolved = [self._fleet_key(tenant, r) for r in refs]
         names = [m["name"] for _, m in resolved]
-        batch = self.embed(tenant, texts, namespace=namespace, classifiers=names)
+        batch = self.embed(tenant, texts, namespace=namespace, classifiers=names, progress=progress)
         t0 = time.perf_counter()
         out = self.fleet.predict(batch.vectors, [k for k, _ in resolved])
         results = []
