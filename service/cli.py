@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     except HeadfleetError as exc:
         print(f"error ({exc.error_type}): {exc.message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `headfleet ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
