@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import threading
 import time
 from pathlib import Path
@@ -20,15 +19,14 @@ import numpy as np
 
 from headfleet.cache import CacheStats, FaissStore, MemoryLRU, RedisTier, TieredCache, content_key, normalise_text
 from headfleet.embedder import Embedder
-from headfleet.errors import NotFoundError, ValidationError
+from headfleet.errors import ValidationError
 from headfleet.heads import Examples, HeadFleet, Registry, TokenStats, train_head, validate
+from headfleet.heads.refs import NAME_RE, check_name
 from headfleet.service.provenance import git_commit, library_versions
 from headfleet.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_NAMESPACE_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 # A WordPiece or byte-level BPE token spans at least a quarter of a character, so a text of at
 # most (max_length - 2) // 4 characters cannot be truncated and needs no tokenising on a cache hit.
 _CHARS_PER_TOKEN_FLOOR = 4
@@ -104,8 +102,7 @@ class Engine:
     def namespace_for(self, tenant: str, namespace: str | None) -> str:
         if namespace is None:
             return f"tenant:{tenant}"
-        if not _NAMESPACE_RE.match(namespace):
-            raise ValidationError(f"namespace {namespace!r} must match {_NAMESPACE_RE.pattern}")
+        check_name(namespace, "namespace")
         return f"shared:{namespace}"
 
     def embed(self, tenant: str, texts: Sequence[str], *, namespace: str | None = None,
@@ -157,7 +154,7 @@ class Engine:
         (the CLI beside a running server) is seen on the next request.
         """
         name = ref.partition("@")[0]
-        if not _NAME_RE.match(name) or not _NAME_RE.match(tenant):
+        if not NAME_RE.match(name) or not NAME_RE.match(tenant):
             return self.registry.resolve(tenant, ref)  # raises the registry's own error for the bad name
         try:
             st = os.stat(self.registry.root / tenant / name / "aliases.json")
@@ -219,8 +216,7 @@ class Engine:
     def train(self, tenant: str, name: str, examples: Examples, *, kind: str = "logreg", seed: int = 0,
               progress: Callable[[int], None] | None = None) -> dict:
         """Validate, embed through the cache, fit, save a new immutable version; returns its manifest."""
-        if not _NAME_RE.match(name):
-            raise ValidationError(f"classifier name {name!r} must match {_NAME_RE.pattern}")
+        check_name(name, "classifier name")
         counts = self.embedder.count_tokens([normalise_text(t) for t in examples.texts]) if examples.texts else None
         stats = None
         if counts is not None:
@@ -246,6 +242,7 @@ class Engine:
         return self.stats.snapshot(tenant)
 
     def health(self) -> dict:
-        if self.redis is not None and not self.redis.status()["healthy"]:
-            return {"status": "degraded", "reason": f"redis unreachable: {self.redis.status()['last_error']}"}
+        status = self.redis.status() if self.redis is not None else None
+        if status is not None and not status["healthy"]:
+            return {"status": "degraded", "reason": f"redis unreachable: {status['last_error']}"}
         return {"status": "ready"}
