@@ -208,6 +208,12 @@ class FaissStore:
         with self._lock:
             return int(self._index.ntotal)
 
+    def held(self, namespace: str) -> tuple[int, int]:
+        """(entries, bytes) of one namespace, counted as ``nbytes`` counts them."""
+        with self._lock:
+            n = len(self._by_namespace.get(namespace, ()))
+        return n, n * (self.dim * 4 + 24)
+
     def close(self) -> None:
         """Save if there is a path and unsaved puts; an ephemeral store just goes away."""
         if self.path is not None and self.dirty:

@@ -29,6 +29,8 @@ class MemoryLRU:
             raise ValueError("max_bytes must be >= 0")
         self.max_bytes = int(max_bytes)
         self._entries: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._namespace: dict[bytes, str] = {}
+        self._ns_bytes: dict[str, list[int]] = {}  # namespace -> [entries, bytes]
         self._bytes = 0
         self._lock = threading.Lock()
         self.evictions = 0
@@ -51,22 +53,43 @@ class MemoryLRU:
     def put_many(self, keys: list[bytes], vectors: np.ndarray, namespaces: list[str]) -> None:
         check_batch(keys, vectors, namespaces)
         with self._lock:
-            for key, row in zip(keys, vectors):
+            for key, row, ns in zip(keys, vectors, namespaces):
                 vec = row.copy()
                 vec.flags.writeable = False
                 cost = self._cost(key, vec)
                 old = self._entries.pop(key, None)
                 if old is not None:
-                    self._bytes -= self._cost(key, old)
+                    self._forget(key, old)
                 if cost > self.max_bytes:
                     self.rejected += 1
                     continue
                 self._entries[key] = vec
                 self._bytes += cost
+                self._namespace[key] = ns
+                held = self._ns_bytes.setdefault(ns, [0, 0])
+                held[0] += 1
+                held[1] += cost
                 while self._bytes > self.max_bytes:
                     old_key, old_vec = self._entries.popitem(last=False)
-                    self._bytes -= self._cost(old_key, old_vec)
+                    self._forget(old_key, old_vec)
                     self.evictions += 1
+
+    def _forget(self, key: bytes, vec: np.ndarray) -> None:
+        cost = self._cost(key, vec)
+        self._bytes -= cost
+        ns = self._namespace.pop(key, "")
+        held = self._ns_bytes.get(ns)
+        if held is not None:
+            held[0] -= 1
+            held[1] -= cost
+            if held[0] <= 0:
+                del self._ns_bytes[ns]
+
+    def held(self, namespace: str) -> tuple[int, int]:
+        """(entries, bytes) stored under ``namespace``, counted as ``nbytes`` counts them."""
+        with self._lock:
+            entries, nbytes = self._ns_bytes.get(namespace, (0, 0))
+        return entries, nbytes
 
     def nbytes(self) -> int:
         with self._lock:

@@ -41,6 +41,7 @@ class RedisTier:
 
     name = "redis"
     needs_namespace = False
+    remote = True  # asked off the request path, from the batch worker
 
     def __init__(
         self,

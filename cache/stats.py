@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 TIER_NAMES = ("memory", "local", "redis")
+BUCKET_S = 60  # recent windows are summed from per-minute buckets
+WINDOWS_S = {"1m": 60, "5m": 300, "1h": 3600}
 
 
 @dataclasses.dataclass
@@ -30,6 +33,13 @@ class _Counts:
             else:
                 self.hits[tier] = self.hits.get(tier, 0) + 1
 
+    def merge(self, other: "_Counts") -> None:
+        self.lookups += other.lookups
+        self.misses += other.misses
+        self.corrupt += other.corrupt
+        for tier, n in other.hits.items():
+            self.hits[tier] = self.hits.get(tier, 0) + n
+
     def as_dict(self) -> dict[str, Any]:
         hit_total = sum(self.hits.values())
         return {
@@ -42,10 +52,41 @@ class _Counts:
 
 
 @dataclasses.dataclass
+class _Bucket:
+    """One minute of a tenant's figures (for the recent windows)."""
+
+    counts: _Counts = dataclasses.field(default_factory=_Counts)
+    computed: int = 0
+    fanout: int = 0  # classifier lookups beyond the first: embeddings shared instead of repeated
+
+
+@dataclasses.dataclass
 class _Tenant:
     total: _Counts = dataclasses.field(default_factory=_Counts)
     computed: int = 0
+    fanout: int = 0
     classifiers: dict[str, _Counts] = dataclasses.field(default_factory=dict)
+    buckets: dict[int, _Bucket] = dataclasses.field(default_factory=dict)  # minute -> figures
+
+    def bucket(self, now: float) -> _Bucket:
+        minute = int(now // BUCKET_S)
+        b = self.buckets.get(minute)
+        if b is None:
+            b = self.buckets[minute] = _Bucket()
+            horizon = minute - max(WINDOWS_S.values()) // BUCKET_S
+            for old in [m for m in self.buckets if m <= horizon]:
+                del self.buckets[old]
+        return b
+
+
+def _summary(counts: _Counts, computed: int, fanout: int) -> dict[str, Any]:
+    out = counts.as_dict()
+    out["computed"] = computed
+    # every lookup not computed was served without a backbone forward: a cache hit, or a
+    # repeat of a text inside the same request or batch
+    out["embeddings_avoided"] = max(0, counts.lookups - computed)
+    out["fanout_saved"] = fanout
+    return out
 
 
 class CacheStats:
@@ -55,9 +96,11 @@ class CacheStats:
     classifiers ["spam", "legal"] over 10 texts adds 10 lookups to each.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._lock = threading.Lock()
         self._tenants: dict[str, _Tenant] = {}
+        self._clock = clock
+        self.started = clock()
 
     def _tenant(self, tenant: str) -> _Tenant:
         t = self._tenants.get(tenant)
@@ -69,10 +112,16 @@ class CacheStats:
         self, tenant: str, classifiers: Sequence[str], tiers: Sequence[str | None], corrupt: int = 0
     ) -> None:
         """``tiers[i]`` names the tier that answered key ``i``; ``None`` is a miss."""
+        names = list(dict.fromkeys(classifiers))  # a classifier named twice counts once
+        fanout = len(tiers) * max(0, len(names) - 1)
         with self._lock:
             t = self._tenant(tenant)
             t.total.add(tiers, corrupt)
-            for name in dict.fromkeys(classifiers):  # a classifier named twice counts once
+            t.fanout += fanout
+            b = t.bucket(self._clock())
+            b.counts.add(tiers, corrupt)
+            b.fanout += fanout
+            for name in names:
                 counts = t.classifiers.get(name)
                 if counts is None:
                     counts = t.classifiers[name] = _Counts()
@@ -81,19 +130,33 @@ class CacheStats:
     def record_computed(self, tenant: str, n: int) -> None:
         """Embeddings the backbone computed for ``tenant`` (the misses that were filled)."""
         with self._lock:
-            self._tenant(tenant).computed += int(n)
+            t = self._tenant(tenant)
+            t.computed += int(n)
+            t.bucket(self._clock()).computed += int(n)
 
     def snapshot(self, tenant: str) -> dict[str, Any]:
         """This tenant's figures only; an unknown tenant gets zeros in the same shape.
 
         Per classifier: lookups, hits, misses, hit_rate, corrupt ("computed" is per tenant:
-        one embedding serves every classifier of the request).
+        one embedding serves every classifier of the request). ``windows`` holds the same
+        tenant figures over the last minute, 5 minutes and hour.
         """
+        now = self._clock()
+        minute = int(now // BUCKET_S)
         with self._lock:
             t = self._tenants.get(tenant) or _Tenant()
-            out = t.total.as_dict()
-            out["computed"] = t.computed
+            out = _summary(t.total, t.computed, t.fanout)
             out["classifiers"] = {name: c.as_dict() for name, c in t.classifiers.items()}
+            windows = {}
+            for label, span in WINDOWS_S.items():
+                counts, computed, fanout = _Counts(), 0, 0
+                for m, b in t.buckets.items():
+                    if m > minute - span // BUCKET_S:
+                        counts.merge(b.counts)
+                        computed += b.computed
+                        fanout += b.fanout
+                windows[label] = _summary(counts, computed, fanout)
+        out["windows"] = windows
         return out
 
     def tenants(self) -> list[str]:

@@ -27,6 +27,7 @@ class Lookup:
     vectors: list[np.ndarray | None]
     tiers: list[str | None]
     corrupt: int
+    corrupt_at: list[int] = dataclasses.field(default_factory=list)  # per position, for split lookups
 
     @property
     def missing(self) -> list[int]:
@@ -50,6 +51,16 @@ class TieredCache:
     def tier_names(self) -> list[str]:
         return [t.name for t in self.tiers]
 
+    @property
+    def n_local(self) -> int:
+        """How many leading tiers live in this process (asked inline; the rest are remote)."""
+        n = 0
+        for t in self.tiers:
+            if getattr(t, "remote", False):
+                break
+            n += 1
+        return n
+
     def tier(self, name: str) -> Tier:
         for t in self.tiers:
             if t.name == name:
@@ -66,12 +77,21 @@ class TieredCache:
         tenant: str,
         classifiers: Sequence[str] = (),
         namespaces: list[str] | None = None,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+        record: bool = True,
     ) -> Lookup:
         """Find ``keys`` tier by tier; duplicates are asked once and answered at every position.
 
         ``namespaces[i]`` is the namespace of ``keys[i]``; without it, lower-tier hits are
         still promoted into tiers that do not need a namespace (memory) but not into the
         local store, and the skipped promotions are counted.
+
+        ``start``/``stop`` ask only ``tiers[start:stop]`` (the service asks the in-process
+        tiers inline and Redis from the batch worker); a hit is still promoted into every tier
+        above it. ``record=False`` leaves the stats to the caller, who records the final
+        answer of a split lookup once.
         """
         if namespaces is not None and len(namespaces) != len(keys):
             raise ValueError("namespaces must have one entry per key")
@@ -81,6 +101,8 @@ class TieredCache:
         corrupt_keys: dict[bytes, int] = {}
         pending = unique
         for level, tier in enumerate(self.tiers):
+            if level < start or (stop is not None and level >= stop):
+                continue
             if not pending:
                 break
             try:
@@ -104,15 +126,15 @@ class TieredCache:
             pending = still
         vectors: list[np.ndarray | None] = []
         tiers: list[str | None] = []
-        corrupt = 0
+        corrupt_at = [corrupt_keys.get(key, 0) for key in keys]
         for key in keys:
             hit = found.get(key)
             vectors.append(hit[0] if hit else None)
             tiers.append(hit[1] if hit else None)
-            corrupt += corrupt_keys.get(key, 0)
-        if self.stats is not None:
+        corrupt = sum(corrupt_at)
+        if record and self.stats is not None:
             self.stats.record(tenant, classifiers, tiers, corrupt)
-        return Lookup(vectors=vectors, tiers=tiers, corrupt=corrupt)
+        return Lookup(vectors=vectors, tiers=tiers, corrupt=corrupt, corrupt_at=corrupt_at)
 
     def _promote(
         self,
@@ -132,8 +154,10 @@ class TieredCache:
             except Exception:
                 self._failed(tier, "promotion")
 
-    def store(self, keys: list[bytes], vectors: np.ndarray, namespaces: list[str]) -> None:
-        """Write computed vectors ([n, dim] float32) to every tier; a failing tier is skipped.
+    def store(self, keys: list[bytes], vectors: np.ndarray, namespaces: list[str], *,
+              start: int = 0, stop: int | None = None) -> None:
+        """Write computed vectors ([n, dim] float32) to ``tiers[start:stop]`` (all by default);
+        a failing tier is skipped.
 
         A malformed batch (wrong dtype, shape or lengths) is the caller's bug, not a tier
         failure, so it raises here instead of being logged once per tier.
@@ -141,7 +165,7 @@ class TieredCache:
         check_batch(keys, vectors, namespaces)
         if not keys:
             return
-        for tier in self.tiers:
+        for tier in self.tiers[start:stop]:
             try:
                 tier.put_many(keys, vectors, namespaces)
             except Exception:
@@ -149,6 +173,17 @@ class TieredCache:
 
     def nbytes(self) -> dict[str, int]:
         return {t.name: t.nbytes() for t in self.tiers}
+
+    def held(self, namespace: str) -> dict[str, dict[str, int]]:
+        """Entries and bytes one namespace holds, per tier that can tell (not Redis: it would
+        take a SCAN of every replica's keys)."""
+        out = {}
+        for t in self.tiers:
+            fn = getattr(t, "held", None)
+            if fn is not None:
+                entries, nbytes = fn(namespace)
+                out[t.name] = {"entries": entries, "bytes": nbytes}
+        return out
 
     def close(self) -> None:
         """Close every tier (the local store saves if dirty, Redis disconnects)."""

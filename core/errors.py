@@ -34,6 +34,18 @@ class TrainingDataError(ValidationError):
     error_type = "training_data_error"
 
 
+class UnauthorizedError(HeadfleetError):
+    """No API key, or one that maps to no tenant."""
+
+    error_type = "unauthorized"
+
+
+class ForbiddenError(HeadfleetError):
+    """A valid key asking for something only the admin key may do."""
+
+    error_type = "forbidden"
+
+
 class NotFoundError(HeadfleetError):
     """Unknown classifier, version or alias — also what a tenant gets for another tenant's classifier."""
 

@@ -14,6 +14,10 @@ def _env(name: str, default: str | None) -> str | None:
     return os.environ.get(f"HEADFLEET_{name}", default)
 
 
+_INT_LIMITS = ("max_texts_per_request", "max_classifiers_per_request", "max_chars_per_text", "max_body_bytes",
+               "batch_tokens", "tenant_queue_texts", "queue_texts", "jobs_workers")
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path(".headfleet")
@@ -27,6 +31,21 @@ class Settings:
     redis_url: str | None = None  # None: embedded default (memory + local FAISS store only)
     redis_ttl_s: int | None = 7 * 24 * 3600
     redis_prefix: str = "hf"
+    # -- the HTTP service -------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8080
+    keys_file: Path | None = None  # None: <data_dir>/keys.json
+    api_keys: str | None = None  # "tenant:key,tenant:key" from the environment, beside the keys file
+    admin_key: str | None = None
+    examples: bool = True  # train the example classifiers for the single tenant at first start
+    max_texts_per_request: int = 512
+    max_classifiers_per_request: int = 64
+    max_chars_per_text: int = 20_000
+    max_body_bytes: int = 16 * 2**20
+    batch_tokens: int = 8192  # estimated tokens per backbone batch (the scheduler's budget)
+    tenant_queue_texts: int = 2048  # texts one tenant may have waiting; beyond: 429
+    queue_texts: int = 8192  # texts waiting over all tenants; beyond: 429
+    jobs_workers: int = 1  # training jobs run one at a time by default
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -44,6 +63,13 @@ class Settings:
             redis_url=_env("REDIS_URL", None) or None,
             redis_ttl_s=int(_env("REDIS_TTL_S", str(d.redis_ttl_s))) or None,
             redis_prefix=_env("REDIS_PREFIX", d.redis_prefix),
+            host=_env("HOST", d.host),
+            port=int(_env("PORT", str(d.port))),
+            keys_file=Path(kf) if (kf := _env("KEYS_FILE", None)) else None,
+            api_keys=_env("API_KEYS", None) or None,
+            admin_key=_env("ADMIN_KEY", None) or None,
+            examples=_env("EXAMPLES", "1") not in ("0", "false", "no"),
+            **{name: int(_env(name.upper(), str(getattr(d, name)))) for name in _INT_LIMITS},
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

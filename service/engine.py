@@ -48,6 +48,37 @@ class EmbedBatch:
         return {"hits": hits, "misses": sum(t is None for t in self.tiers), "computed": self.computed}
 
 
+@dataclasses.dataclass
+class Prepared:
+    """A request after the in-process tiers: rows still missing are grouped by key in ``todo``."""
+
+    tenant: str
+    namespace: str  # the cache namespace ("tenant:<t>" or "shared:<ns>")
+    norm: list[str]  # normalised texts (what is embedded and keyed)
+    keys: list[bytes]
+    vectors: np.ndarray  # [n, dim] float32; rows in ``todo`` not yet filled
+    tiers: list[str | None]
+    corrupt: list[int]
+    todo: dict[bytes, list[int]]  # distinct missing key -> its rows
+    cache_ms: float
+
+
+@dataclasses.dataclass
+class Filled:
+    """What :meth:`Engine.fill` found or computed for a list of distinct keys."""
+
+    vectors: np.ndarray  # [m, dim] float32
+    tiers: list[str | None]  # "redis" or None (computed)
+    truncated: np.ndarray  # [m] bool, for computed rows
+    computed: np.ndarray  # [m] bool
+    corrupt: list[int]
+    write: tuple[list[bytes], np.ndarray, list[str]]  # what the remote tier still has to receive
+
+    def answers(self, keys: Sequence[bytes]) -> dict[bytes, tuple]:
+        return {k: (self.vectors[j], self.tiers[j], bool(self.truncated[j]), bool(self.computed[j]), self.corrupt[j])
+                for j, k in enumerate(keys)}
+
+
 class Engine:
     def __init__(self, settings: Settings, embedder: Embedder, cache: TieredCache, registry: Registry,
                  stats: CacheStats, redis: RedisTier | None = None, local: FaissStore | None = None):
@@ -105,46 +136,112 @@ class Engine:
         check_name(namespace, "namespace")
         return f"shared:{namespace}"
 
-    def embed(self, tenant: str, texts: Sequence[str], *, namespace: str | None = None,
-              classifiers: Sequence[str] = (), progress: Callable[[int], None] | None = None) -> EmbedBatch:
-        """Vectors for ``texts``: cache tiers first, the backbone for the distinct misses only."""
+    def prepare(self, tenant: str, texts: Sequence[str], namespace: str | None = None) -> "Prepared":
+        """Normalise and key ``texts`` and ask the in-process tiers (memory, local store).
+
+        What is still missing goes to :meth:`fill` — directly (CLI, jobs) or through the
+        service's scheduler, which packs the misses of many requests into one batch.
+        """
         t0 = time.perf_counter()
         ns = self.namespace_for(tenant, namespace)
         norm = [normalise_text(t) for t in texts]
         fp, max_len = self.embedder.fingerprint, self.embedder.max_length
         keys = [content_key(fp, ns, max_len, t) for t in norm]
-        found = self.cache.lookup(keys, tenant, classifiers, namespaces=[ns] * len(keys))
-        t1 = time.perf_counter()
+        found = self.cache.lookup(keys, tenant, namespaces=[ns] * len(keys), stop=self.cache.n_local, record=False)
         vectors = np.empty((len(texts), self.embedder.dim), dtype=np.float32)
-        truncated = np.zeros(len(texts), dtype=bool)
-        todo: dict[bytes, list[int]] = {}  # a text repeated inside one call is embedded once
+        todo: dict[bytes, list[int]] = {}  # a text repeated inside one call is looked up and embedded once
         for i, v in enumerate(found.vectors):
             if v is None:
                 todo.setdefault(keys[i], []).append(i)
             else:
                 vectors[i] = v
-        n_miss = sum(map(len, todo.values()))
+        return Prepared(tenant, ns, norm, keys, vectors, list(found.tiers), list(found.corrupt_at), todo,
+                        (time.perf_counter() - t0) * 1e3)
+
+    def fill(self, keys: Sequence[bytes], texts: Sequence[str], namespaces: Sequence[str],
+             progress: Callable[[int], None] | None = None) -> "Filled":
+        """Distinct missing keys: ask the remote tier (Redis), then run the backbone for the rest.
+
+        New vectors go into the in-process tiers at once; the remote write is left to
+        :meth:`write_back`, so the caller can take it off the reply path.
+        """
+        keys, ns = list(keys), list(namespaces)
+        m = len(keys)
+        vectors = np.empty((m, self.embedder.dim), dtype=np.float32)
+        tiers: list[str | None] = [None] * m
+        corrupt = [0] * m
+        n_local = self.cache.n_local
+        missing = list(range(m))
+        if m and n_local < len(self.cache.tiers):
+            far = self.cache.lookup(keys, "", namespaces=ns, start=n_local, record=False)
+            corrupt = far.corrupt_at
+            missing = []
+            for j, v in enumerate(far.vectors):
+                if v is None:
+                    missing.append(j)
+                else:
+                    vectors[j], tiers[j] = v, far.tiers[j]
+            if progress is not None and m > len(missing):
+                progress(m - len(missing))
+        truncated = np.zeros(m, dtype=bool)
+        computed = np.zeros(m, dtype=bool)
+        write = ([], np.empty((0, self.embedder.dim), dtype=np.float32), [])
+        if missing:
+            out = self.embedder.embed([texts[j] for j in missing], progress=progress)
+            vectors[missing] = out.vectors
+            truncated[missing] = out.truncated
+            computed[missing] = True
+            write = ([keys[j] for j in missing], out.vectors, [ns[j] for j in missing])
+            self.cache.store(*write, stop=n_local)
+        return Filled(vectors, tiers, truncated, computed, corrupt, write)
+
+    def write_back(self, filled: "Filled") -> None:
+        """Write newly computed vectors into the remote tier(s); a no-op without Redis."""
+        keys, vectors, ns = filled.write
+        if keys and self.cache.n_local < len(self.cache.tiers):
+            self.cache.store(keys, vectors, ns, start=self.cache.n_local)
+
+    def finish(self, prep: "Prepared", answers: dict[bytes, tuple[np.ndarray, str | None, bool, bool, int]],
+               classifiers: Sequence[str] = (), extra_ms: dict[str, float] | None = None) -> EmbedBatch:
+        """Merge :meth:`fill`'s answers (key -> vector, tier, truncated, computed here, corrupt)
+        into the prepared request, flag truncation of cached long texts, record the stats once."""
+        max_len = self.embedder.max_length
+        truncated = np.zeros(len(prep.keys), dtype=bool)
+        computed = 0
+        for key, rows in prep.todo.items():
+            vec, tier, trunc, was_computed, corrupt = answers[key]
+            prep.vectors[rows] = vec
+            truncated[rows] = trunc
+            computed += bool(was_computed)
+            prep.corrupt[rows[0]] += corrupt
+            for i in rows:
+                prep.tiers[i] = tier
+        cached_long = [i for i, t in enumerate(prep.tiers) if t is not None
+                       and len(prep.norm[i]) * _CHARS_PER_TOKEN_FLOOR + 2 > max_len]
+        if cached_long:
+            truncated[cached_long] = self.embedder.count_tokens([prep.norm[i] for i in cached_long]).truncated
+        self.stats.record(prep.tenant, classifiers, prep.tiers, sum(prep.corrupt))
+        if computed:
+            self.stats.record_computed(prep.tenant, computed)
+        timing = {"cache": prep.cache_ms, **(extra_ms or {})}
+        return EmbedBatch(prep.vectors, prep.tiers, truncated, computed, timing)
+
+    def embed(self, tenant: str, texts: Sequence[str], *, namespace: str | None = None,
+              classifiers: Sequence[str] = (), progress: Callable[[int], None] | None = None) -> EmbedBatch:
+        """Vectors for ``texts`` in this thread: cache tiers first, the backbone for the distinct misses only."""
+        prep = self.prepare(tenant, texts, namespace)
+        n_miss = sum(map(len, prep.todo.values()))
         if progress is not None and len(texts) > n_miss:
             progress(len(texts) - n_miss)
-        hit_rows = [i for i, v in enumerate(found.vectors) if v is not None
-                    and len(norm[i]) * _CHARS_PER_TOKEN_FLOOR + 2 > max_len]
-        if hit_rows:
-            truncated[hit_rows] = self.embedder.count_tokens([norm[i] for i in hit_rows]).truncated
-        computed = 0
-        if todo:
-            first = [rows[0] for rows in todo.values()]
-            out = self.embedder.embed([norm[i] for i in first], progress=progress)
-            if progress is not None and n_miss > len(first):
-                progress(n_miss - len(first))  # in-call repeats of texts just computed
-            for j, rows in enumerate(todo.values()):
-                vectors[rows] = out.vectors[j]
-                truncated[rows] = out.truncated[j]
-            computed = len(first)
-            self.stats.record_computed(tenant, computed)
-            self.cache.store(list(todo.keys()), out.vectors, [ns] * computed)
-        t2 = time.perf_counter()
-        return EmbedBatch(vectors, list(found.tiers), truncated, computed,
-                          {"cache": (t1 - t0) * 1e3, "embed": (t2 - t1) * 1e3})
+        t1 = time.perf_counter()
+        keys = list(prep.todo)
+        filled = self.fill(keys, [prep.norm[rows[0]] for rows in prep.todo.values()], [prep.namespace] * len(keys),
+                           progress=progress)
+        if progress is not None and n_miss > len(keys):
+            progress(n_miss - len(keys))  # in-call repeats of texts just computed
+        self.write_back(filled)
+        embed_ms = (time.perf_counter() - t1) * 1e3
+        return self.finish(prep, filled.answers(keys), classifiers, {"embed": embed_ms})
 
     # -- classifiers --------------------------------------------------------------------------
     def _manifest(self, tenant: str, ref: str) -> dict:
@@ -181,37 +278,51 @@ class Engine:
                     self.fleet.add(key, head)
         return key, manifest
 
-    def classify(self, tenant: str, texts: Sequence[str], classifiers: Sequence[str], *,
-                 namespace: str | None = None, progress: Callable[[int], None] | None = None) -> dict:
-        """Every text against every classifier: label, scores, version; and the cache report."""
-        if not texts:
-            raise ValidationError("texts must hold at least one text")
+    def resolve(self, tenant: str, classifiers: Sequence[str]) -> list[tuple[str, str, dict]]:
+        """``[(ref as asked, fleet key, manifest)]`` for distinct refs, heads loaded into the fleet."""
         if not classifiers:
             raise ValidationError("classifiers must name at least one classifier")
-        refs = list(dict.fromkeys(classifiers))
-        resolved = [self._fleet_key(tenant, r) for r in refs]
-        names = [m["name"] for _, m in resolved]
-        batch = self.embed(tenant, texts, namespace=namespace, classifiers=names, progress=progress)
+        out = []
+        for ref in dict.fromkeys(classifiers):
+            key, manifest = self._fleet_key(tenant, ref)
+            out.append((ref, key, manifest))
+        return out
+
+    def score(self, batch: EmbedBatch, resolved: list[tuple[str, str, dict]]) -> dict:
+        """Every row of ``batch`` against every resolved classifier: label, scores, version; the cache report."""
         t0 = time.perf_counter()
-        out = self.fleet.predict(batch.vectors, [k for k, _ in resolved])
+        out = self.fleet.predict(batch.vectors, [key for _, key, _ in resolved])
+        multi = out.multi_label.tolist()
+        probs = out.probs.tolist()
         results = []
-        for i in range(len(texts)):
+        for i in range(len(batch.tiers)):
             per = {}
-            for j, (ref, (_, m)) in enumerate(zip(refs, resolved)):
+            row = probs[i]
+            for j, (ref, _, m) in enumerate(resolved):
                 labels = out.labels[j]
-                p = out.probs[i, j, : len(labels)]
+                p = row[j][: len(labels)]
                 entry = {"classifier": m["id"], "version": m["version"],
-                         "scores": {lab: round(float(x), 6) for lab, x in zip(labels, p)}}
-                if out.multi_label[j]:
+                         "scores": {lab: round(x, 6) for lab, x in zip(labels, p)}}
+                if multi[j]:
                     entry["labels"] = [lab for lab, x in zip(labels, p) if x >= 0.5]
                 else:
-                    entry["label"] = labels[int(np.argmax(p))]
+                    entry["label"] = labels[max(range(len(p)), key=p.__getitem__)]
                 per[ref] = entry
             results.append({"index": i, "truncated": bool(batch.truncated[i]), "cache": batch.tiers[i] or "miss",
                             "classifications": per})
         timing = dict(batch.timing_ms, heads=(time.perf_counter() - t0) * 1e3)
         return {"results": results, "cache": batch.cache_report(),
                 "timing_ms": {k: round(v, 3) for k, v in timing.items()}}
+
+    def classify(self, tenant: str, texts: Sequence[str], classifiers: Sequence[str], *,
+                 namespace: str | None = None, progress: Callable[[int], None] | None = None) -> dict:
+        """Every text against every classifier in this thread: label, scores, version; and the cache report."""
+        if not texts:
+            raise ValidationError("texts must hold at least one text")
+        resolved = self.resolve(tenant, classifiers)
+        names = [m["name"] for _, _, m in resolved]
+        batch = self.embed(tenant, texts, namespace=namespace, classifiers=names, progress=progress)
+        return self.score(batch, resolved)
 
     def train(self, tenant: str, name: str, examples: Examples, *, kind: str = "logreg", seed: int = 0,
               progress: Callable[[int], None] | None = None) -> dict:
