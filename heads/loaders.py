@@ -44,8 +44,32 @@ def load_examples(
         raise TrainingDataError(
             f"{path.name}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8"
         ) from None
+    return _parse(path.name, suffix, text, text_col, label_col, multi_label)
+
+
+def parse_examples(
+    name: str,
+    content: bytes,
+    text_col: str = "text",
+    label_col: str = "label",
+    multi_label: bool = False,
+) -> Examples:
+    """Examples from an uploaded file's bytes; ``name``'s suffix says the format, as for a path."""
+    suffix = Path(name).suffix.lower()
+    if suffix not in CSV_SUFFIXES + JSONL_SUFFIXES:
+        raise TrainingDataError(
+            f"{name}: unsupported file type {suffix or '(none)'}; use .csv (with a header row) or .jsonl"
+        )
+    try:
+        text = content.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise TrainingDataError(f"{name}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
+    return _parse(name, suffix, text, text_col, label_col, multi_label)
+
+
+def _parse(name: str, suffix: str, text: str, text_col: str, label_col: str, multi_label: bool) -> Examples:
     reader = _read_csv if suffix in CSV_SUFFIXES else _read_jsonl
-    texts, labels = reader(path.name, text, text_col, label_col, multi_label)
+    texts, labels = reader(name, text, text_col, label_col, multi_label)
     return Examples(texts=texts, labels=labels, multi_label=multi_label)
 
 

@@ -150,6 +150,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from headfleet.service.server import serve
+    from headfleet.settings import Settings
+
+    settings = Settings.from_env(
+        data_dir=Path(args.data_dir) if args.data_dir else None, redis_url=args.redis_url,
+        max_length=args.max_length, threads=args.threads, host=args.host, port=args.port,
+        keys_file=Path(args.keys_file) if args.keys_file else None,
+        examples=False if args.no_examples else None)
+    serve(settings, log_level=args.log_level, access_log=args.access_log)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="headfleet", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)
@@ -190,6 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", parents=[common], help="train the example classifiers and classify sample texts")
     d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("serve", parents=[common], help="run the HTTP service")
+    s.add_argument("--host", help="bind address (env HEADFLEET_HOST, default 127.0.0.1; loopback only without keys)")
+    s.add_argument("--port", type=int, help="port (env HEADFLEET_PORT, default 8080)")
+    s.add_argument("--keys-file", help="API keys file (env HEADFLEET_KEYS_FILE, default <data-dir>/keys.json)")
+    s.add_argument("--no-examples", action="store_true",
+                   help="do not train the example classifiers at first start (single-tenant mode)")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--access-log", action="store_true", help="log every request")
+    s.set_defaults(func=cmd_serve)
     return p
 
 

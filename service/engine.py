@@ -19,7 +19,7 @@ import numpy as np
 
 from headfleet.cache import CacheStats, FaissStore, MemoryLRU, RedisTier, TieredCache, content_key, normalise_text
 from headfleet.embedder import Embedder
-from headfleet.errors import ValidationError
+from headfleet.errors import NotFoundError, ValidationError
 from headfleet.heads import Examples, HeadFleet, Registry, TokenStats, train_head, validate
 from headfleet.heads.refs import NAME_RE, check_name
 from headfleet.service.provenance import git_commit, library_versions
@@ -325,8 +325,13 @@ class Engine:
         return self.score(batch, resolved)
 
     def train(self, tenant: str, name: str, examples: Examples, *, kind: str = "logreg", seed: int = 0,
-              progress: Callable[[int], None] | None = None) -> dict:
-        """Validate, embed through the cache, fit, save a new immutable version; returns its manifest."""
+              progress: Callable[[int], None] | None = None,
+              embed: Callable[..., EmbedBatch] | None = None) -> dict:
+        """Validate, embed through the cache, fit, save a new immutable version; returns its manifest.
+
+        ``embed(tenant, texts, progress=...)`` replaces :meth:`embed` (the service passes one
+        that goes through its scheduler, so training shares the backbone fairly).
+        """
         check_name(name, "classifier name")
         counts = self.embedder.count_tokens([normalise_text(t) for t in examples.texts]) if examples.texts else None
         stats = None
@@ -334,7 +339,7 @@ class Engine:
             stats = TokenStats(unk_share=float(counts.n_unk.sum() / max(1, counts.n_tokens.sum())),
                                truncated_share=float(counts.truncated.mean()))
         report = validate(examples, stats)
-        batch = self.embed(tenant, examples.texts, progress=progress)
+        batch = (embed or self.embed)(tenant, examples.texts, progress=progress)
         trained = train_head(batch.vectors, examples, kind=kind, seed=seed, report=report, refit=True)
         manifest = self.registry.save(tenant, name, trained.head, {
             "parent_fingerprint": self.embedder.fingerprint,
@@ -347,7 +352,28 @@ class Engine:
             "library_versions": library_versions(),
             "git_commit": git_commit(),
         })
+        self._unload_unaliased(tenant, name)
         return manifest
+
+    def _unload_unaliased(self, tenant: str, name: str) -> None:
+        """Drop loaded versions of ``name`` that no alias points at any more (a request naming
+        one explicitly loads it again)."""
+        try:
+            keep = {f"{tenant}/{name}@{v}" for v in self.registry.aliases(tenant, name).values()}
+        except NotFoundError:
+            keep = set()
+        prefix = f"{tenant}/{name}@"
+        with self._lock:
+            for key in self.fleet.keys():
+                if key.startswith(prefix) and key not in keep:
+                    self.fleet.remove(key)
+
+    def delete(self, tenant: str, name: str) -> None:
+        """Remove a classifier with all its versions, and unload its heads."""
+        check_name(name, "classifier name")
+        self.registry.delete(tenant, name)
+        self._resolved = {k: v for k, v in self._resolved.items() if k[0] != tenant or k[1].partition("@")[0] != name}
+        self._unload_unaliased(tenant, name)
 
     def tenant_stats(self, tenant: str) -> dict:
         return self.stats.snapshot(tenant)

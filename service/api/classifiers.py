@@ -1,0 +1,112 @@
+"""Classifier management: train (as a job), list, show, delete, move an alias; poll jobs."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
+from litestar import Controller, Request, Response, delete, get, post, put
+from litestar.datastructures import UploadFile
+
+from headfleet.errors import TrainingDataError, ValidationError
+from headfleet.heads import examples_from_records, validate
+from headfleet.heads.loaders import parse_examples
+from headfleet.heads.refs import check_name
+from headfleet.heads.types import KINDS
+from headfleet.service.schemas import AliasRequest, TrainRequest
+from headfleet.service.state import Service
+
+
+def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    keep = ("id", "name", "version", "created", "labels", "multi_label", "kind", "metrics", "validation",
+            "parent_fingerprint", "training_data_hash", "training_cache", "library_versions")
+    return {k: manifest[k] for k in keep if k in manifest}
+
+
+class ClassifiersController(Controller):
+    path = "/classifiers"
+    tags = ["classifiers"]
+
+    @post("/", status_code=202, summary="Train a classifier (returns a job to poll)")
+    async def train(self, request: Request, service: NamedDependency[Service], tenant: NamedDependency[str]) -> Response:
+        """JSON ``{"name", "examples": [{"text", "label"}], "kind": "logreg"|"mlp", "multi_label", "seed"}``,
+        or ``multipart/form-data`` with a ``file`` (.csv with a header row, or .jsonl) and fields ``name``,
+        ``kind``, ``text_col``, ``label_col``, ``multi_label``. The data is checked before the job is queued:
+        refusals (one class, empty texts, a class with one example, missing columns) answer 422 at once."""
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            form = await request.form()
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise ValidationError("multipart upload needs a 'file' part (.csv or .jsonl) and a 'name' field")
+            name = str(form.get("name") or "")
+            kind = str(form.get("kind") or "logreg")
+            multi = str(form.get("multi_label") or "false").lower() in ("1", "true", "yes")
+            seed_text = str(form.get("seed") or "0")
+            if not seed_text.isdigit():
+                raise ValidationError(f"seed must be a non-negative integer, got {seed_text!r}")
+            seed = int(seed_text)
+            content = await upload.read()
+            examples = parse_examples(upload.filename or "upload", content,
+                                      text_col=str(form.get("text_col") or "text"),
+                                      label_col=str(form.get("label_col") or "label"), multi_label=multi)
+        else:
+            try:
+                body = msgspec.json.decode(await request.body(), type=TrainRequest)
+            except msgspec.ValidationError as exc:
+                raise ValidationError(str(exc)) from None
+            except msgspec.DecodeError as exc:
+                raise ValidationError(f"request body is not valid JSON: {exc}") from None
+            name, kind, multi, seed = body.name, body.kind, body.multi_label, body.seed
+            label_col = "labels" if multi and body.examples and "labels" in body.examples[0] else "label"
+            examples = examples_from_records(body.examples, label_col=label_col, multi_label=multi)
+        check_name(name, "classifier name")
+        if kind not in KINDS:
+            raise ValidationError(f"unknown head kind {kind!r}; expected one of {list(KINDS)}")
+        if len(examples.texts) == 0:
+            raise TrainingDataError("no examples given")
+        await asyncio.to_thread(validate, examples)  # refusals raise here, before any job exists
+        job = service.jobs.submit(tenant, name, examples, kind=kind, seed=seed)
+        return Response({"job": job}, status_code=202, headers={"Location": f"/jobs/{job['id']}"})
+
+    @get("/", summary="List this tenant's classifiers")
+    async def list_classifiers(self, service: NamedDependency[Service], tenant: NamedDependency[str]) -> dict:
+        return {"classifiers": await asyncio.to_thread(service.engine.registry.list, tenant)}
+
+    @get("/{name:str}", summary="A classifier: manifest of the latest version, versions, aliases")
+    async def show(self, name: FromPath[str], service: NamedDependency[Service], tenant: NamedDependency[str]) -> dict:
+        reg = service.engine.registry
+        ref = name  # "spam" or "spam@3" / "spam@prod" for one version
+        manifest = await asyncio.to_thread(reg.resolve, tenant, ref)
+        base = manifest["name"]
+        return {"classifier": _summary(manifest), "versions": reg.versions(tenant, base),
+                "aliases": reg.aliases(tenant, base)}
+
+    @delete("/{name:str}", status_code=200, summary="Delete a classifier with all its versions")
+    async def remove(self, name: FromPath[str], service: NamedDependency[Service], tenant: NamedDependency[str]) -> dict:
+        if "@" in name:
+            raise ValidationError("delete takes a classifier name; versions are immutable and go with it")
+        await asyncio.to_thread(service.engine.delete, tenant, name)
+        return {"deleted": name}
+
+    @put("/{name:str}/aliases/{alias:str}", summary="Point an alias at a version")
+    async def move_alias(self, name: FromPath[str], alias: FromPath[str], data: JSONBody[AliasRequest], service: NamedDependency[Service], tenant: NamedDependency[str]) -> dict:
+        aliases = await asyncio.to_thread(service.engine.registry.set_alias, tenant, name, alias, data.version)
+        return {"classifier": name, "aliases": aliases}
+
+
+class JobsController(Controller):
+    path = "/jobs"
+    tags = ["jobs"]
+
+    @get("/", summary="This tenant's jobs, newest first")
+    async def list_jobs(self, service: NamedDependency[Service], tenant: NamedDependency[str]) -> dict:
+        return {"jobs": service.jobs.list(tenant)}
+
+    @get("/{job_id:str}", summary="A job: state, progress, result or error")
+    async def show(self, job_id: FromPath[str], service: NamedDependency[Service], tenant: NamedDependency[str]) -> dict:
+        return {"job": service.jobs.get(tenant, job_id)}
+

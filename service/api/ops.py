@@ -1,0 +1,74 @@
+"""Operations: the cache-hit report, Prometheus metrics, health, service info."""
+
+from __future__ import annotations
+
+import time
+
+from litestar.di import NamedDependency
+from litestar import Controller, Request, Response, get
+
+from headfleet import __version__
+from headfleet.service.auth import key_from_headers
+from headfleet.service.state import Service
+
+
+class OpsController(Controller):
+    tags = ["operations"]
+
+    @get("/stats", summary="Cache-hit report for the calling tenant")
+    async def stats(self, service: NamedDependency[Service], tenant: NamedDependency[str]) -> dict:
+        """Hit rate per tier, per classifier, embeddings computed and avoided, since start and over the
+        last minute / 5 minutes / hour; entries and bytes this tenant's namespace holds per tier.
+        Only the caller's own figures: another tenant's traffic never shows here."""
+        engine = service.engine
+        snap = engine.tenant_stats(tenant)
+        windows = snap.pop("windows")
+        return {
+            "tenant": tenant,
+            "uptime_s": round(time.time() - service.started, 1),
+            "since_start": snap,
+            "windows": windows,
+            "held": engine.cache.held(engine.namespace_for(tenant, None)),
+            "queue": {"texts_waiting": service.scheduler.waiting_for(tenant)},
+        }
+
+    @get("/metrics", summary="Prometheus metrics (admin key when keys are configured)")
+    async def metrics(self, request: Request, service: NamedDependency[Service]) -> Response:
+        if not service.keys.single_tenant:
+            service.keys.require_admin(key_from_headers(request.headers))
+        _refresh_gauges(service)
+        return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
+    @get("/health", summary="ready, or degraded with the reason")
+    async def health(self, service: NamedDependency[Service]) -> dict:
+        out = service.engine.health()
+        _refresh_gauges(service)
+        out["queue_texts"] = service.scheduler.waiting
+        return out
+
+    @get("/info", summary="Backbone, fingerprint, limits, version")
+    async def info(self, service: NamedDependency[Service]) -> dict:
+        e, s = service.engine.embedder, service.settings
+        return {
+            "name": "headfleet",
+            "version": __version__,
+            "backbone": {"folder": str(e.folder), "fingerprint": e.fingerprint, "dim": e.dim,
+                         "max_length": e.max_length, "device": str(e.device),
+                         "backend": getattr(e, "backend", "torch"), "precision": getattr(e, "precision", "fp32"),
+                         "normalize": bool(e.pooling.normalize)},
+            "tenancy": "single" if service.keys.single_tenant else "multi",
+            "cache_tiers": service.engine.cache.tier_names,
+            "limits": {"max_texts_per_request": s.max_texts_per_request,
+                       "max_classifiers_per_request": s.max_classifiers_per_request,
+                       "max_chars_per_text": s.max_chars_per_text, "max_body_bytes": s.max_body_bytes,
+                       "tenant_queue_texts": s.tenant_queue_texts, "queue_texts": s.queue_texts,
+                       "batch_texts": s.batch_size, "batch_tokens": s.batch_tokens},
+        }
+
+
+def _refresh_gauges(service: NamedDependency[Service]) -> None:
+    m, e = service.metrics, service.engine
+    m.heads_loaded.set(len(e.fleet))
+    m.queue_depth.set(service.scheduler.waiting)
+    if e.redis is not None:
+        m.redis_up.set(1 if e.redis.status()["healthy"] else 0)

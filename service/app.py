@@ -1,0 +1,86 @@
+"""``create_app()``: the Litestar app — controllers, one error table, a lifespan that owns the state."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import AsyncIterator
+
+from litestar import Litestar
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+
+from headfleet import __version__
+from headfleet.service.api.admin import AdminController
+from headfleet.service.api.classifiers import ClassifiersController, JobsController
+from headfleet.service.api.classify import ClassifyController
+from headfleet.service.api.deps import provide_service, provide_tenant
+from headfleet.service.api.embeddings import EmbeddingsController
+from headfleet.service.api.ops import OpsController
+from headfleet.service.errors import HANDLERS
+from headfleet.service.metrics import ENDPOINTS
+from headfleet.service.state import Service
+from headfleet.settings import Settings
+
+
+def _endpoint(path: str) -> str:
+    """A bounded label for the request histogram (ids in paths would explode its cardinality)."""
+    if path in ENDPOINTS:
+        return path
+    for prefix in ("/classifiers", "/jobs", "/admin", "/schema", "/v1"):
+        if path.startswith(prefix):
+            return prefix
+    return "other"
+
+
+def timing_middleware(app):
+    """Observe every HTTP request's latency by endpoint and status class."""
+
+    async def middleware(scope, receive, send):
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = [500]
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_wrapper)
+        finally:
+            service = getattr(scope["app"].state, "service", None) if "app" in scope else None
+            if service is not None:
+                service.metrics.request.labels(_endpoint(scope["path"]), f"{status[0] // 100}xx").observe(
+                    time.perf_counter() - t0)
+
+    return middleware
+
+
+def create_app(settings: Settings | None = None, *, embedder=None) -> Litestar:
+    """Build the app; nothing is loaded until the lifespan runs (``embedder`` shares a loaded backbone)."""
+    settings = settings or Settings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        service = await Service.start(settings, embedder)
+        app.state.service = service
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = Litestar(
+        route_handlers=[ClassifyController, ClassifiersController, JobsController, EmbeddingsController,
+                        OpsController, AdminController],
+        dependencies={"service": Provide(provide_service), "tenant": Provide(provide_tenant)},
+        exception_handlers=HANDLERS,
+        lifespan=[lifespan],
+        middleware=[timing_middleware],
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="headfleet", version=__version__, path="/schema"),
+    )
+    app.state.settings = settings
+    return app

@@ -1,0 +1,168 @@
+"""API keys -> tenants, and the admin key.
+
+Keys come from two places: the keys file (``<data_dir>/keys.json`` unless configured; managed
+through the admin endpoints; it holds only SHA-256 digests of keys, never a key) and the
+``HEADFLEET_API_KEYS`` environment variable (``tenant:key,tenant:key``), for deployments that
+inject secrets. With neither and no admin key, the service is single-tenant: every request is
+the ``default`` tenant, and ``serve`` binds to loopback only.
+
+Clients send ``Authorization: Bearer <key>`` (what the OpenAI client sends) or ``X-API-Key``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from headfleet.errors import ConflictError, ForbiddenError, NotFoundError, UnauthorizedError, ValidationError
+from headfleet.heads.refs import check_name
+
+SINGLE_TENANT = "default"
+KEY_PREFIX = "hf_"
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_from_headers(headers) -> str | None:
+    auth = headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    key = headers.get("x-api-key")
+    return key.strip() if key else None
+
+
+class KeyStore:
+    """Resolves keys to tenants; the admin key is compared in constant time."""
+
+    def __init__(self, path: Path, env_keys: str | None = None, admin_key: str | None = None):
+        self.path = Path(path)
+        self.admin_digest = digest(admin_key) if admin_key else None
+        self._lock = threading.Lock()
+        self._env: dict[str, str] = {}  # digest -> tenant
+        for item in (env_keys or "").split(","):
+            item = item.strip()
+            if not item:
+                continue
+            tenant, sep, key = item.partition(":")
+            if not sep or not key:
+                raise ValidationError("HEADFLEET_API_KEYS must look like 'tenant:key,tenant:key'")
+            check_name(tenant, "tenant")
+            self._env[digest(key)] = tenant
+        self._file: dict[str, dict[str, Any]] = self._read()  # digest -> {tenant, key_id, created}
+
+    # -- mode -------------------------------------------------------------------------------------
+    @property
+    def single_tenant(self) -> bool:
+        return not (self._env or self._file or self.admin_digest)
+
+    # -- lookups --------------------------------------------------------------------------------
+    def tenant_for(self, key: str | None) -> str:
+        """The tenant a request acts as; raises UnauthorizedError for a missing or unknown key."""
+        if self.single_tenant:
+            return SINGLE_TENANT
+        if not key:
+            raise UnauthorizedError("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+        d = digest(key)
+        tenant = self._env.get(d)
+        if tenant is None:
+            entry = self._file.get(d)
+            tenant = entry["tenant"] if entry else None
+        if tenant is None:
+            raise UnauthorizedError("unknown API key")
+        return tenant
+
+    def is_admin(self, key: str | None) -> bool:
+        return bool(key and self.admin_digest and hmac.compare_digest(digest(key), self.admin_digest))
+
+    def require_admin(self, key: str | None) -> None:
+        if self.is_admin(key):
+            return
+        if self.admin_digest is None:
+            raise ForbiddenError("no admin key is configured (set HEADFLEET_ADMIN_KEY)")
+        if not key:
+            raise UnauthorizedError("missing admin key: send 'Authorization: Bearer <admin key>'")
+        raise ForbiddenError("this endpoint needs the admin key")
+
+    # -- management (admin) ---------------------------------------------------------------------
+    def tenants(self) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        with self._lock:
+            for entry in self._file.values():
+                out.setdefault(entry["tenant"], []).append({"key_id": entry["key_id"], "created": entry["created"],
+                                                            "source": "keys_file"})
+        for d, tenant in self._env.items():
+            out.setdefault(tenant, []).append({"key_id": d[:12], "created": None, "source": "environment"})
+        return out
+
+    def create(self, tenant: str) -> dict[str, Any]:
+        """A new key for ``tenant`` (created on first key); the key itself is shown only here."""
+        check_name(tenant, "tenant")
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        d = digest(key)
+        entry = {"tenant": tenant, "key_id": d[:12], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        with self._lock:
+            if d in self._file:  # 256 random bits; never, but never silently overwrite either
+                raise ConflictError("key collision; try again")
+            data = dict(self._file)
+            data[d] = entry
+            self._write(data)
+            self._file = data
+        return {"key": key, **entry}
+
+    def revoke(self, key_id: str) -> dict[str, Any]:
+        with self._lock:
+            hits = [d for d, e in self._file.items() if e["key_id"] == key_id]
+            if not hits:
+                if any(d[:12] == key_id for d in self._env):
+                    raise ValidationError(f"key {key_id!r} comes from HEADFLEET_API_KEYS; remove it there")
+                raise NotFoundError(f"no key with id {key_id!r}")
+            data = {d: e for d, e in self._file.items() if d not in hits}
+            self._write(data)
+            entry = self._file[hits[0]]
+            self._file = data
+        return entry
+
+    # -- file -----------------------------------------------------------------------------------------
+    def _read(self) -> dict[str, dict[str, Any]]:
+        try:
+            raw = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise ValidationError(f"keys file {self.path} is unreadable: {exc}") from None
+        keys = raw.get("keys") if isinstance(raw, dict) else None
+        if not isinstance(keys, dict):
+            raise ValidationError(f"keys file {self.path} must hold {{\"keys\": {{sha256: {{tenant, ...}}}}}}")
+        for d, entry in keys.items():
+            if not isinstance(entry, dict) or "tenant" not in entry:
+                raise ValidationError(f"keys file {self.path}: entry {d[:12]} has no tenant")
+            entry.setdefault("key_id", d[:12])
+            entry.setdefault("created", None)
+        return keys
+
+    def _write(self, data: dict[str, dict[str, Any]]) -> None:
+        """Temp file, fsync, rename: a crash leaves the old file or the new one, never half of one."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".keys-", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"keys": data}, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

@@ -1,0 +1,158 @@
+"""Training jobs: submitted by ``POST /classifiers``, run off the request path, polled by id.
+
+A job's embeddings go through the scheduler in its own lane (``<tenant>#train``), so a
+training run shares the backbone fairly with live traffic instead of racing it. Job records
+are JSON files under ``<data_dir>/jobs/<tenant>/`` written atomically; a job that was queued
+or running when the process stopped is marked failed at the next start, saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from headfleet.errors import HeadfleetError, NotFoundError
+from headfleet.heads import Examples
+from headfleet.heads.refs import check_name
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256  # texts per scheduler submission: progress moves, the queue stays short
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class JobManager:
+    def __init__(self, engine, scheduler, root: Path, workers: int = 1):
+        self.engine = engine
+        self.scheduler = scheduler
+        self.root = Path(root)
+        self._lock = threading.Lock()
+        self._jobs: dict[tuple[str, str], dict[str, Any]] = {}
+        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="headfleet-train")
+        self._recover()
+
+    # -- public ---------------------------------------------------------------------------------
+    def submit(self, tenant: str, name: str, examples: Examples, *, kind: str, seed: int) -> dict[str, Any]:
+        job_id = "job_" + secrets.token_hex(8)
+        job = {"id": job_id, "type": "train", "classifier": name, "kind": kind, "state": "queued",
+               "created": _now(), "started": None, "finished": None,
+               "progress": {"embedded": 0, "total": len(examples.texts)}, "result": None, "error": None}
+        with self._lock:
+            self._jobs[(tenant, job_id)] = job
+        self._save(tenant, job)
+        self._pool.submit(self._run, tenant, job_id, name, examples, kind, seed)
+        return dict(job)
+
+    def get(self, tenant: str, job_id: str) -> dict[str, Any]:
+        with self._lock:
+            job = self._jobs.get((tenant, job_id))
+            if job is None:  # another tenant's job id gets the same answer as a made-up one
+                raise NotFoundError(f"no job {job_id!r}")
+            return json.loads(json.dumps(job))
+
+    def list(self, tenant: str) -> list[dict[str, Any]]:
+        with self._lock:
+            jobs = [dict(j) for (t, _), j in self._jobs.items() if t == tenant]
+        return sorted(jobs, key=lambda j: j["created"], reverse=True)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- running --------------------------------------------------------------------------------
+    def _update(self, tenant: str, job_id: str, **changes: Any) -> None:
+        with self._lock:
+            job = self._jobs[(tenant, job_id)]
+            job.update(changes)
+            snapshot = dict(job)
+        self._save(tenant, snapshot)
+
+    def _run(self, tenant: str, job_id: str, name: str, examples: Examples, kind: str, seed: int) -> None:
+        self._update(tenant, job_id, state="running", started=_now())
+        total = len(examples.texts)
+        done = [0]
+
+        def progress(n: int) -> None:
+            done[0] += n
+            with self._lock:
+                self._jobs[(tenant, job_id)]["progress"] = {"embedded": min(done[0], total), "total": total}
+
+        try:
+            manifest = self.engine.train(tenant, name, examples, kind=kind, seed=seed, progress=progress,
+                                         embed=self._embed)
+        except HeadfleetError as exc:
+            self._update(tenant, job_id, state="failed", finished=_now(),
+                         error={"error": exc.message, "error_type": exc.error_type})
+            return
+        except Exception as exc:  # a bug, not the user's data: say so, keep the service up
+            log.exception("training job %s failed", job_id)
+            self._update(tenant, job_id, state="failed", finished=_now(),
+                         error={"error": f"internal error ({type(exc).__name__}: {exc})", "error_type": "internal_error"})
+            return
+        result = {"id": manifest["id"], "version": manifest["version"], "metrics": manifest.get("metrics"),
+                  "warnings": manifest.get("validation", {}).get("warnings", []),
+                  "training_cache": manifest.get("training_cache")}
+        self._update(tenant, job_id, state="succeeded", finished=_now(), result=result,
+                     progress={"embedded": total, "total": total})
+
+    def _embed(self, tenant: str, texts: list[str], progress=None):
+        """Engine.embed's contract, with the misses computed by the scheduler in the tenant's training lane."""
+        t0 = time.perf_counter()
+        prep = self.engine.prepare(tenant, texts)
+        n_miss = sum(map(len, prep.todo.values()))
+        if progress is not None and len(texts) > n_miss:
+            progress(len(texts) - n_miss)
+        keys = list(prep.todo)
+        answers: dict[bytes, tuple] = {}
+        for i in range(0, len(keys), CHUNK):
+            part = keys[i:i + CHUNK]
+            answers.update(self.scheduler.run_from_thread(
+                tenant, part, [prep.norm[prep.todo[k][0]] for k in part], [prep.namespace] * len(part),
+                lane=f"{tenant}#train"))
+            if progress is not None:
+                progress(sum(len(prep.todo[k]) for k in part))
+        return self.engine.finish(prep, answers, (), {"embed": (time.perf_counter() - t0) * 1e3})
+
+    # -- records --------------------------------------------------------------------------------
+    def _save(self, tenant: str, job: dict[str, Any]) -> None:
+        folder = self.root / tenant
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".job-", dir=folder)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(job, f, indent=1)
+            os.replace(tmp, folder / f"{job['id']}.json")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _recover(self) -> None:
+        if not self.root.is_dir():
+            return
+        for tdir in self.root.iterdir():
+            try:
+                tenant = check_name(tdir.name, "tenant")
+            except HeadfleetError:
+                continue
+            for path in tdir.glob("job_*.json"):
+                try:
+                    job = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    log.warning("ignoring unreadable job record %s", path)
+                    continue
+                if job.get("state") in ("queued", "running"):
+                    job.update(state="failed", finished=_now(),
+                               error={"error": "the service restarted before this job finished; submit it again",
+                                      "error_type": "interrupted"})
+                    self._save(tenant, job)
+                self._jobs[(tenant, job["id"])] = job

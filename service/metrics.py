@@ -1,0 +1,78 @@
+"""Prometheus metrics of one app instance (its own registry, so two apps in a process never mix).
+
+No metric carries a tenant label: ``/metrics`` is an operator's view and is served to the
+admin key only when keys are configured; per-tenant figures are in ``/stats``, each tenant
+seeing its own.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from headfleet.service.scheduler import SchedulerMetrics
+
+_MS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+ENDPOINTS = ("/classify", "/embed", "/v1/embeddings", "/classifiers", "/stats", "/health", "/info", "/metrics")
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.request = Histogram("headfleet_request_seconds", "Request latency by endpoint and status class",
+                                 ["endpoint", "status"], buckets=_MS_BUCKETS, registry=r)
+        self.queue = Histogram("headfleet_queue_seconds", "Time a request's misses waited for their first batch",
+                               buckets=_MS_BUCKETS, registry=r)
+        self.embed = Histogram("headfleet_embed_seconds", "Backbone batch time (Redis lookup + forward)",
+                               buckets=_MS_BUCKETS, registry=r)
+        self.heads = Histogram("headfleet_heads_seconds", "Head fan-out time per request", buckets=_MS_BUCKETS,
+                               registry=r)
+        self.batch_texts = Histogram("headfleet_batch_texts", "Distinct texts per backbone batch",
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.batch_tokens = Histogram("headfleet_batch_tokens", "Estimated tokens per backbone batch",
+                                      buckets=(16, 64, 256, 1024, 2048, 4096, 8192, 16384), registry=r)
+        self.cache_lookups = Counter("headfleet_cache_lookups_total", "Texts looked up in the cache, by answer",
+                                     ["tier"], registry=r)
+        self.computed = Counter("headfleet_embeddings_computed_total", "Embeddings the backbone computed", registry=r)
+        self.rejected = Counter("headfleet_rejected_total", "Requests refused by admission control (429)", ["scope"],
+                                registry=r)
+        self.dropped = Counter("headfleet_dropped_texts_total", "Queued texts dropped because their client went away",
+                               registry=r)
+        self.failures = Counter("headfleet_failures_total", "Failed requests by error type", ["error_type"],
+                                registry=r)
+        self.queue_depth = Gauge("headfleet_queue_texts", "Texts waiting for the backbone", registry=r)
+        self.heads_loaded = Gauge("headfleet_heads_loaded", "Classifier versions loaded in the fleet", registry=r)
+        self.redis_up = Gauge("headfleet_redis_up", "1 when the Redis tier answers, 0 when it does not, absent "
+                              "without Redis", registry=r)
+        for tier in ("memory", "local", "redis", "miss"):
+            self.cache_lookups.labels(tier)
+        for scope in ("tenant", "global"):
+            self.rejected.labels(scope)
+
+    def scheduler_hooks(self) -> SchedulerMetrics:
+        def batch(texts: int, tokens: int, seconds: float) -> None:
+            self.batch_texts.observe(texts)
+            self.batch_tokens.observe(tokens)
+            self.embed.observe(seconds)
+
+        return SchedulerMetrics(
+            batch=batch,
+            queued=self.queue.observe,
+            rejected=lambda scope: self.rejected.labels(scope).inc(),
+            dropped=self.dropped.inc,
+            depth=self.queue_depth.set,
+        )
+
+    def cache(self, tiers: list[str | None], computed: int) -> None:
+        counts: dict[str, int] = {}
+        for t in tiers:
+            counts[t or "miss"] = counts.get(t or "miss", 0) + 1
+        for t, n in counts.items():
+            self.cache_lookups.labels(t).inc(n)
+        if computed:
+            self.computed.inc(computed)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

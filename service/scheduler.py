@@ -1,0 +1,353 @@
+"""One task owns the backbone queue: per-tenant lanes, token-budget batches, fair turns, 429s.
+
+Requests never run the model in their handler. A handler asks the in-process tiers itself
+(microseconds), then hands the distinct misses to :meth:`Scheduler.run` and awaits them. The
+scheduler task packs batches across lanes by deficit round-robin:
+
+    while texts are waiting and the batch has room (rows <= batch_texts, est. tokens <= batch_tokens):
+        lane = next lane in turn;  lane.deficit += quantum
+        take the lane's oldest texts while each one's estimated tokens <= lane.deficit
+        an emptied lane leaves the turn with its deficit reset
+
+so tenant A's 512-text request is served a quantum at a time and tenant B's single text rides
+in the next batch, not after A's queue drains. A batch runs in one worker thread
+(``Engine.fill``: Redis, then the backbone for what is still missing); the Redis write-back of
+new vectors goes to a second thread so the reply never waits on it.
+
+Admission: a tenant with more than ``tenant_queue_texts`` texts waiting, or a queue holding
+more than ``queue_texts`` in all, gets :class:`OverloadedError` (429 with ``Retry-After``
+estimated from recent throughput). A request whose client disconnected is dropped before its
+texts reach a batch, and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Awaitable, Callable
+
+from headfleet.errors import BackendError, HeadfleetError, OverloadedError
+
+log = logging.getLogger(__name__)
+
+
+class ClientGoneError(HeadfleetError):
+    """The client disconnected while its texts were waiting; nobody is left to answer."""
+
+    error_type = "client_gone"
+
+
+def estimate_tokens(text: str, max_length: int) -> int:
+    """Tokens a text will cost in a batch, without tokenising it (about 4 characters a token)."""
+    return min(max_length, len(text) // 4 + 2)
+
+
+@dataclasses.dataclass(eq=False)
+class Work:
+    """One request's distinct missing texts, with its own future and timestamps."""
+
+    lane: str
+    tenant: str
+    keys: list[bytes]
+    texts: list[str]
+    namespaces: list[str]
+    costs: list[int]
+    future: asyncio.Future
+    enqueued: float
+    next: int = 0  # first text not yet handed to a batch
+    answered: int = 0
+    answers: dict[bytes, tuple] = dataclasses.field(default_factory=dict)
+    started: float | None = None  # when its first text went into a batch
+    gone: bool = False
+
+    @property
+    def waiting(self) -> int:
+        return len(self.keys) - self.next
+
+
+@dataclasses.dataclass
+class _Lane:
+    queue: collections.deque = dataclasses.field(default_factory=collections.deque)
+    deficit: int = 0
+    waiting: int = 0  # texts not yet in a batch
+
+
+@dataclasses.dataclass
+class SchedulerMetrics:
+    """Hooks the service points at its Prometheus metrics; no-ops by default."""
+
+    batch: Callable[[int, int, float], None] = lambda texts, tokens, seconds: None
+    queued: Callable[[float], None] = lambda seconds: None
+    rejected: Callable[[str], None] = lambda scope: None
+    dropped: Callable[[int], None] = lambda texts: None
+    depth: Callable[[int], None] = lambda texts: None
+
+
+class Scheduler:
+    def __init__(self, engine, *, batch_texts: int, batch_tokens: int, tenant_queue_texts: int, queue_texts: int,
+                 metrics: SchedulerMetrics | None = None):
+        self.engine = engine
+        self.max_length = engine.embedder.max_length
+        self.batch_texts = int(batch_texts)
+        self.batch_tokens = max(int(batch_tokens), self.max_length)
+        self.quantum = max(self.max_length, self.batch_tokens // 8)
+        self.tenant_queue_texts = int(tenant_queue_texts)
+        self.queue_texts = int(queue_texts)
+        self.metrics = metrics or SchedulerMetrics()
+        self._lanes: dict[str, _Lane] = {}
+        self._turn: collections.OrderedDict[str, None] = collections.OrderedDict()  # lanes with texts, in turn order
+        self._tenant_waiting: collections.Counter[str] = collections.Counter()
+        self._waiting = 0
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="headfleet-backbone")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="headfleet-writeback")
+        self._rate = 0.0  # texts/s, moving average over batches (for Retry-After)
+        self.batches = 0
+        self.dropped_requests = 0
+        self.dropped_texts = 0
+        self.rejected = 0
+        self.in_flight = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="headfleet-scheduler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for lane in self._lanes.values():
+            for work in lane.queue:
+                if not work.future.done():
+                    work.future.set_exception(BackendError("the service is shutting down; retry on another replica"))
+        self._lanes.clear()
+        self._turn.clear()
+        self._compute.shutdown(wait=True)
+        self._writer.shutdown(wait=True)  # pending Redis writes are flushed, not lost
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    def waiting_for(self, tenant: str) -> int:
+        return self._tenant_waiting[tenant]
+
+    # -- submitting -----------------------------------------------------------------------------
+    def submit(self, tenant: str, keys: list[bytes], texts: list[str], namespaces: list[str], *,
+               lane: str | None = None, admit: bool = True) -> Work:
+        """Queue distinct missing texts; raises OverloadedError when over a limit (``admit``)."""
+        n = len(keys)
+        if admit:
+            if self._tenant_waiting[tenant] + n > self.tenant_queue_texts:
+                self._reject("tenant", f"tenant {tenant!r} has {self._tenant_waiting[tenant]} texts waiting for the "
+                             f"backbone; at most {self.tenant_queue_texts} may wait (this request adds {n})")
+            if self._waiting + n > self.queue_texts:
+                self._reject("global", f"the backbone queue holds {self._waiting} texts; at most {self.queue_texts} "
+                             f"may wait (this request adds {n})")
+        assert self._loop is not None, "Scheduler.start() was not awaited"
+        work = Work(lane or tenant, tenant, keys, texts, namespaces,
+                    [estimate_tokens(t, self.max_length) for t in texts],
+                    self._loop.create_future(), time.perf_counter())
+        lane_ = self._lanes.get(work.lane)
+        if lane_ is None:
+            lane_ = self._lanes[work.lane] = _Lane()
+        lane_.queue.append(work)
+        lane_.waiting += n
+        self._tenant_waiting[tenant] += n
+        self._waiting += n
+        self._turn.setdefault(work.lane, None)
+        self.metrics.depth(self._waiting)
+        self._wake.set()
+        return work
+
+    def _reject(self, scope: str, message: str) -> None:
+        self.rejected += 1
+        self.metrics.rejected(scope)
+        backlog = self._waiting + self.in_flight
+        retry = math.ceil(backlog / self._rate) if self._rate > 0 else 1
+        raise OverloadedError(message + "; retry later", retry_after=float(min(max(retry, 1), 60)))
+
+    async def run(self, tenant: str, keys: list[bytes], texts: list[str], namespaces: list[str], *,
+                  disconnected: Callable[[], Awaitable[Any]] | None = None, lane: str | None = None,
+                  admit: bool = True) -> tuple[dict[bytes, tuple], dict[str, float]]:
+        """Queue and await; returns ``(answers by key, {"queue": ms, "embed": ms})``.
+
+        ``disconnected`` is awaited beside the work (an ASGI ``receive`` after the body was read
+        returns only when the client goes): if it finishes first, the work is dropped.
+        """
+        work = self.submit(tenant, keys, texts, namespaces, lane=lane, admit=admit)
+        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+        try:
+            if watcher is None:
+                await asyncio.shield(work.future)
+            else:
+                await asyncio.wait({work.future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if not work.future.done():
+                    msg = watcher.result() if watcher.done() and not watcher.cancelled() else None
+                    if not isinstance(msg, dict) or msg.get("type") == "http.disconnect":
+                        self.drop(work)
+                        raise ClientGoneError("the client disconnected before its texts were embedded")
+                    await asyncio.shield(work.future)
+        except asyncio.CancelledError:
+            self.drop(work)
+            raise
+        finally:
+            if watcher is not None and not watcher.done():
+                watcher.cancel()
+        done = time.perf_counter()
+        started = work.started if work.started is not None else done
+        return work.future.result(), {"queue": (started - work.enqueued) * 1e3, "embed": (done - started) * 1e3}
+
+    def run_from_thread(self, tenant: str, keys: list[bytes], texts: list[str], namespaces: list[str], *,
+                        lane: str) -> dict[bytes, tuple]:
+        """For worker threads (training jobs): queue without admission control and block until done."""
+        assert self._loop is not None
+        fut = asyncio.run_coroutine_threadsafe(
+            self.run(tenant, keys, texts, namespaces, lane=lane, admit=False), self._loop)
+        return fut.result()[0]
+
+    def drop(self, work: Work) -> None:
+        """Forget a request whose client has gone; texts already in a batch still finish (and are cached)."""
+        if work.gone or work.future.done():
+            return
+        work.gone = True
+        self.dropped_requests += 1
+        left = work.waiting
+        self.dropped_texts += left
+        self.metrics.dropped(left)
+        self._unqueue(work, left)
+        work.next = len(work.keys)
+        lane = self._lanes.get(work.lane)
+        if lane is not None:
+            try:
+                lane.queue.remove(work)
+            except ValueError:
+                pass
+            if not lane.queue:
+                self._retire(work.lane)
+        work.future.cancel()
+
+    def _unqueue(self, work: Work, n: int) -> None:
+        lane = self._lanes.get(work.lane)
+        if lane is not None:
+            lane.waiting -= n
+        self._tenant_waiting[work.tenant] -= n
+        if self._tenant_waiting[work.tenant] <= 0:
+            del self._tenant_waiting[work.tenant]
+        self._waiting -= n
+        self.metrics.depth(self._waiting)
+
+    def _retire(self, lane_id: str) -> None:
+        self._turn.pop(lane_id, None)
+        lane = self._lanes.get(lane_id)
+        if lane is not None and not lane.queue:
+            del self._lanes[lane_id]
+
+    # -- packing ---------------------------------------------------------------------------------
+    def pack(self) -> list[tuple[Work, int]]:
+        """Take the next batch: ``[(work, index of text)]`` by deficit round-robin over lanes."""
+        rows: list[tuple[Work, int]] = []
+        tokens = 0
+        while self._turn and len(rows) < self.batch_texts:
+            lane_id = next(iter(self._turn))
+            lane = self._lanes[lane_id]
+            lane.deficit += self.quantum
+            full = False
+            while lane.queue:
+                work = lane.queue[0]
+                cost = work.costs[work.next]
+                if cost > lane.deficit:
+                    break
+                if len(rows) >= self.batch_texts or (rows and tokens + cost > self.batch_tokens):
+                    full = True
+                    break
+                rows.append((work, work.next))
+                tokens += cost
+                lane.deficit -= cost
+                work.next += 1
+                self._unqueue(work, 1)
+                if work.next == len(work.keys):
+                    lane.queue.popleft()
+            if not lane.queue:
+                lane.deficit = 0
+                self._retire(lane_id)
+            elif full:
+                lane.deficit -= self.quantum  # its turn did not happen; it goes first next batch
+                break
+            else:
+                self._turn.move_to_end(lane_id)
+        return rows
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._turn:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            rows = self.pack()
+            if not rows:
+                continue
+            await self._process(loop, rows)
+
+    async def _process(self, loop: asyncio.AbstractEventLoop, rows: list[tuple[Work, int]]) -> None:
+        unique: dict[bytes, tuple[str, str]] = {}  # two requests of one tenant asking the same text: once
+        for work, i in rows:
+            unique.setdefault(work.keys[i], (work.texts[i], work.namespaces[i]))
+        keys = list(unique)
+        t0 = time.perf_counter()
+        for work, _ in rows:
+            if work.started is None:
+                work.started = t0
+                self.metrics.queued(t0 - work.enqueued)
+        self.in_flight = len(keys)
+        try:
+            filled = await loop.run_in_executor(self._compute, self.engine.fill, keys,
+                                                [unique[k][0] for k in keys], [unique[k][1] for k in keys])
+        except Exception as exc:  # the backbone failed: every request in the batch gets the error
+            log.exception("backbone batch of %d texts failed", len(keys))
+            err = BackendError(f"embedding failed: {type(exc).__name__}: {exc}")
+            for work, _ in rows:
+                if not work.future.done():
+                    work.future.set_exception(err)
+            return
+        finally:
+            self.in_flight = 0
+        seconds = time.perf_counter() - t0
+        self.batches += 1
+        self._rate = len(keys) / seconds if self._rate == 0 else 0.8 * self._rate + 0.2 * len(keys) / max(seconds, 1e-6)
+        self.metrics.batch(len(keys), sum(w.costs[i] for w, i in rows), seconds)
+        if filled.write[0]:
+            self._writer.submit(self._write_back, filled)
+        answers = filled.answers(keys)
+        claimed: set[bytes] = set()
+        for work, i in rows:
+            key = work.keys[i]
+            vec, tier, trunc, computed, corrupt = answers[key]
+            if key in claimed:  # computed once for the first asker; a batch-mate sees it as a miss filled
+                computed, corrupt = False, 0
+            claimed.add(key)
+            work.answers[key] = (vec, tier, trunc, computed, corrupt)
+            work.answered += 1
+            if work.answered == len(work.keys) and not work.future.done():
+                work.future.set_result(work.answers)
+
+    def _write_back(self, filled) -> None:
+        try:
+            self.engine.write_back(filled)
+        except Exception:  # the tiers count their own failures; never let the writer thread die
+            log.exception("write-back to the remote tier failed")
+

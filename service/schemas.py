@@ -1,0 +1,94 @@
+"""Request and response bodies, one msgspec Struct per operation (they also make ``/schema``).
+
+Unknown fields are refused, so a typo ("classifier" for "classifiers") is a 422 naming the
+field rather than a silently ignored option.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+
+class ClassifyRequest(msgspec.Struct, forbid_unknown_fields=True):
+    texts: list[str]
+    classifiers: list[str]  # "name", "name@3" (a version) or "name@prod" (an alias)
+    namespace: str | None = None  # a shared cache namespace inside this tenant; default: the tenant's own
+
+
+class Classification(msgspec.Struct):
+    classifier: str
+    version: int
+    scores: dict[str, float]
+    label: str | None = None  # single-label heads
+    labels: list[str] | None = None  # multi-label heads: every label scoring >= 0.5
+
+
+class TextResult(msgspec.Struct):
+    index: int
+    truncated: bool
+    cache: str  # "memory" | "local" | "redis" | "miss"
+    classifications: dict[str, Classification]
+
+
+class CacheReport(msgspec.Struct):
+    hits: dict[str, int]
+    misses: int
+    computed: int
+
+
+class ClassifyResponse(msgspec.Struct):
+    results: list[TextResult]
+    cache: CacheReport
+    timing_ms: dict[str, float]  # cache, queue, embed, heads, total
+
+
+class TrainRequest(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    examples: list[dict[str, Any]]  # {"text": ..., "label": ...}; multi-label: "labels": [...]
+    kind: Literal["logreg", "mlp"] = "logreg"
+    multi_label: bool = False
+    seed: int = 0
+
+
+class AliasRequest(msgspec.Struct, forbid_unknown_fields=True):
+    version: int
+
+
+class TEIEmbedRequest(msgspec.Struct):
+    """text-embeddings-inference's ``POST /embed`` body."""
+
+    inputs: str | list[str]
+    normalize: bool = True
+    truncate: bool = False
+    truncation_direction: Literal["Right", "right"] = "Right"
+    prompt_name: str | None = None
+
+
+class OpenAIEmbeddingsRequest(msgspec.Struct):
+    """OpenAI's ``POST /v1/embeddings`` body (token-id inputs are refused with a clear error)."""
+
+    input: Any
+    model: str
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class OpenAIEmbedding(msgspec.Struct):
+    index: int
+    embedding: list[float] | str
+    object: str = "embedding"
+
+
+class OpenAIUsage(msgspec.Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingsResponse(msgspec.Struct):
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+    object: str = "list"

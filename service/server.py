@@ -1,0 +1,43 @@
+"""``headfleet serve``: run the app under uvicorn, loopback-only when no keys are configured."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+from pathlib import Path
+
+from headfleet.errors import ValidationError
+from headfleet.service.auth import KeyStore
+from headfleet.settings import Settings
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(settings: Settings, *, log_level: str = "info", access_log: bool = False) -> None:
+    import uvicorn
+
+    from headfleet.service.app import create_app
+
+    keys = KeyStore(settings.keys_file or Path(settings.data_dir) / "keys.json", settings.api_keys, settings.admin_key)
+    if keys.single_tenant:
+        if not is_loopback(settings.host):
+            raise ValidationError(
+                f"no API keys are configured, so headfleet runs single-tenant without authentication and binds to "
+                f"loopback only; refusing host {settings.host!r}. Set HEADFLEET_ADMIN_KEY (then create keys with "
+                "POST /admin/tenants/<tenant>/keys) or HEADFLEET_API_KEYS='tenant:key,...' to serve other machines")
+        print(f"headfleet: single-tenant mode (no API keys configured): every request is tenant 'default'; "
+              f"listening on loopback only, http://{settings.host}:{settings.port}", file=sys.stderr)
+    else:
+        print(f"headfleet: multi-tenant mode ({len(keys.tenants())} tenant(s) with keys); "
+              f"listening on http://{settings.host}:{settings.port}", file=sys.stderr)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
+                access_log=access_log, http="httptools", loop="uvloop", timeout_graceful_shutdown=10)

@@ -1,0 +1,116 @@
+"""Everything one running service holds, created in the app's lifespan and torn down in reverse.
+
+Order up: backbone -> local store -> Redis (``Engine.open``), then the scheduler, then the
+training-job workers. Down: jobs, scheduler (its Redis write-back queue is flushed), engine
+(the local store is saved).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+from headfleet.errors import TooLargeError, ValidationError
+from headfleet.service.auth import KeyStore
+from headfleet.service.engine import EmbedBatch, Engine
+from headfleet.service.jobs import JobManager
+from headfleet.service.metrics import Metrics
+from headfleet.service.scheduler import Scheduler
+from headfleet.settings import Settings
+
+log = logging.getLogger("headfleet.service")
+
+HEADS_INLINE_CELLS = 4096  # texts x classifiers scored on the event loop; above this, in a thread
+
+
+@dataclasses.dataclass
+class Service:
+    settings: Settings
+    engine: Engine
+    scheduler: Scheduler
+    jobs: JobManager
+    keys: KeyStore
+    metrics: Metrics
+    started: float = dataclasses.field(default_factory=time.time)
+
+    @classmethod
+    async def start(cls, settings: Settings, embedder=None) -> "Service":
+        keys = KeyStore(settings.keys_file or Path(settings.data_dir) / "keys.json", settings.api_keys,
+                        settings.admin_key)
+        engine = await asyncio.to_thread(Engine.open, settings, embedder)
+        metrics = Metrics()
+        scheduler = Scheduler(engine, batch_texts=settings.batch_size, batch_tokens=settings.batch_tokens,
+                              tenant_queue_texts=settings.tenant_queue_texts, queue_texts=settings.queue_texts,
+                              metrics=metrics.scheduler_hooks())
+        await scheduler.start()
+        jobs = JobManager(engine, scheduler, Path(settings.data_dir) / "jobs", settings.jobs_workers)
+        service = cls(settings, engine, scheduler, jobs, keys, metrics)
+        if keys.single_tenant:
+            log.warning("no API keys configured: single-tenant mode, every request is tenant 'default'; "
+                        "configure HEADFLEET_API_KEYS or HEADFLEET_ADMIN_KEY before exposing the service")
+            if settings.examples:
+                from headfleet.service.examples import ensure_examples
+                await asyncio.to_thread(ensure_examples, engine, "default", log.info)
+        return service
+
+    async def stop(self) -> None:
+        self.jobs.close()
+        await self.scheduler.stop()
+        await asyncio.to_thread(self.engine.close)
+
+    # -- the request path ------------------------------------------------------------------------
+    def check_texts(self, texts: Sequence[str], field: str = "texts") -> None:
+        s = self.settings
+        if not texts:
+            raise ValidationError(f"{field} must hold at least one text")
+        if len(texts) > s.max_texts_per_request:
+            raise TooLargeError(f"{len(texts)} texts in one request; the limit is {s.max_texts_per_request} "
+                                f"(HEADFLEET_MAX_TEXTS_PER_REQUEST) — split the request or use a batch job")
+        for i, t in enumerate(texts):
+            if len(t) > s.max_chars_per_text:
+                raise TooLargeError(f"{field}[{i}] has {len(t)} characters; the limit is {s.max_chars_per_text} "
+                                    "(HEADFLEET_MAX_CHARS_PER_TEXT)")
+            if not t.strip():
+                raise ValidationError(f"{field}[{i}] is empty; every text needs some content")
+
+    def check_classifiers(self, classifiers: Sequence[str]) -> None:
+        limit = self.settings.max_classifiers_per_request
+        if len(classifiers) > limit:
+            raise TooLargeError(f"{len(classifiers)} classifiers in one request; the limit is {limit} "
+                                "(HEADFLEET_MAX_CLASSIFIERS_PER_REQUEST)")
+
+    async def embed(self, tenant: str, texts: Sequence[str], *, namespace: str | None = None,
+                    classifiers: Sequence[str] = (), receive=None) -> EmbedBatch:
+        """In-process tiers inline; the distinct misses through the scheduler; stats recorded once."""
+        prep = self.engine.prepare(tenant, texts, namespace)
+        answers: dict[bytes, tuple] = {}
+        extra = {"queue": 0.0, "embed": 0.0}
+        if prep.todo:
+            keys = list(prep.todo)
+            answers, extra = await self.scheduler.run(
+                tenant, keys, [prep.norm[prep.todo[k][0]] for k in keys], [prep.namespace] * len(keys),
+                disconnected=receive)
+        batch = self.engine.finish(prep, answers, classifiers, extra)
+        self.metrics.cache(batch.tiers, batch.computed)
+        return batch
+
+    async def classify(self, tenant: str, texts: Sequence[str], classifiers: Sequence[str], *,
+                       namespace: str | None = None, receive=None) -> dict:
+        t0 = time.perf_counter()
+        self.check_texts(texts)
+        self.check_classifiers(classifiers)
+        resolved = self.engine.resolve(tenant, classifiers)
+        self.metrics.heads_loaded.set(len(self.engine.fleet))
+        batch = await self.embed(tenant, texts, namespace=namespace, classifiers=[m["name"] for _, _, m in resolved],
+                                 receive=receive)
+        if len(texts) * len(resolved) > HEADS_INLINE_CELLS:
+            out = await asyncio.to_thread(self.engine.score, batch, resolved)
+        else:
+            out = self.engine.score(batch, resolved)
+        self.metrics.heads.observe(out["timing_ms"]["heads"] / 1e3)
+        out["timing_ms"]["total"] = round((time.perf_counter() - t0) * 1e3, 3)
+        return out

@@ -1,0 +1,191 @@
+"""POST /classify and the read-only endpoints, driven through a real HTTP client."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from headfleet.service.examples import DEMO_TEXTS
+
+CLASSIFIERS = ["spam", "urgency@1", "sentiment@latest"]
+
+
+def test_several_classifiers_in_one_call(client):
+    r = client.post("/classify", json={"texts": DEMO_TEXTS, "classifiers": CLASSIFIERS})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [x["index"] for x in out["results"]] == list(range(len(DEMO_TEXTS)))
+    labels = [{ref: c["label"] for ref, c in x["classifications"].items()} for x in out["results"]]
+    assert labels[0]["spam"] == "spam"
+    assert labels[1]["urgency@1"] == "urgent"
+    assert labels[2]["sentiment@latest"] == "positive"
+    assert labels[3]["spam"] == "ham"
+    for x in out["results"]:
+        assert set(x["classifications"]) == set(CLASSIFIERS)
+        for c in x["classifications"].values():
+            assert c["version"] == 1 and c["classifier"].endswith("@1")
+            assert abs(sum(c["scores"].values()) - 1) < 1e-4
+            assert c["label"] == max(c["scores"], key=c["scores"].get)
+    assert set(out["timing_ms"]) >= {"cache", "queue", "embed", "heads", "total"}
+
+
+def test_repeat_is_served_from_memory_and_the_report_says_so(client):
+    texts = ["a brand new sentence for the cache report", "and a second one, never seen before"]
+    first = client.post("/classify", json={"texts": texts, "classifiers": ["spam", "urgency"]}).json()
+    assert first["cache"] == {"hits": {"memory": 0, "local": 0, "redis": 0}, "misses": 2, "computed": 2}
+    assert [x["cache"] for x in first["results"]] == ["miss", "miss"]
+    again = client.post("/classify", json={"texts": texts + texts[:1], "classifiers": ["sentiment"]}).json()
+    assert again["cache"] == {"hits": {"memory": 3, "local": 0, "redis": 0}, "misses": 0, "computed": 0}
+    assert again["timing_ms"]["queue"] == 0 and again["timing_ms"]["embed"] == 0
+
+
+def test_a_text_repeated_in_one_request_is_embedded_once(client):
+    t = "the same words twice in one request"
+    out = client.post("/classify", json={"texts": [t, t, t], "classifiers": ["spam"]}).json()
+    assert out["cache"]["misses"] == 3 and out["cache"]["computed"] == 1
+    scores = [x["classifications"]["spam"]["scores"] for x in out["results"]]
+    assert scores[0] == scores[1] == scores[2]
+
+
+@pytest.mark.parametrize("body, status, error_type, says", [
+    (b'{"texts": ["a"', 400, "invalid_json", "not valid JSON"),
+    (b'{"texts": "just one", "classifiers": ["spam"]}', 422, "validation_error", "Expected `array`, got `str`"),
+    (b'{"texts": [1, 2], "classifiers": ["spam"]}', 422, "validation_error", "Expected `str`"),
+    (b'{"texts": ["a"], "classifier": ["spam"]}', 422, "validation_error", "unknown field `classifier`"),
+    (b'{"texts": ["a"]}', 422, "validation_error", "classifiers"),
+    (b'{"texts": [], "classifiers": ["spam"]}', 422, "validation_error", "at least one text"),
+    (b'{"texts": ["  "], "classifiers": ["spam"]}', 422, "validation_error", "texts[0] is empty"),
+    (b'{"texts": ["a"], "classifiers": []}', 422, "validation_error", "at least one classifier"),
+    (b'{"texts": ["a"], "classifiers": ["nope"]}', 404, "not_found", "no classifier named 'nope'"),
+    (b'{"texts": ["a"], "classifiers": ["spam@7"]}', 404, "not_found", "7"),
+    (b'{"texts": ["a"], "classifiers": ["../etc"]}', 422, "validation_error", "classifier name"),
+])
+def test_bad_requests_get_a_clear_error_body(client, body, status, error_type, says):
+    r = client.post("/classify", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert set(err) == {"error", "error_type"}
+    assert err["error_type"] == error_type
+    assert says in err["error"]
+
+
+def test_unknown_route_and_method_use_the_same_error_body(client):
+    r = client.get("/nothing-here")
+    assert r.status_code == 404 and r.json()["error_type"] == "not_found"
+    r = client.put("/classify", json={})
+    assert r.status_code == 405 and r.json() == {"error": "PUT is not allowed on /classify",
+                                                 "error_type": "method_not_allowed"}
+
+
+def test_each_limit_answers_with_the_limit_in_the_message(start_server):
+    import httpx
+
+    server = start_server(max_texts_per_request=3, max_classifiers_per_request=2, max_chars_per_text=40,
+                          max_body_bytes=4000)
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.post("/classify", json={"texts": ["a", "b", "c", "d"], "classifiers": ["spam"]})
+        assert r.status_code == 413 and r.json()["error_type"] == "too_large"
+        assert "4 texts" in r.json()["error"] and "limit is 3" in r.json()["error"]
+        r = c.post("/classify", json={"texts": ["a"], "classifiers": ["spam", "urgency", "sentiment"]})
+        assert r.status_code == 413 and "limit is 2" in r.json()["error"]
+        r = c.post("/classify", json={"texts": ["ok", "x" * 41], "classifiers": ["spam"]})
+        assert r.status_code == 413 and "texts[1] has 41 characters; the limit is 40" in r.json()["error"]
+        r = c.post("/classify", json={"texts": ["y" * 5000], "classifiers": ["spam"]})
+        assert r.status_code == 413 and r.json()["error_type"] == "too_large" and "4000 bytes" in r.json()["error"]
+        # and nothing was held against the next, valid request
+        r = c.post("/classify", json={"texts": ["fine"], "classifiers": ["spam"]})
+        assert r.status_code == 200
+
+
+def test_tei_embed_shape_and_same_cache_as_classify(client, minilm):
+    texts = ["embeddings through the TEI endpoint", "second input"]
+    r = client.post("/embed", json={"inputs": texts})
+    assert r.status_code == 200
+    vecs = np.asarray(r.json(), dtype=np.float32)
+    assert vecs.shape == (2, minilm.dim)
+    np.testing.assert_allclose(vecs, minilm.embed(texts).vectors, atol=1e-5)
+    single = client.post("/embed", json={"inputs": texts[0]}).json()
+    assert len(single) == 1 and np.allclose(single[0], vecs[0], atol=1e-6)
+    out = client.post("/classify", json={"texts": texts, "classifiers": ["spam"]}).json()
+    assert out["cache"]["hits"]["memory"] == 2 and out["cache"]["computed"] == 0
+
+
+def test_tei_embed_refuses_an_over_long_input_unless_truncate(client, minilm):
+    long_text = "word " * 400
+    r = client.post("/embed", json={"inputs": [long_text]})
+    assert r.status_code == 413 and "truncate=true" in r.json()["error"]
+    r = client.post("/embed", json={"inputs": [long_text], "truncate": True})
+    assert r.status_code == 200 and len(r.json()[0]) == minilm.dim
+    r = client.post("/embed", json={"inputs": ["x"], "normalize": False})
+    assert r.status_code == 422 and "normalize" in r.json()["error"]
+
+
+def test_openai_client_gets_embeddings(single, minilm):
+    import openai
+
+    oa = openai.OpenAI(base_url=single.url + "/v1", api_key="unused-in-single-tenant-mode")
+    texts = ["the official OpenAI client, pointed at headfleet", "a second text"]
+    res = oa.embeddings.create(model="all-MiniLM-L6-v2", input=texts)  # the client asks for base64
+    got = np.asarray([d.embedding for d in res.data], dtype=np.float32)
+    np.testing.assert_allclose(got, minilm.embed(texts).vectors, atol=1e-5)
+    assert [d.index for d in res.data] == [0, 1]
+    assert res.usage.prompt_tokens == int(minilm.count_tokens(texts).n_tokens.sum())
+    floats = oa.embeddings.create(model="headfleet", input=texts[0], encoding_format="float")
+    np.testing.assert_allclose(floats.data[0].embedding, got[0], atol=1e-6)
+    with pytest.raises(openai.NotFoundError):
+        oa.embeddings.create(model="text-embedding-3-small", input="x")
+    with pytest.raises(openai.UnprocessableEntityError):
+        oa.embeddings.create(model="headfleet", input=[[1, 2, 3]])
+    assert "all-MiniLM-L6-v2" in [m.id for m in oa.models.list()]
+
+
+def test_metrics_parse_and_count_what_happened(client):
+    client.post("/classify", json={"texts": ["metrics text one"], "classifiers": ["spam"]})
+    client.post("/classify", json={"texts": ["metrics text one"], "classifiers": ["spam"]})
+    client.post("/classify", json={"texts": ["x"], "classifiers": ["missing"]})
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    for name in ("headfleet_request_seconds", "headfleet_queue_seconds", "headfleet_embed_seconds",
+                 "headfleet_heads_seconds", "headfleet_cache_lookups", "headfleet_batch_texts",
+                 "headfleet_rejected", "headfleet_failures"):
+        assert name in families, name
+
+    def value(family, sample_name, **labels):
+        return sum(s.value for s in families[family].samples
+                   if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    assert value("headfleet_cache_lookups", "headfleet_cache_lookups_total", tier="memory") >= 1
+    assert value("headfleet_cache_lookups", "headfleet_cache_lookups_total", tier="miss") >= 1
+    assert value("headfleet_failures", "headfleet_failures_total", error_type="not_found") >= 1
+    assert value("headfleet_request_seconds", "headfleet_request_seconds_count", endpoint="/classify",
+                 status="2xx") >= 2
+    assert value("headfleet_batch_texts", "headfleet_batch_texts_count") >= 1
+
+
+def test_health_info_schema(client, minilm):
+    assert client.get("/health").json()["status"] == "ready"
+    info = client.get("/info").json()
+    assert info["backbone"]["fingerprint"] == minilm.fingerprint
+    assert info["backbone"]["dim"] == minilm.dim
+    assert info["tenancy"] == "single"
+    assert info["limits"]["max_texts_per_request"] > 0
+    schema = client.get("/schema/openapi.json").json()
+    assert "/classify" in schema["paths"] and "/v1/embeddings" in schema["paths"]
+
+
+def test_stats_report_hits_per_tier_and_classifier(client):
+    texts = ["stats text alpha", "stats text beta"]
+    client.post("/classify", json={"texts": texts, "classifiers": ["spam", "urgency"]})
+    before = client.get("/stats").json()
+    client.post("/classify", json={"texts": texts, "classifiers": ["spam", "urgency"]})
+    after = client.get("/stats").json()
+    assert after["tenant"] == "default"
+    s0, s1 = before["since_start"], after["since_start"]
+    assert s1["hits"]["memory"] - s0["hits"]["memory"] == 2
+    assert s1["computed"] == s0["computed"]
+    assert s1["fanout_saved"] - s0["fanout_saved"] == 2  # two texts, one embedding each for two classifiers
+    assert s1["classifiers"]["spam"]["lookups"] - s0["classifiers"]["spam"]["lookups"] == 2
+    assert after["windows"]["1m"]["lookups"] >= 4
+    assert after["held"]["memory"]["entries"] >= 2 and after["held"]["local"]["bytes"] > 0
