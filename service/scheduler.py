@@ -95,7 +95,9 @@ class Scheduler:
         self.max_length = engine.embedder.max_length
         self.batch_texts = int(batch_texts)
         self.batch_tokens = max(int(batch_tokens), self.max_length)
-        self.quantum = max(self.max_length, self.batch_tokens // 8)
+        # A small quantum (about 1/64 of a batch: a handful of short texts) lets many lanes share one
+        # batch; a lane whose next text costs more than its deficit simply waits a few turns.
+        self.quantum = max(8, self.batch_tokens // 64)
         self.tenant_queue_texts = int(tenant_queue_texts)
         self.queue_texts = int(queue_texts)
         self.metrics = metrics or SchedulerMetrics()
@@ -114,6 +116,7 @@ class Scheduler:
         self.dropped_texts = 0
         self.rejected = 0
         self.in_flight = 0
+        self.submitted_texts = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -165,6 +168,7 @@ class Scheduler:
         if lane_ is None:
             lane_ = self._lanes[work.lane] = _Lane()
         lane_.queue.append(work)
+        self.submitted_texts += n
         lane_.waiting += n
         self._tenant_waiting[tenant] += n
         self._waiting += n

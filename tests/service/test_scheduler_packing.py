@@ -1,0 +1,82 @@
+"""Deficit round-robin packing, checked batch by batch (no HTTP, the real engine)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from headfleet.errors import OverloadedError
+from headfleet.service.engine import Engine
+from headfleet.service.scheduler import Scheduler, estimate_tokens
+from headfleet.settings import Settings
+
+
+@pytest.fixture
+def engine(minilm, tmp_path):
+    eng = Engine.open(Settings(data_dir=tmp_path, device="cpu"), embedder=minilm)
+    yield eng
+    eng.close()
+
+
+def submit(sched: Scheduler, tenant: str, n: int, **kw):
+    texts = [f"{tenant} text {i}" for i in range(n)]
+    keys = [f"{tenant}{i}".encode().ljust(16, b"_")[:16] for i in range(n)]
+    return sched.submit(tenant, keys, texts, ["ns"] * n, **kw)
+
+
+def test_small_tenants_ride_in_the_first_batch_behind_a_flood(engine):
+    async def scenario():
+        sched = Scheduler(engine, batch_texts=64, batch_tokens=4096, tenant_queue_texts=10_000, queue_texts=10_000)
+        await sched.start()
+        sched._task.cancel()  # drive pack() by hand
+        flood = [submit(sched, "a", 300) for _ in range(3)]
+        b = submit(sched, "b", 1)
+        c = submit(sched, "c", 3)
+        first = sched.pack()
+        owners = [w.tenant for w, _ in first]
+        assert owners.count("b") == 1 and owners.count("c") == 3
+        assert len(first) == 64
+        # every later batch keeps serving A, in order, until its queue drains
+        seen = sum(1 for o in owners if o == "a")
+        while sched.waiting:
+            batch = sched.pack()
+            assert batch and all(w.tenant == "a" for w, _ in batch)
+            assert len(batch) <= 64 and sum(w.costs[i] for w, i in batch) <= 4096
+            seen += len(batch)
+        assert seen == 900
+        assert all(w.next == len(w.keys) for w in flood + [b, c])
+
+    asyncio.run(scenario())
+
+
+def test_token_budget_bounds_a_batch_of_long_texts(engine):
+    async def scenario():
+        sched = Scheduler(engine, batch_texts=64, batch_tokens=1024, tenant_queue_texts=10_000, queue_texts=10_000)
+        await sched.start()
+        sched._task.cancel()
+        long = ["word " * 300] * 10
+        sched.submit("a", [bytes([i]) * 16 for i in range(10)], long, ["ns"] * 10)
+        batch = sched.pack()
+        cost = estimate_tokens(long[0], engine.embedder.max_length)
+        assert len(batch) == 1024 // cost and cost == engine.embedder.max_length
+
+    asyncio.run(scenario())
+
+
+def test_admission_is_per_tenant_then_global(engine):
+    async def scenario():
+        sched = Scheduler(engine, batch_texts=64, batch_tokens=4096, tenant_queue_texts=100, queue_texts=150)
+        await sched.start()
+        sched._task.cancel()
+        submit(sched, "a", 100)
+        with pytest.raises(OverloadedError, match="tenant 'a' has 100 texts waiting"):
+            submit(sched, "a", 1)
+        submit(sched, "b", 50)
+        with pytest.raises(OverloadedError, match="queue holds 150 texts") as err:
+            submit(sched, "c", 1)
+        assert err.value.retry_after >= 1
+        submit(sched, "c", 1, admit=False)  # training jobs wait instead of being refused
+        assert sched.rejected == 2 and sched.waiting == 151
+
+    asyncio.run(scenario())
