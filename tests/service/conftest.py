@@ -7,19 +7,7 @@ import contextlib
 import httpx
 import pytest
 
-from headfleet.settings import Settings
-
-from http_server import RunningServer
-
-
-@contextlib.contextmanager
-def running(minilm, data_dir, **overrides):
-    settings = Settings(data_dir=data_dir, device="cpu", **overrides)
-    server = RunningServer(settings, minilm)
-    try:
-        yield server
-    finally:
-        server.stop()
+from http_server import running
 
 
 @pytest.fixture(scope="module")

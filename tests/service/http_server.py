@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -41,3 +42,13 @@ class RunningServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(60)
+
+
+@contextlib.contextmanager
+def running(embedder, data_dir, **overrides):
+    """A server on ``Settings(data_dir, device="cpu", **overrides)``, stopped on exit."""
+    server = RunningServer(Settings(data_dir=data_dir, device="cpu", **overrides), embedder)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from headfleet.service.examples import EXAMPLES
+from http_server import running
 
 ALICE, BOB, ADMIN = "key-alice", "key-bob", "key-admin"
 
@@ -25,8 +26,6 @@ SPAM_EXAMPLES = (
 
 @pytest.fixture(scope="module")
 def multi(minilm, tmp_path_factory):
-    from conftest import running
-
     with running(minilm, tmp_path_factory.mktemp("multi"), api_keys=f"alice:{ALICE},bob:{BOB}",
                  admin_key=ADMIN) as server:
         yield server
