@@ -91,6 +91,7 @@ class Engine:
         self.local = local
         self.fleet = HeadFleet()
         self._resolved: dict[tuple[str, str], tuple[tuple, dict]] = {}
+        self._registry_root = str(registry.root)
         self._lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -254,7 +255,7 @@ class Engine:
         if not NAME_RE.match(name) or not NAME_RE.match(tenant):
             return self.registry.resolve(tenant, ref)  # raises the registry's own error for the bad name
         try:
-            st = os.stat(self.registry.root / tenant / name / "aliases.json")
+            st = os.stat(os.path.join(self._registry_root, tenant, name, "aliases.json"))
             ident = (st.st_ino, st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
             self._resolved.pop((tenant, ref), None)
