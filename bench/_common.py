@@ -52,3 +52,22 @@ def report(title: str, rows: list[tuple[str, str]], extra: dict | None = None) -
         print(f"  {k.ljust(width)}  {v}")
     if extra is not None:
         print("  json: " + json.dumps(extra, sort_keys=True))
+
+
+def sms_labelled(n: int | None = None) -> tuple[list[str], list[str]]:
+    """(texts, labels) from ../shared/data/sms_spam.csv, the first ``n`` rows."""
+    with open(SMS_SPAM, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[:n]
+    return [r["text"] for r in rows], [r["label"] for r in rows]
+
+
+def long_texts(n: int, chars: int = 250) -> list[str]:
+    """``n`` texts of about ``chars`` characters, each made of consecutive real SMS texts."""
+    pool, out, i = sms_texts(), [], 0
+    while len(out) < n:
+        parts: list[str] = []
+        while sum(len(p) + 1 for p in parts) < chars:
+            parts.append(pool[i % len(pool)])
+            i += 1
+        out.append(" ".join(parts)[:chars].rsplit(" ", 1)[0])  # cut at the last whole word
+    return out

@@ -15,7 +15,7 @@ def _env(name: str, default: str | None) -> str | None:
 
 
 _INT_LIMITS = ("max_texts_per_request", "max_classifiers_per_request", "max_chars_per_text", "max_body_bytes",
-               "batch_tokens", "tenant_queue_texts", "queue_texts", "jobs_workers")
+               "tenant_queue_texts", "queue_texts", "jobs_workers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +26,8 @@ class Settings:
     batch_size: int = 64
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
     device: str | None = None  # "cuda", "cpu"; None picks cuda when present
+    backend: str = "torch"  # "torch" or "onnx" (ONNX Runtime); each backend+precision has its own fingerprint
+    precision: str = "fp32"  # "fp32"; "int8" (onnx, CPU); "fp16" (onnx, CUDA)
     memory_cache_mb: float = 256.0
     faiss_store: bool = True
     redis_url: str | None = None  # None: embedded default (memory + local FAISS store only)
@@ -42,7 +44,7 @@ class Settings:
     max_classifiers_per_request: int = 64
     max_chars_per_text: int = 20_000
     max_body_bytes: int = 16 * 2**20
-    batch_tokens: int = 8192  # estimated tokens per backbone batch (the scheduler's budget)
+    batch_tokens: int | None = None  # estimated tokens per backbone batch; None: 256 on CPU, 16384 on a GPU
     tenant_queue_texts: int = 2048  # texts one tenant may have waiting; beyond: 429
     queue_texts: int = 8192  # texts waiting over all tenants; beyond: 429
     jobs_workers: int = 1  # training jobs run one at a time by default
@@ -58,6 +60,8 @@ class Settings:
             batch_size=int(_env("BATCH_SIZE", str(d.batch_size))),
             threads=int(threads) if threads else None,
             device=_env("DEVICE", None),
+            backend=_env("BACKEND", d.backend),
+            precision=_env("PRECISION", d.precision),
             memory_cache_mb=float(_env("MEMORY_CACHE_MB", str(d.memory_cache_mb))),
             faiss_store=_env("FAISS_STORE", "1") not in ("0", "false", "no"),
             redis_url=_env("REDIS_URL", None) or None,
@@ -69,6 +73,7 @@ class Settings:
             api_keys=_env("API_KEYS", None) or None,
             admin_key=_env("ADMIN_KEY", None) or None,
             examples=_env("EXAMPLES", "1") not in ("0", "false", "no"),
+            batch_tokens=int(bt) if (bt := _env("BATCH_TOKENS", None)) else None,
             **{name: int(_env(name.upper(), str(getattr(d, name)))) for name in _INT_LIMITS},
         )
         values.update({k: v for k, v in overrides.items() if v is not None})

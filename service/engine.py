@@ -102,7 +102,9 @@ class Engine:
         data = Path(settings.data_dir)
         data.mkdir(parents=True, exist_ok=True)
         embedder = embedder or Embedder.load(settings.model_path, max_length=settings.max_length,
-                                 batch_size=settings.batch_size, device=settings.device, threads=settings.threads)
+                                             batch_size=settings.batch_size, device=settings.device,
+                                             threads=settings.threads, backend=settings.backend,
+                                             precision=settings.precision, cache_dir=data / "onnx")
         fp = embedder.fingerprint
         tiers: list = [MemoryLRU(int(settings.memory_cache_mb * 2**20))]
         local = None

@@ -10,9 +10,11 @@ scheduler task packs batches across lanes by deficit round-robin:
         an emptied lane leaves the turn with its deficit reset
 
 so tenant A's 512-text request is served a quantum at a time and tenant B's single text rides
-in the next batch, not after A's queue drains. A batch runs in one worker thread
-(``Engine.fill``: Redis, then the backbone for what is still missing); the Redis write-back of
-new vectors goes to a second thread so the reply never waits on it.
+in the next batch, not after A's queue drains. A batch runs in a worker thread (``Engine.fill``:
+Redis, then the backbone for what is still missing). While one batch runs, a second may start
+for lanes the running batch does not serve: B's text starts at once and shares the CPU with A's
+batch instead of waiting for it to end. The Redis write-back of new vectors goes to its own
+thread so the reply never waits on it.
 
 Admission: a tenant with more than ``tenant_queue_texts`` texts waiting, or a queue holding
 more than ``queue_texts`` in all, gets :class:`OverloadedError` (429 with ``Retry-After``
@@ -90,7 +92,7 @@ class SchedulerMetrics:
 
 class Scheduler:
     def __init__(self, engine, *, batch_texts: int, batch_tokens: int, tenant_queue_texts: int, queue_texts: int,
-                 metrics: SchedulerMetrics | None = None):
+                 metrics: SchedulerMetrics | None = None, workers: int = 2):
         self.engine = engine
         self.max_length = engine.embedder.max_length
         self.batch_texts = int(batch_texts)
@@ -108,7 +110,10 @@ class Scheduler:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._compute = ThreadPoolExecutor(1, thread_name_prefix="headfleet-backbone")
+        self.workers = max(1, int(workers))
+        self._compute = ThreadPoolExecutor(self.workers, thread_name_prefix="headfleet-backbone")
+        self._in_flight: dict[int, set[str]] = {}  # batch id -> lanes it serves
+        self._batch_ids = 0
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="headfleet-writeback")
         self._rate = 0.0  # texts/s, moving average over batches (for Retry-After)
         self.batches = 0
@@ -261,12 +266,15 @@ class Scheduler:
             del self._lanes[lane_id]
 
     # -- packing ---------------------------------------------------------------------------------
-    def pack(self) -> list[tuple[Work, int]]:
-        """Take the next batch: ``[(work, index of text)]`` by deficit round-robin over lanes."""
+    def pack(self, exclude: frozenset[str] | set[str] = frozenset()) -> list[tuple[Work, int]]:
+        """Take the next batch: ``[(work, index of text)]`` by deficit round-robin over lanes,
+        leaving out the lanes in ``exclude``."""
         rows: list[tuple[Work, int]] = []
         tokens = 0
-        while self._turn and len(rows) < self.batch_texts:
-            lane_id = next(iter(self._turn))
+        while len(rows) < self.batch_texts:
+            lane_id = next((lane for lane in self._turn if lane not in exclude), None)
+            if lane_id is None:
+                break
             lane = self._lanes[lane_id]
             lane.deficit += self.quantum
             full = False
@@ -296,18 +304,36 @@ class Scheduler:
         return rows
 
     async def _run(self) -> None:
+        """Dispatch batches while a worker is free. A second batch may start while one runs only
+        for lanes the running batch does not serve: one forward already keeps every core busy, so
+        this costs the flooding tenant nothing, and another tenant's text starts at once, sharing
+        the CPU, instead of waiting for the flood's batch to end."""
         loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task] = set()
         while True:
-            if not self._turn:
-                self._wake.clear()
+            self._wake.clear()
+            rows: list[tuple[Work, int]] = []
+            if self._turn and len(self._in_flight) < self.workers:
+                busy = set().union(*self._in_flight.values()) if self._in_flight else set()
+                rows = self.pack(exclude=busy)
+            if not rows:
                 await self._wake.wait()
                 continue
-            rows = self.pack()
-            if not rows:
-                continue
-            await self._process(loop, rows)
+            self._batch_ids += 1
+            bid = self._batch_ids
+            self._in_flight[bid] = {w.lane for w, _ in rows}
+            task = asyncio.create_task(self._process(loop, rows, bid))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
-    async def _process(self, loop: asyncio.AbstractEventLoop, rows: list[tuple[Work, int]]) -> None:
+    async def _process(self, loop: asyncio.AbstractEventLoop, rows: list[tuple[Work, int]], bid: int) -> None:
+        try:
+            await self._compute_batch(loop, rows)
+        finally:
+            self._in_flight.pop(bid, None)
+            self._wake.set()
+
+    async def _compute_batch(self, loop: asyncio.AbstractEventLoop, rows: list[tuple[Work, int]]) -> None:
         unique: dict[bytes, tuple[str, str]] = {}  # two requests of one tenant asking the same text: once
         for work, i in rows:
             unique.setdefault(work.keys[i], (work.texts[i], work.namespaces[i]))
@@ -317,7 +343,7 @@ class Scheduler:
             if work.started is None:
                 work.started = t0
                 self.metrics.queued(t0 - work.enqueued)
-        self.in_flight = len(keys)
+        self.in_flight += len(keys)
         try:
             filled = await loop.run_in_executor(self._compute, self.engine.fill, keys,
                                                 [unique[k][0] for k in keys], [unique[k][1] for k in keys])
@@ -329,7 +355,7 @@ class Scheduler:
                     work.future.set_exception(err)
             return
         finally:
-            self.in_flight = 0
+            self.in_flight -= len(keys)
         seconds = time.perf_counter() - t0
         self.batches += 1
         self._rate = len(keys) / seconds if self._rate == 0 else 0.8 * self._rate + 0.2 * len(keys) / max(seconds, 1e-6)

@@ -62,7 +62,7 @@ class OpsController(Controller):
                        "max_classifiers_per_request": s.max_classifiers_per_request,
                        "max_chars_per_text": s.max_chars_per_text, "max_body_bytes": s.max_body_bytes,
                        "tenant_queue_texts": s.tenant_queue_texts, "queue_texts": s.queue_texts,
-                       "batch_texts": s.batch_size, "batch_tokens": s.batch_tokens},
+                       "batch_texts": s.batch_size, "batch_tokens": service.scheduler.batch_tokens},
         }
 
 

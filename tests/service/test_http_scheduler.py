@@ -52,7 +52,8 @@ def test_tenant_b_is_served_while_tenant_a_floods(start_server):
 
 
 def test_queue_limits_answer_429_with_retry_after_and_spare_other_tenants(start_server):
-    server = start_server(api_keys=f"a:{A},b:{B}", examples=False, tenant_queue_texts=64, queue_texts=1000)
+    server = start_server(api_keys=f"a:{A},b:{B}", examples=False, tenant_queue_texts=64, queue_texts=1000,
+                          batch_tokens=8192)  # the first request fits one batch
     sched = server.service.scheduler
 
     async def scenario():

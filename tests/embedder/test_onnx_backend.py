@@ -1,0 +1,199 @@
+"""The ONNX Runtime backend: parity with torch, int8 within bounds, its own fingerprint, clear errors.
+
+Exports are made once per session into a tmp folder; the MiniLM parity tests run on real texts
+from ../shared/data/sms_spam.csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from headfleet.cache.keys import content_key  # noqa: E402
+from headfleet.embedder import Embedder, PoolingConfig, fingerprint  # noqa: E402
+from headfleet.embedder.onnx_backend import backend_tag, model_file  # noqa: E402
+from headfleet.errors import ValidationError  # noqa: E402
+
+N_TEXTS = 800  # sms_spam rows used: the first 500 train a head, the other 300 are the holdout
+N_TRAIN = 500
+LONG = "The contract renewal terms are attached for review. " * 60  # > 256 tokens: truncated
+
+
+@pytest.fixture(scope="session")
+def onnx_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture(scope="module")
+def onnx_fp32(onnx_cache):
+    return Embedder.load(max_length=256, batch_size=32, device="cpu", backend="onnx", precision="fp32",
+                         cache_dir=onnx_cache)
+
+
+@pytest.fixture(scope="module")
+def onnx_int8(onnx_cache):
+    return Embedder.load(max_length=256, batch_size=32, device="cpu", backend="onnx", precision="int8",
+                         cache_dir=onnx_cache)
+
+
+@pytest.fixture(scope="module")
+def sms(sms_spam_path):
+    with open(sms_spam_path, newline="", encoding="utf-8") as f:
+        rows = [row for _, row in zip(range(N_TEXTS), csv.DictReader(f))]
+    return [r["text"] for r in rows], [r["label"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def torch_vectors(minilm, sms):
+    return minilm.embed(sms[0]).vectors
+
+
+def _cos(a, b):
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_onnx_fp32_matches_torch_on_real_texts(onnx_fp32, torch_vectors, sms, minilm):
+    cos = _cos(onnx_fp32.embed(sms[0]).vectors, torch_vectors)
+    assert cos.min() >= 0.9999
+    both = [minilm.embed([LONG, "x"]).vectors, onnx_fp32.embed([LONG, "x"]).vectors]
+    assert _cos(*both).min() >= 0.9999  # truncated and one-token texts too
+    np.testing.assert_allclose(np.linalg.norm(both[1], axis=1), 1.0, atol=1e-5)
+
+
+def test_int8_stays_close_and_keeps_head_labels(onnx_int8, torch_vectors, sms):
+    from headfleet.heads import Examples, train_head
+
+    texts, labels = sms
+    int8 = onnx_int8.embed(texts).vectors
+    cos = _cos(int8, torch_vectors)
+    assert cos.min() >= 0.99, f"worst text {texts[int(cos.argmin())]!r}: cosine {cos.min():.4f}"
+
+    head = train_head(torch_vectors[:N_TRAIN], Examples(texts[:N_TRAIN], labels[:N_TRAIN], multi_label=False),
+                      holdout=0).head
+    ref = head.predict_proba(torch_vectors[N_TRAIN:]).argmax(1)
+    got = head.predict_proba(int8[N_TRAIN:]).argmax(1)
+    assert len(set(ref.tolist())) == 2  # the holdout has both ham and spam
+    assert (ref == got).mean() >= 0.98
+
+
+def test_int8_vector_of_a_text_does_not_depend_on_its_batch(onnx_int8, sms):
+    texts = sms[0][:24] + [LONG]
+    together = onnx_int8.embed(texts).vectors
+    alone = np.stack([onnx_int8.embed([t]).vectors[0] for t in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_each_backend_and_precision_has_its_own_fingerprint_and_cache_namespace(minilm, onnx_fp32, onnx_int8):
+    assert minilm.fingerprint == fingerprint(minilm.folder, minilm.pooling)  # the default stays torch-fp32
+    assert (minilm.backend, minilm.precision) == ("torch", "fp32")
+    prints = {e.fingerprint for e in (minilm, onnx_fp32, onnx_int8)}
+    assert len(prints) == 3
+    assert onnx_int8.fingerprint == fingerprint(minilm.folder, minilm.pooling, backend_tag("onnx", "int8"))
+    keys = {content_key(e.fingerprint, "tenant-a", 256, "free entry") for e in (minilm, onnx_fp32, onnx_int8)}
+    assert len(keys) == 3
+    # what does not change the vectors does not change the fingerprint
+    assert onnx_fp32.dim == onnx_int8.dim == minilm.dim and minilm.tokenizer_hash == onnx_int8.tokenizer_hash
+
+
+def test_token_counts_and_truncation_are_the_same_on_every_backend(minilm, onnx_fp32, onnx_int8, sms):
+    texts = sms[0][:40] + [LONG, "\u2603\u2604 \u2605", "x"]
+    ref = minilm.embed(texts)
+    assert ref.truncated_count == 1
+    for e in (onnx_fp32, onnx_int8):
+        out = e.embed(texts)
+        np.testing.assert_array_equal(out.n_tokens, ref.n_tokens)
+        np.testing.assert_array_equal(out.truncated, ref.truncated)
+        counts, ref_counts = e.count_tokens(texts), minilm.count_tokens(texts)
+        np.testing.assert_array_equal(counts.n_unk, ref_counts.n_unk)
+        np.testing.assert_array_equal(counts.truncated, ref_counts.truncated)
+
+
+def test_forwards_and_texts_embedded_are_counted(onnx_fp32):
+    before_f, before_t = onnx_fp32.forwards, onnx_fp32.texts_embedded
+    onnx_fp32.embed(["a"] * 40)  # batch_size 32: two forwards
+    assert (onnx_fp32.forwards - before_f, onnx_fp32.texts_embedded - before_t) == (2, 40)
+    assert onnx_fp32.embed([]).vectors.shape == (0, onnx_fp32.dim)
+
+
+def test_the_export_is_cached_by_source_fingerprint_with_a_manifest(onnx_fp32, onnx_int8, onnx_cache):
+    source = fingerprint(onnx_fp32.folder, onnx_fp32.pooling)
+    for e in (onnx_fp32, onnx_int8):
+        path = e.runner.path
+        assert path == model_file(onnx_cache, source, e.precision)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        assert meta["source_fingerprint"] == source and meta["precision"] == e.precision
+    assert not [p for p in onnx_cache.iterdir() if ".tmp" in p.name]  # no half-written leftovers
+    mtime = onnx_int8.runner.path.stat().st_mtime_ns
+    again = Embedder.load(device="cpu", backend="onnx", precision="int8", cache_dir=onnx_cache, graph_opt="disabled")
+    assert again.runner.path.stat().st_mtime_ns == mtime  # reused, not re-exported
+    # fusions move int8 vectors a little (quantisation steps), so another level is another fingerprint
+    assert again.fingerprint == fingerprint(again.folder, again.pooling, "onnx-int8-opt-disabled")
+    assert again.fingerprint != onnx_int8.fingerprint
+    texts = ["Free entry in 2 a wkly comp", "Ok lar... Joking wif u oni..."]
+    assert _cos(again.embed(texts).vectors, onnx_int8.embed(texts).vectors).min() >= 0.998
+
+
+@pytest.mark.parametrize("mode", ["mean", "cls"])
+def test_another_backbone_gets_its_own_export_and_its_pooling(tiny_model_dir, tmp_path, onnx_cache, mode):
+    folder = tmp_path / f"tiny-{mode}"
+    shutil.copytree(tiny_model_dir, folder)
+    cfg_path = folder / "1_Pooling" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(pooling_mode_mean_tokens=mode == "mean", pooling_mode_cls_token=mode == "cls")
+    cfg_path.write_text(json.dumps(cfg))
+    assert PoolingConfig.from_folder(folder).mode == mode
+
+    texts = ["hello world", "a somewhat longer sentence with more tokens in it", LONG]
+    ref = Embedder.load(folder, max_length=64, device="cpu")
+    for precision, bound in (("fp32", 0.9999), ("int8", 0.99)):
+        ours = Embedder.load(folder, max_length=64, device="cpu", backend="onnx", precision=precision,
+                             cache_dir=onnx_cache)
+        assert ours.runner.path.name.startswith(fingerprint(folder, ref.pooling)[:32])
+        assert ours.fingerprint != ref.fingerprint
+        assert _cos(ours.embed(texts).vectors, ref.embed(texts).vectors).min() >= bound
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(backend="tensorrt"), "unknown backend"),
+    (dict(backend="onnx", precision="int4"), "precision 'int4'"),
+    (dict(backend="torch", precision="int8"), "not available on the torch backend"),
+    (dict(backend="onnx", precision="fp16", device="cpu"), "fp16 needs a cuda device"),
+    (dict(backend="onnx", precision="int8", device="cuda"), "int8 runs on the CPU only"),
+    (dict(backend="onnx", graph_opt="max"), "graph optimisation level"),
+])
+def test_bad_backend_or_precision_is_a_validation_error(kwargs, match, onnx_cache):
+    with pytest.raises(ValidationError, match=match):
+        Embedder.load(cache_dir=onnx_cache, **kwargs)
+
+
+def test_the_fp16_file_keeps_the_vectors(onnx_fp32, onnx_cache, sms, torch_vectors):
+    """The fp16 conversion, run here on the CPU provider; the service runs fp16 on CUDA only."""
+    from headfleet.embedder.onnx_backend import OrtRunner, ensure_model_file
+
+    path = ensure_model_file(onnx_fp32.folder, onnx_fp32.pooling, "fp16", onnx_cache,
+                             fingerprint(onnx_fp32.folder, onnx_fp32.pooling))
+    fp16 = OrtRunner(path, device="cpu")
+    saved = onnx_fp32.runner
+    try:
+        onnx_fp32.runner = fp16
+        vectors = onnx_fp32.embed(sms[0][:64]).vectors
+    finally:
+        onnx_fp32.runner = saved
+    assert vectors.dtype == np.float32
+    assert _cos(vectors, torch_vectors[:64]).min() >= 0.999
+
+
+def test_fp16_on_cuda(onnx_cache, sms, torch_vectors):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("no CUDAExecutionProvider (onnxruntime-gpu) on this machine")
+    fp16 = Embedder.load(device="cuda", backend="onnx", precision="fp16", cache_dir=onnx_cache)
+    cos = _cos(fp16.embed(sms[0]).vectors, torch_vectors)
+    assert cos.min() >= 0.999
