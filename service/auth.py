@@ -14,15 +14,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import secrets
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from headfleet.errors import ConflictError, ForbiddenError, NotFoundError, UnauthorizedError, ValidationError
+from headfleet.heads.atomic import write_json_atomic
 from headfleet.heads.refs import check_name
 
 SINGLE_TENANT = "default"
@@ -155,14 +154,4 @@ class KeyStore:
     def _write(self, data: dict[str, dict[str, Any]]) -> None:
         """Temp file, fsync, rename: a crash leaves the old file or the new one, never half of one."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".keys-", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"keys": data}, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json_atomic(self.path, {"keys": data}, mode=0o600)

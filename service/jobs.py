@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +19,7 @@ from typing import Any
 
 from headfleet.errors import HeadfleetError, NotFoundError
 from headfleet.heads import Examples
+from headfleet.heads.atomic import write_json_atomic
 from headfleet.heads.refs import check_name
 
 log = logging.getLogger(__name__)
@@ -127,14 +126,7 @@ class JobManager:
     def _save(self, tenant: str, job: dict[str, Any]) -> None:
         folder = self.root / tenant
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".job-", dir=folder)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(job, f, indent=1)
-            os.replace(tmp, folder / f"{job['id']}.json")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json_atomic(folder / f"{job['id']}.json", job)
 
     def _recover(self) -> None:
         if not self.root.is_dir():

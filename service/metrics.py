@@ -62,7 +62,6 @@ class Metrics:
             queued=self.queue.observe,
             rejected=lambda scope: self.rejected.labels(scope).inc(),
             dropped=self.dropped.inc,
-            depth=self.queue_depth.set,
         )
 
     def cache(self, tiers: list[str | None], computed: int) -> None:

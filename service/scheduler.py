@@ -87,7 +87,6 @@ class SchedulerMetrics:
     queued: Callable[[float], None] = lambda seconds: None
     rejected: Callable[[str], None] = lambda scope: None
     dropped: Callable[[int], None] = lambda texts: None
-    depth: Callable[[int], None] = lambda texts: None
 
 
 class Scheduler:
@@ -178,7 +177,6 @@ class Scheduler:
         self._tenant_waiting[tenant] += n
         self._waiting += n
         self._turn.setdefault(work.lane, None)
-        self.metrics.depth(self._waiting)
         self._wake.set()
         return work
 
@@ -257,7 +255,6 @@ class Scheduler:
         if self._tenant_waiting[work.tenant] <= 0:
             del self._tenant_waiting[work.tenant]
         self._waiting -= n
-        self.metrics.depth(self._waiting)
 
     def _retire(self, lane_id: str) -> None:
         self._turn.pop(lane_id, None)

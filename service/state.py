@@ -113,7 +113,6 @@ class Service:
         self.check_texts(texts)
         self.check_classifiers(classifiers)
         resolved = self.engine.resolve(tenant, classifiers)
-        self.metrics.heads_loaded.set(len(self.engine.fleet))
         batch = await self.embed(tenant, texts, namespace=namespace, classifiers=[m["name"] for _, _, m in resolved],
                                  receive=receive)
         if len(texts) * len(resolved) > HEADS_INLINE_CELLS:

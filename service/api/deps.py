@@ -8,10 +8,6 @@ from headfleet.service.auth import key_from_headers
 from headfleet.service.state import Service
 
 
-def service_of(request: Request) -> Service:
-    return request.app.state.service
-
-
 async def provide_service(request: Request) -> Service:
     return request.app.state.service
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,10 @@ from headfleet.service.schemas import OpenAIEmbeddingsRequest, OpenAIEmbeddingsR
 from headfleet.service.state import Service
 
 
-def backbone_name(embedder) -> str:
-    """The default backbone by its model name; any other by its folder's name."""
-    folder = Path(str(embedder.folder))
+@functools.lru_cache(maxsize=8)
+def backbone_name(folder_path: str) -> str:
+    """The default backbone by its model name; any other by its folder's name (resolved once)."""
+    folder = Path(folder_path)
     try:
         if folder.resolve() == Path(default_model_path()).resolve():
             return DEFAULT_MODEL_NAME
@@ -31,7 +33,7 @@ def backbone_name(embedder) -> str:
 
 def model_names(service: NamedDependency[Service]) -> list[str]:
     """Names ``model`` may take: the backbone's name, its hub id for the default, and ``headfleet``."""
-    name = backbone_name(service.engine.embedder)
+    name = backbone_name(str(service.engine.embedder.folder))
     names = [name, "headfleet"]
     if name == DEFAULT_MODEL_NAME:
         names.append(f"sentence-transformers/{DEFAULT_MODEL_NAME}")

@@ -25,11 +25,17 @@ def submit(sched: Scheduler, tenant: str, n: int, **kw):
     return sched.submit(tenant, keys, texts, ["ns"] * n, **kw)
 
 
+async def packer(engine, **limits) -> Scheduler:
+    """A started scheduler whose own loop is stopped, so the test drives ``pack()`` by hand."""
+    sched = Scheduler(engine, batch_texts=64, **limits)
+    await sched.start()
+    sched._task.cancel()
+    return sched
+
+
 def test_small_tenants_ride_in_the_first_batch_behind_a_flood(engine):
     async def scenario():
-        sched = Scheduler(engine, batch_texts=64, batch_tokens=4096, tenant_queue_texts=10_000, queue_texts=10_000)
-        await sched.start()
-        sched._task.cancel()  # drive pack() by hand
+        sched = await packer(engine, batch_tokens=4096, tenant_queue_texts=10_000, queue_texts=10_000)
         flood = [submit(sched, "a", 300) for _ in range(3)]
         b = submit(sched, "b", 1)
         c = submit(sched, "c", 3)
@@ -52,9 +58,7 @@ def test_small_tenants_ride_in_the_first_batch_behind_a_flood(engine):
 
 def test_token_budget_bounds_a_batch_of_long_texts(engine):
     async def scenario():
-        sched = Scheduler(engine, batch_texts=64, batch_tokens=1024, tenant_queue_texts=10_000, queue_texts=10_000)
-        await sched.start()
-        sched._task.cancel()
+        sched = await packer(engine, batch_tokens=1024, tenant_queue_texts=10_000, queue_texts=10_000)
         long = ["word " * 300] * 10
         sched.submit("a", [bytes([i]) * 16 for i in range(10)], long, ["ns"] * 10)
         batch = sched.pack()
@@ -66,9 +70,7 @@ def test_token_budget_bounds_a_batch_of_long_texts(engine):
 
 def test_admission_is_per_tenant_then_global(engine):
     async def scenario():
-        sched = Scheduler(engine, batch_texts=64, batch_tokens=4096, tenant_queue_texts=100, queue_texts=150)
-        await sched.start()
-        sched._task.cancel()
+        sched = await packer(engine, batch_tokens=4096, tenant_queue_texts=100, queue_texts=150)
         submit(sched, "a", 100)
         with pytest.raises(OverloadedError, match="tenant 'a' has 100 texts waiting"):
             submit(sched, "a", 1)
