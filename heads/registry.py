@@ -56,8 +56,13 @@ class Registry:
         self.root = Path(root)
 
     # --- writing ------------------------------------------------------------------------------
-    def save(self, tenant: str, name: str, head: HeadArrays, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    def save(self, tenant: str, name: str, head: HeadArrays, manifest: dict[str, Any] | None = None,
+             files: dict[str, bytes] | None = None) -> dict[str, Any]:
         """Store ``head`` as the next version of ``tenant/name`` and point "latest" at it.
+
+        ``files``: further artefacts of the version (a LoRA adapter, the training data), written
+        into the same temp dir and published by the same rename, so they appear with the head or
+        not at all; names are plain file names, never the head's or the manifest's.
 
         ``manifest`` carries the caller's provenance (parent_fingerprint, tokenizer_hash,
         training_data_hash, metrics, validation, library versions, git_commit, ...); the
@@ -73,6 +78,13 @@ class Registry:
             raise ConflictError(f"classifier {name!r} was deleted while saving; save again") from None
         try:
             head.save(tmp)
+            for fname, data in (files or {}).items():
+                if fname in (WEIGHTS_FILE, MANIFEST_FILE) or os.path.basename(fname) != fname or fname.startswith("."):
+                    raise ValueError(f"registry file name {fname!r} is reserved or not a plain name")
+                with open(tmp / fname, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
             weights_sha = _sha256(tmp / WEIGHTS_FILE)
             version = _next_version(versions)
             while True:
@@ -158,6 +170,10 @@ class Registry:
         except FileNotFoundError:  # deleted between resolve and load
             raise NotFoundError(_missing(manifest["name"])) from None
         return manifest, head
+
+    def version_dir(self, tenant: str, manifest: dict[str, Any]) -> Path:
+        """The folder of the version ``manifest`` describes (read-only: versions are immutable)."""
+        return self._version_dir(self._classifier_dir(tenant, manifest["name"]), int(manifest["version"]))
 
     def versions(self, tenant: str, name: str) -> list[int]:
         return self._versions_of(self._existing_dir(tenant, name))
