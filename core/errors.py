@@ -78,3 +78,16 @@ class BackendError(HeadfleetError):
     """The backbone or a storage backend failed."""
 
     error_type = "backend_error"
+
+
+class NoAdapterSlotError(OverloadedError):
+    """Every LoRA device slot is held by a batch in flight or pinned; retry shortly."""
+
+    error_type = "no_adapter_slot"
+
+
+class AdapterImportError(ValidationError):
+    """A LoRA adapter that cannot be served on this backbone (another base, other shapes, options
+    that change more than low-rank deltas)."""
+
+    error_type = "adapter_import_error"

@@ -58,6 +58,7 @@ class Embedder:
         self._pad_id = tokenizer.token_to_id("[PAD]") or 0
         self._sep_id = tokenizer.token_to_id("[SEP]")
         self._unk_id = tokenizer.token_to_id("[UNK]")
+        self.lora = None  # the SlotBank once enable_lora ran (torch backend only)
         self.forwards = 0  # backbone forward passes run
         self.texts_embedded = 0
 
@@ -127,8 +128,30 @@ class Embedder:
         return TokenCounts(n_tokens=n, n_unk=unk, truncated=n > self.max_length)
 
     # -- forward ------------------------------------------------------------------------------
-    def embed(self, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> Embedded:
-        """Embed texts; batches are cut from the texts sorted by length, so padding is small."""
+    # -- LoRA ----------------------------------------------------------------------------------
+    def enable_lora(self, max_slots: int, max_rank: int, targets: Sequence[str] | None = None):
+        """Inject the multi-LoRA layers once (idempotent); returns the :class:`~headfleet.embedder.lora.SlotBank`.
+
+        Only the torch backend has injection points: an exported ONNX graph is fixed."""
+        from headfleet.embedder.lora import DEFAULT_TARGETS, SlotBank, inject
+
+        if self.lora is not None:
+            return self.lora
+        if self.model is None:
+            raise BackendError(f"LoRA classifiers need the torch backend; this backbone runs on {self.backend} "
+                               f"({self.precision}) — set HEADFLEET_BACKEND=torch to serve them")
+        bank = SlotBank(max_slots, max_rank, self.device)
+        inject(self.model, bank, tuple(targets or DEFAULT_TARGETS))
+        self.runner.bank = bank
+        self.lora = bank
+        return bank
+
+    def embed(self, texts: Sequence[str], progress: Callable[[int], None] | None = None,
+              slots: Sequence[int] | np.ndarray | None = None) -> Embedded:
+        """Embed texts; batches are cut from the texts sorted by length, so padding is small.
+
+        ``slots``: per text, the LoRA device slot whose adapter applies (-1: the frozen backbone).
+        Rows of many adapters and plain rows share each forward."""
         n = len(texts)
         out = np.empty((n, self.dim), dtype=np.float32)
         if n == 0:
@@ -137,22 +160,30 @@ class Embedder:
         n_tokens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
         ids = [self._truncate(x) for x in ids]
         order = np.argsort([len(x) for x in ids], kind="stable")
+        if slots is not None:
+            slots = np.asarray(slots, dtype=np.int64)
+            if slots.shape != (n,):
+                raise ValueError(f"slots must give one slot per text ({n}), got shape {slots.shape}")
+            if (slots >= 0).any() and self.lora is None:
+                raise BackendError("rows carry LoRA slots but no adapter bank is enabled (enable_lora)")
+            if not (slots >= 0).any():
+                slots = None
         for start in range(0, n, self.batch_size):
             rows = order[start : start + self.batch_size]
-            out[rows] = self._forward([ids[i] for i in rows])
+            out[rows] = self._forward([ids[i] for i in rows], None if slots is None else slots[rows])
             if progress is not None:
                 progress(len(rows))
         self.texts_embedded += n
         return Embedded(out, n_tokens, n_tokens > self.max_length)
 
-    def _forward(self, batch: list[list[int]]) -> np.ndarray:
+    def _forward(self, batch: list[list[int]], slots: np.ndarray | None = None) -> np.ndarray:
         width = max(len(x) for x in batch)
         input_ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
         mask = np.zeros((len(batch), width), dtype=np.int64)
         for i, x in enumerate(batch):
             input_ids[i, : len(x)] = x
             mask[i, : len(x)] = 1
-        pooled = self.runner(input_ids, mask)
+        pooled = self.runner(input_ids, mask) if slots is None else self.runner(input_ids, mask, slots)
         self.forwards += 1
         return pooled
 
@@ -201,20 +232,31 @@ class TorchRunner:
         self.model = model
         self.pooling = pooling
         self.device = device
+        self.bank = None  # a LoRA SlotBank once the embedder enabled LoRA
 
-    def __call__(self, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def __call__(self, input_ids: np.ndarray, mask: np.ndarray, slots: np.ndarray | None = None) -> np.ndarray:
+        import contextlib
+
         import torch
 
         with torch.inference_mode():
             ids = torch.from_numpy(input_ids).to(self.device, non_blocking=True)
             m = torch.from_numpy(mask).to(self.device, non_blocking=True)
-            hidden = self.model(input_ids=ids, attention_mask=m,
-                                token_type_ids=torch.zeros_like(ids)).last_hidden_state
-            if self.pooling.mode == "cls":
-                pooled = hidden[:, 0]
-            else:
-                w = m.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * w).sum(1) / w.sum(1).clamp(min=1e-9)
-            if self.pooling.normalize:
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-            return pooled.float().cpu().numpy()
+            rows = contextlib.nullcontext() if slots is None else self.bank.rows(torch.from_numpy(slots), m)
+            with rows:
+                hidden = self.model(input_ids=ids, attention_mask=m,
+                                    token_type_ids=torch.zeros_like(ids)).last_hidden_state
+            return self.pool(hidden, m).float().cpu().numpy()
+
+    def pool(self, hidden, mask):
+        """[batch, seq, dim] token states -> [batch, dim] (mean or CLS, then L2 when the model normalises)."""
+        import torch
+
+        if self.pooling.mode == "cls":
+            pooled = hidden[:, 0]
+        else:
+            w = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * w).sum(1) / w.sum(1).clamp(min=1e-9)
+        if self.pooling.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return pooled

@@ -1,46 +1,20 @@
 """The kernel tests run the real Triton kernels: on a GPU when there is one, else on CPU tensors
 under the Triton interpreter.
 
-Triton picks the interpreter when a ``@triton.jit`` function is defined, i.e. when the kernel
-module is imported, and reads TRITON_INTERPRET again while interpreting. So, without a GPU, this
-file imports the kernel modules with TRITON_INTERPRET=1 and sets it around each test of this folder
-only: tests of other packages in the same pytest run keep the product's CPU path (the torch
-reference), however the run was started.
+Without a GPU this file imports the kernel modules interpreted (``tests/triton_interpreter.py``)
+and sets TRITON_INTERPRET=1 around each test of this folder only: tests of other packages in the
+same pytest run keep the product's CPU path (the torch reference).
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
 import pytest
 import torch
 
+from triton_interpreter import prepare
+
 CUDA = torch.cuda.is_available()
-_KERNELS = ("headfleet.kernels.lora", "headfleet.kernels.heads")
-# Triton's own library functions (tl.sigmoid, ...) are defined when triton is first imported, so
-# the interpreter works only if that import already saw TRITON_INTERPRET=1.
-_TOO_LATE = None if CUDA or os.environ.get("TRITON_INTERPRET") == "1" or "triton" not in sys.modules else (
-    "triton was imported in this process before tests/kernels, without TRITON_INTERPRET=1, so its "
-    "kernels cannot run on CPU: run with TRITON_INTERPRET=1 set, or run tests/kernels on its own")
-
-
-def _import_interpreted() -> None:
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        for name in _KERNELS:
-            importlib.import_module(name)
-    finally:
-        if before is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = before
-
-
-if not CUDA and _TOO_LATE is None and importlib.util.find_spec("triton") is not None:
-    _import_interpreted()
+_TOO_LATE = None if CUDA else prepare()
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,177 @@
+"""LoRA rows inside the shared backbone forward: parity with Hugging Face PEFT, row by row.
+
+Adapters are made and saved by PEFT itself (random A and B, several ranks, alpha, rsLoRA), read
+back through headfleet's PEFT loader, put in device slots, and served in one mixed batch with
+plain rows. Every adapter row must equal what PEFT gives that text alone with its adapter; every
+plain row must equal the frozen backbone.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from headfleet.embedder import Embedder
+from headfleet.embedder.lora import module_shapes
+from headfleet.errors import AdapterImportError, BackendError
+from headfleet.heads.adapters import LoraAdapter
+from triton_interpreter import prepare
+
+peft = pytest.importorskip("peft")
+# The Triton kernels imported so they run on CPU tensors (None) or why they cannot be.
+_NO_INTERPRETER = None if torch.cuda.is_available() else prepare()
+
+TEXTS = [
+    "Your parcel is waiting, confirm the delivery fee here",
+    "Can we move the meeting to Thursday?",
+    "URGENT: the contract clause 4.2 exposes us to unlimited liability",
+    "lol ok",
+    "I was charged twice for the same order, please refund one of them",
+    "The quarterly report is attached.",
+    "Win a free cruise now!!! reply YES",
+    "Das Paket kommt morgen.",
+    "Reset my password please, I am locked out since this morning and need access",
+    "thanks",
+    "Server room temperature alarm at 3am",
+    "Please review the NDA before Friday",
+]
+# (rank, alpha, use_rslora) per adapter: mixed ranks in one bank, rsLoRA honoured
+SPECS = [(1, 2, False), (4, 8, False), (8, 16, False), (16, 8, True), (8, 32, False), (2, 4, True), (8, 8, False),
+         (4, 16, False)]
+
+
+@pytest.fixture(scope="module")
+def lora_embedder():
+    emb = Embedder.load(max_length=128, batch_size=64, device="cpu")
+    emb.enable_lora(max_slots=8, max_rank=16)
+    return emb
+
+
+def _peft_adapters(tmp_path_factory, folder):
+    """Eight PEFT adapters with random (non-zero) A and B, saved by PEFT to folders."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    base = AutoModel.from_pretrained(str(folder)).eval()
+    root = tmp_path_factory.mktemp("peft-adapters")
+    paths = []
+    model = None
+    for k, (r, alpha, rs) in enumerate(SPECS):
+        torch.manual_seed(100 + k)
+        cfg = LoraConfig(r=r, lora_alpha=alpha, use_rslora=rs, target_modules=["query", "value"],
+                         init_lora_weights=False, lora_dropout=0.0)
+        name = f"a{k}"
+        if model is None:
+            model = get_peft_model(base, cfg, adapter_name=name)
+        else:
+            model.add_adapter(name, cfg)
+        with torch.no_grad():  # PEFT's random init is small; make the deltas clearly visible
+            for mod in model.modules():
+                if hasattr(mod, "lora_B") and name in mod.lora_B:
+                    mod.lora_B[name].weight.normal_(0, 0.05)
+        model.save_pretrained(str(root), selected_adapters=[name])
+        paths.append(root / name if (root / name).exists() else root)
+    return model.eval(), paths
+
+
+@pytest.fixture(scope="module")
+def peft_setup(tmp_path_factory, lora_embedder):
+    return _peft_adapters(tmp_path_factory, lora_embedder.folder)
+
+
+def _peft_alone(model, embedder, text, adapter):
+    """PEFT's embedding of ``text`` alone: ``adapter`` active (None: adapters disabled)."""
+    enc = embedder.tokenizer.encode(text)
+    ids = torch.tensor([enc.ids[: embedder.max_length]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        if adapter is None:
+            with model.disable_adapter():
+                hidden = model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
+        else:
+            model.set_adapter(adapter)
+            hidden = model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
+    return embedder.runner.pool(hidden, mask)[0].numpy()
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_mixed_batch_matches_peft_row_by_row(lora_embedder, peft_setup, path, monkeypatch):
+    """Both product paths: the torch reference (what a CPU serves with) and the fused Triton
+    kernel (what a GPU serves with; here under the Triton interpreter, on CPU tensors)."""
+    from headfleet.kernels import dispatch
+
+    if path == "triton":
+        pytest.importorskip("triton")
+        if _NO_INTERPRETER:
+            pytest.skip(_NO_INTERPRETER)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model, paths = peft_setup
+    shapes = module_shapes(lora_embedder.model)
+    bank = lora_embedder.lora
+    for slot, folder in enumerate(paths):
+        ad = LoraAdapter.from_folder(folder, shapes=shapes)
+        assert ad.rank == SPECS[slot][0] and ad.use_rslora == SPECS[slot][2]
+        bank.write(slot, ad.torch_weights("cpu"), ad.rank, ad.scale)
+    # 8 adapters and plain rows interleaved, texts of different lengths in one forward
+    slots = np.array([i % 9 - 1 for i in range(len(TEXTS))] * 2)
+    texts = TEXTS * 2
+    out = lora_embedder.embed(texts, slots=slots).vectors
+    assert dispatch.last_path("lora") == path
+    base = lora_embedder.embed(texts).vectors
+    for i, (text, s) in enumerate(zip(texts, slots)):
+        expected = _peft_alone(model, lora_embedder, text, None if s < 0 else f"a{s}")
+        np.testing.assert_allclose(out[i], expected, atol=1e-4, err_msg=f"row {i} slot {s}")
+        if s < 0:
+            np.testing.assert_array_equal(out[i], base[i])  # plain rows: the frozen backbone, bit for bit
+        else:
+            assert np.abs(out[i] - base[i]).max() > 1e-3  # the adapter really changed this row
+
+
+def test_peft_export_round_trips(tmp_path, peft_setup, lora_embedder):
+    _, paths = peft_setup
+    ad = LoraAdapter.from_folder(paths[2], shapes=module_shapes(lora_embedder.model))
+    for name, data in ad.to_files().items():
+        (tmp_path / name).write_bytes(data)
+    back = LoraAdapter.from_folder(tmp_path)
+    assert (back.rank, back.alpha, back.scale) == (ad.rank, ad.alpha, ad.scale)
+    for n in ad.A:
+        np.testing.assert_array_equal(back.A[n], ad.A[n])
+        np.testing.assert_array_equal(back.B[n], ad.B[n])
+    # and PEFT itself reads what we wrote
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    PeftModel.from_pretrained(AutoModel.from_pretrained(str(lora_embedder.folder)), str(tmp_path))
+
+
+def test_adapter_for_another_base_is_refused(tmp_path, peft_setup, lora_embedder, tiny_model_dir):
+    _, paths = peft_setup
+    shapes = module_shapes(lora_embedder.model)
+    cfg = json.loads((paths[0] / "adapter_config.json").read_text())
+    # a base-model name that is not this backbone
+    cfg["base_model_name_or_path"] = "bert-base-uncased"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "adapter_model.safetensors").write_bytes((paths[0] / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(AdapterImportError, match="bert-base-uncased"):
+        LoraAdapter.from_folder(tmp_path, shapes=shapes, base_names=["sentence-transformers/all-MiniLM-L6-v2"])
+    # an adapter whose shapes do not fit (made on a 32-wide BERT) is refused whatever its name says
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    tiny = get_peft_model(AutoModel.from_pretrained(str(tiny_model_dir)),
+                          LoraConfig(r=4, target_modules=["query", "value"]))
+    tiny.save_pretrained(str(tmp_path / "tiny"))
+    with pytest.raises(AdapterImportError, match="another base model|another architecture"):
+        LoraAdapter.from_folder(tmp_path / "tiny", shapes=shapes)
+
+
+def test_onnx_backbone_refuses_lora(tmp_path):
+    pytest.importorskip("onnxruntime")
+    emb = Embedder.load(max_length=64, backend="onnx", precision="fp32", cache_dir=tmp_path)
+    with pytest.raises(BackendError, match="torch backend"):
+        emb.enable_lora(max_slots=2, max_rank=8)
