@@ -15,7 +15,7 @@ def _env(name: str, default: str | None) -> str | None:
 
 
 _INT_LIMITS = ("max_texts_per_request", "max_classifiers_per_request", "max_chars_per_text", "max_body_bytes",
-               "tenant_queue_texts", "queue_texts", "jobs_workers")
+               "tenant_queue_texts", "queue_texts", "jobs_workers", "lora_slots", "lora_max_rank", "lora_max_loaded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +48,12 @@ class Settings:
     tenant_queue_texts: int = 2048  # texts one tenant may have waiting; beyond: 429
     queue_texts: int = 8192  # texts waiting over all tenants; beyond: 429
     jobs_workers: int = 1  # training jobs run one at a time by default
+    scoring_root: Path | None = None  # scoring jobs read and write under <scoring_root>/<tenant>/ only; None: off
+    # -- LoRA tenants -------------------------------------------------------------------------
+    lora_slots: int = 32  # adapters resident on the device at once (stacked per target layer)
+    lora_max_rank: int = 64  # the widest rank a slot holds; adapters of smaller rank share the stack
+    lora_max_loaded: int = 1024  # adapters kept in host memory (LRU); the registry on disk holds the rest
+    lora_targets: str = "query,value"  # the backbone linears that carry adapter deltas
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -74,6 +80,8 @@ class Settings:
             admin_key=_env("ADMIN_KEY", None) or None,
             examples=_env("EXAMPLES", "1") not in ("0", "false", "no"),
             batch_tokens=int(bt) if (bt := _env("BATCH_TOKENS", None)) else None,
+            scoring_root=Path(sr) if (sr := _env("SCORING_ROOT", None)) else None,
+            lora_targets=_env("LORA_TARGETS", d.lora_targets),
             **{name: int(_env(name.upper(), str(getattr(d, name)))) for name in _INT_LIMITS},
         )
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -165,17 +165,19 @@ class _Loaded:
 class AdapterManager:
     """id -> device slot, with host and device LRUs, pinning, load metrics.
 
-    ``load(id) -> LoraAdapter`` reads an adapter from disk (the registry); ``bank`` is the
-    embedder's SlotBank. Thread-safe; slot writes happen under the lock, and only into a slot no
-    batch in flight holds.
+    One manager per SlotBank (``manager_for(bank)``), whoever drives the backbone. An id names
+    one adapter's content (the engine uses ``<tenant>/<name>@<version>#<sha256 prefix>``), so the
+    same id always means the same weights. ``load(id) -> LoraAdapter`` reads an adapter from disk
+    (the registry); it is given per :meth:`acquire`, as only the caller knows where its registry is.
+    Thread-safe; slot writes happen under the lock, and only into a slot no batch in flight holds.
     """
 
-    def __init__(self, bank, load: Callable[[str], LoraAdapter], *, max_loaded: int = 1024,
+    def __init__(self, bank, load: Callable[[str], LoraAdapter] | None = None, *, max_loaded: int = 1024,
                  on_load: Callable[[float], None] | None = None):
         self.bank = bank
         self._load = load
         self.max_loaded = max(int(max_loaded), bank.max_slots)
-        self._on_load = on_load
+        self.load_hooks: list[Callable[[float], None]] = [on_load] if on_load else []  # seconds per cold load
         self._host: OrderedDict[str, _Loaded] = OrderedDict()  # LRU: least recently used first
         self._slots: list[str | None] = [None] * bank.max_slots
         self._slot_lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(bank.max_slots))
@@ -188,7 +190,7 @@ class AdapterManager:
     def max_slots(self) -> int:
         return self.bank.max_slots
 
-    def acquire(self, ids: Sequence[str]) -> dict[str, int]:
+    def acquire(self, ids: Sequence[str], load: Callable[[str], LoraAdapter] | None = None) -> dict[str, int]:
         """Slots for the distinct ``ids`` of one batch, pinned until :meth:`release`. All or nothing."""
         ids = list(dict.fromkeys(ids))
         if len(ids) > self.max_slots:
@@ -197,7 +199,7 @@ class AdapterManager:
         got: dict[str, int] = {}
         try:
             for aid in ids:
-                got[aid] = self._acquire_one(aid)
+                got[aid] = self._acquire_one(aid, load or self._load)
         except BaseException:
             self.release(list(got))
             raise
@@ -210,9 +212,9 @@ class AdapterManager:
                 if entry is not None and entry.pins > 0:
                     entry.pins -= 1
 
-    def pin(self, aid: str) -> int:
+    def pin(self, aid: str, load: Callable[[str], LoraAdapter] | None = None) -> int:
         """Keep ``aid`` in a device slot until :meth:`unpin` (a tenant that must never cold-load)."""
-        slot = self.acquire([aid])[aid]
+        slot = self.acquire([aid], load)[aid]
         with self._lock:
             self._explicit[aid] = self._explicit.get(aid, 0) + 1
         return slot
@@ -234,6 +236,13 @@ class AdapterManager:
                 return
             self._drop(aid, entry)
 
+    def forget_matching(self, pred: Callable[[str], bool]) -> None:
+        """:meth:`forget` every adapter whose id satisfies ``pred``."""
+        with self._lock:
+            ids = [aid for aid in self._host if pred(aid)]
+        for aid in ids:
+            self.forget(aid)
+
     def slot_of(self, aid: str) -> int:
         with self._lock:
             entry = self._host.get(aid)
@@ -246,7 +255,7 @@ class AdapterManager:
                     "pinned": sum(e.pins > 0 for e in self._host.values()), **self.counts}
 
     # -- internals --------------------------------------------------------------------------------
-    def _acquire_one(self, aid: str) -> int:
+    def _acquire_one(self, aid: str, load: Callable[[str], LoraAdapter] | None) -> int:
         with self._lock:
             entry = self._host.get(aid)
             if entry is not None and entry.slot >= 0:
@@ -256,7 +265,9 @@ class AdapterManager:
                 self.counts["slot_hits"] += 1
                 return entry.slot
         t0 = time.perf_counter()
-        adapter = entry.adapter if entry is not None else self._load(aid)  # disk read outside the lock
+        if entry is None and load is None:
+            raise KeyError(f"adapter {aid!r} is not loaded and no loader was given")
+        adapter = entry.adapter if entry is not None else load(aid)  # disk read outside the lock
         with self._lock:
             entry = self._host.get(aid)
             if entry is None:
@@ -273,8 +284,8 @@ class AdapterManager:
                 ms = (time.perf_counter() - t0) * 1e3
                 self.load_ms.append(ms)
                 del self.load_ms[:-1024]
-                if self._on_load is not None:
-                    self._on_load(ms / 1e3)
+                for hook in self.load_hooks:
+                    hook(ms / 1e3)
             else:
                 self.counts["slot_hits"] += 1
             entry.pins += 1
@@ -313,13 +324,16 @@ class AdapterManager:
         del self._host[aid]
 
 
-def adapter_bytes(files: dict[str, bytes]) -> int:
-    return sum(len(v) for v in files.values())
+_managers_lock = threading.Lock()
 
 
-def read_adapter_files(folder: Path) -> tuple[dict, bytes]:
-    folder = Path(folder)
-    return json.loads((folder / CONFIG_FILE).read_text()), (folder / WEIGHTS_FILE).read_bytes()
+def manager_for(bank, *, max_loaded: int = 1024) -> AdapterManager:
+    """The one manager of ``bank`` (created at the first call)."""
+    with _managers_lock:
+        manager = getattr(bank, "manager", None)
+        if manager is None:
+            manager = bank.manager = AdapterManager(bank, max_loaded=max_loaded)
+        return manager
 
 
 __all__ = ["AdapterImportError", "AdapterManager", "LoraAdapter", "NoAdapterSlotError"]

@@ -1,0 +1,195 @@
+"""LoRA classifiers end to end in the engine: train, import from PEFT, serve beside heads, cache, churn.
+
+The backbone here is its own instance (module scope) so the adapter bank's slot count is the one
+each test asks for, not whatever another test module set up.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from headfleet.embedder import Embedder
+from headfleet.embedder.lora_train import LoraTrainConfig
+from headfleet.errors import AdapterImportError
+from headfleet.heads import examples_from_records, load_examples
+from headfleet.heads.adapters import LoraAdapter
+from headfleet.heads.types import HeadArrays
+from headfleet.service.engine import Engine
+from headfleet.settings import Settings
+
+TEXTS = ["Free entry in a weekly competition to win FA Cup final tickets, text FA to 87121",
+         "Ok lar... Joking wif u oni...", "I'll call you when I get home", "URGENT! You have won a 1 week FREE membership",
+         "Are we still on for dinner tonight?", "Call now to claim your prize, reply STOP to end",
+         "see you at 5", "Your account has been credited with 500 pounds, click the link"]
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return Embedder.load(max_length=128, batch_size=32, device="cpu")
+
+
+def _engine(backbone, tmp_path, **kw):
+    return Engine.open(Settings(data_dir=tmp_path / "data", device="cpu", **kw), embedder=backbone)
+
+
+@pytest.fixture(scope="module")
+def sms(sms_spam_path):
+    return load_examples(sms_spam_path)
+
+
+def _subset(examples, n, seed=0):
+    rng = random.Random(seed)
+    idx = rng.sample(range(len(examples)), n)
+    return examples_from_records([{"text": examples.texts[i], "label": examples.labels[i]} for i in idx])
+
+
+def test_trained_lora_classifier_serves_beside_a_head_and_caches_in_its_own_namespace(backbone, tmp_path, sms):
+    eng = _engine(backbone, tmp_path)
+    data = _subset(sms, 240)
+    eng.train("acme", "spam-head", data)
+    manifest = eng.train_lora("acme", "spam-lora", data, config=LoraTrainConfig(epochs=2, rank=4, alpha=8))
+    adapter = manifest["adapter"]
+    assert adapter["rank"] == 4 and adapter["source"] == "trained" and adapter["targets"] == ["query", "value"]
+    folder = eng.registry.version_dir("acme", manifest)
+    # the version holds only the adapter (PEFT files), the head and the data: no backbone copy
+    assert {p.name for p in folder.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
+                                                    "weights.safetensors", "manifest.json"}
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 1_000_000
+    assert manifest["parent_fingerprint"] == backbone.fingerprint
+    metrics = manifest["metrics"]
+    assert metrics["holdout_accuracy"] >= metrics["frozen_holdout_accuracy"]  # the kept epoch is the best one
+
+    out = eng.classify("acme", TEXTS, ["spam-head", "spam-lora"])
+    assert out["cache"]["computed"] == 2 * len(TEXTS)  # one embedding per namespace per text
+    expected = {0: "spam", 1: "ham", 2: "ham", 3: "spam", 4: "ham", 5: "spam", 6: "ham"}  # row 7 is debatable
+    for i, r in enumerate(out["results"]):
+        c = r["classifications"]
+        assert list(c) == ["spam-head", "spam-lora"]
+        if i in expected:
+            assert c["spam-lora"]["label"] == expected[i], TEXTS[i]
+    again = eng.classify("acme", TEXTS, ["spam-lora"])
+    assert again["cache"]["computed"] == 0 and again["cache"]["hits"]["memory"] == len(TEXTS)
+    np.testing.assert_allclose([r["classifications"]["spam-lora"]["scores"]["spam"] for r in again["results"]],
+                               [r["classifications"]["spam-lora"]["scores"]["spam"] for r in out["results"]], atol=1e-6)
+    # the adapter's embedding is not the shared one: the head tenant's cache entry is not reused
+    other = eng.classify("acme", ["a text only the lora classifier saw"], ["spam-lora"])
+    assert other["cache"]["computed"] == 1
+    assert eng.classify("acme", ["a text only the lora classifier saw"], ["spam-head"])["cache"]["computed"] == 1
+    eng.close()
+
+
+def test_peft_adapter_imports_and_serves_what_peft_computes(backbone, tmp_path, sms):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    torch.manual_seed(3)
+    model = get_peft_model(AutoModel.from_pretrained(str(backbone.folder)),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False))
+    with torch.no_grad():
+        for mod in model.modules():
+            if hasattr(mod, "lora_B") and "default" in mod.lora_B:
+                mod.lora_B["default"].weight.normal_(0, 0.05)
+    model.eval().save_pretrained(str(tmp_path / "peft"))
+    eng = _engine(backbone, tmp_path)
+    manifest = eng.train_lora("acme", "imported", _subset(sms, 120), adapter_dir=tmp_path / "peft")
+    assert manifest["adapter"]["source"] == "imported"
+    _, head = eng.registry.load("acme", "imported")
+    out = eng.classify("acme", TEXTS[:4], ["imported"])
+    for text, r in zip(TEXTS[:4], out["results"]):
+        enc = backbone.tokenizer.encode(text)
+        ids = torch.tensor([enc.ids])
+        with torch.no_grad():
+            hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           token_type_ids=torch.zeros_like(ids)).last_hidden_state
+        vec = backbone.runner.pool(hidden, torch.ones_like(ids)).numpy()
+        expected = head.predict_proba(vec)[0]
+        got = [r["classifications"]["imported"]["scores"][lab] for lab in head.labels]
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+    # an adapter for another base model is refused, saying why, and nothing is saved
+    cfg = (tmp_path / "peft" / "adapter_config.json")
+    cfg.write_text(cfg.read_text().replace(str(backbone.folder), "google-bert/bert-base-uncased"))
+    with pytest.raises(AdapterImportError, match="bert-base-uncased"):
+        eng.train_lora("acme", "foreign", _subset(sms, 60), adapter_dir=tmp_path / "peft")
+    assert [c["name"] for c in eng.registry.list("acme")] == ["imported"]
+    eng.close()
+
+
+def _random_adapter(rng: np.random.Generator, shapes: dict, rank: int) -> LoraAdapter:
+    names = [n for n in shapes if n.endswith((".query", ".value"))]
+    A = {n: rng.normal(0, 0.05, (shapes[n][0], rank)).astype(np.float32) for n in names}
+    B = {n: rng.normal(0, 0.05, (rank, shapes[n][1])).astype(np.float32) for n in names}
+    return LoraAdapter(rank=rank, alpha=2.0 * rank, use_rslora=False, targets=["query", "value"], A=A, B=B)
+
+
+def _merged_reference(backbone, adapter: LoraAdapter, texts: list[str]) -> np.ndarray:
+    """An independent path: merge W' = W + scale * (A @ B)^T into the weights, run the plain model."""
+    layers = backbone.lora.layers
+    saved = {}
+    with torch.no_grad():
+        for name in adapter.A:
+            w = layers[name].base.weight
+            saved[name] = w.clone()
+            w += adapter.scale * torch.from_numpy(adapter.A[name] @ adapter.B[name]).T
+        try:
+            vecs = backbone.embed(texts).vectors
+        finally:
+            for name, w in saved.items():
+                layers[name].base.weight.copy_(w)
+    return vecs
+
+
+def test_a_thousand_adapters_behind_four_slots_answer_a_random_tenant_stream_right(tmp_path):
+    backbone = Embedder.load(max_length=128, batch_size=32, device="cpu")  # its own bank of 4 slots
+    eng = _engine(backbone, tmp_path, lora_slots=4, lora_max_rank=8, lora_max_loaded=64)
+    manager = eng.adapter_manager()
+    assert manager.max_slots == 4
+    from headfleet.embedder.lora import module_shapes
+
+    shapes = module_shapes(backbone.model)
+    rng = np.random.default_rng(7)
+    data = examples_from_records([{"text": t, "label": lab} for t, lab in zip(TEXTS, "abcabcab")])
+    adapters, heads = {}, {}
+    for k in range(1000):
+        tenant = f"t{k:04d}"
+        adapters[tenant] = _random_adapter(rng, shapes, rank=int(rng.choice([1, 2, 4, 8])))
+        heads[tenant] = HeadArrays("logreg", ["a", "b", "c"], False, rng.normal(0, 4, (3, 384)), rng.normal(0, 1, 3))
+        eng.save_lora(tenant, "mine", adapters[tenant], heads[tenant], data)
+    texts = TEXTS[:4]
+    # 240 requests; a third of them from a few busy tenants (repeats: slot and cache hits), the rest anyone
+    busy = [f"t{k:04d}" for k in rng.choice(1000, 5, replace=False)]
+    stream = [(busy[int(rng.integers(5))] if rng.random() < 0.33 else f"t{int(rng.integers(1000)):04d}",
+               int(rng.integers(len(texts)))) for _ in range(240)]
+    reference: dict[tuple[str, int], np.ndarray] = {}
+    for tenant in dict.fromkeys(t for t, _ in stream):
+        asked = sorted({j for t, j in stream if t == tenant})
+        vecs = _merged_reference(backbone, adapters[tenant], [texts[j] for j in asked])
+        for row, j in enumerate(asked):
+            reference[(tenant, j)] = heads[tenant].predict_proba(vecs[row: row + 1])[0]
+    # batches of 24 requests from random tenants, their misses embedded together as the scheduler does
+    wrong = 0
+    for start in range(0, len(stream), 24):
+        reqs = stream[start: start + 24]
+        resolved = {t: eng.resolve(t, ["mine"]) for t, _ in reqs}
+        preps = [eng.prepare(t, [texts[j]], ns=eng.plan(t, resolved[t])[0][0]) for t, j in reqs]
+        keys, todo, spaces = [], [], []
+        for p in preps:
+            for key, rows in p.todo.items():
+                if key not in keys:
+                    keys.append(key)
+                    todo.append(p.norm[rows[0]])
+                    spaces.append(p.namespace)
+        answers = eng.fill(keys, todo, spaces).answers(keys)
+        for (tenant, j), prep in zip(reqs, preps):
+            out = eng.score(eng.finish(prep, {k: answers[k] for k in prep.todo}), resolved[tenant])
+            scores = out["results"][0]["classifications"]["mine"]["scores"]
+            got = np.array([scores[lab] for lab in "abc"])
+            wrong += not np.allclose(got, reference[(tenant, j)], atol=1e-4)
+    assert wrong == 0
+    snap = manager.snapshot()
+    assert snap["slot_evictions"] > 100 and snap["loaded"] <= 64  # churned through slots and host memory
+    assert snap["slots_used"] <= 4 and snap["pinned"] == 0  # nothing left pinned after the batches
+    eng.close()
