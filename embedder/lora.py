@@ -27,6 +27,8 @@ from torch import nn
 
 from headfleet.errors import ValidationError
 from headfleet.kernels import group_rows_by_slot, lora_shrink_expand, use_triton
+from headfleet.kernels.dispatch import TORCH, record
+from headfleet.kernels.lora_bmm import lora_bmm
 
 DEFAULT_TARGETS = ("query", "value")
 _LAYER_RE = re.compile(r"(?:^|\.)((?:encoder\.)?layers?\.\d+\..+)$")
@@ -41,8 +43,20 @@ def canonical_module_name(name: str) -> str:
 
 @dataclasses.dataclass
 class _Rows:
+    """The Triton path: tokens as rows."""
+
     token_slots: torch.Tensor  # [batch * seq] int64, -1 = no adapter (and every padding token)
-    groups: object | None  # RowGroups for the Triton path, built once per forward
+    groups: object | None  # RowGroups, built once per forward
+
+
+@dataclasses.dataclass
+class _Seqs:
+    """The CPU path (``kernels.lora_bmm``): sequences as rows, one adapter gathered per sequence."""
+
+    rows: torch.Tensor | None  # [k] sequences with an adapter; None = all of them
+    slots: torch.Tensor  # [k]
+    scales: torch.Tensor  # [k]
+    rank: int  # widest rank among them
 
 
 @dataclasses.dataclass
@@ -70,21 +84,33 @@ class SlotBank:
         self.layers: dict[str, "MultiLoRALinear"] = {}  # canonical module name -> layer
         self.ranks = torch.zeros(self.max_slots, dtype=torch.int32, device=self.device)
         self.scales = torch.zeros(self.max_slots, dtype=torch.float32, device=self.device)
+        self._ranks_host = [0] * self.max_slots  # the same, on the host: a forward plans without a device sync
+        self._scales_host = [0.0] * self.max_slots
         self._local = threading.local()
 
     # -- what a layer asks during a forward ----------------------------------------------------
-    def current(self) -> _Rows | TrainableAdapter | None:
+    def current(self) -> _Rows | _Seqs | TrainableAdapter | None:
         return getattr(self._local, "ctx", None)
 
     @contextlib.contextmanager
     def rows(self, slots: torch.Tensor, mask: torch.Tensor) -> Iterator[None]:
-        """Set the adapter slot of every row ([batch] int, -1 = none) for this thread's next forward."""
-        if bool((slots < 0).all()):
+        """Set the adapter slot of every row ([batch] int on the host, -1 = none) for this thread's
+        next forward. On a GPU (or under the Triton interpreter) the fused Triton kernel serves
+        token rows; on a CPU, ``kernels.lora_bmm`` serves whole sequences."""
+        host = slots.tolist()
+        with_adapter = [i for i, s in enumerate(host) if s >= 0 and self._ranks_host[s] > 0]
+        if not with_adapter:
             yield  # no adapter rows: the plain forward, bit for bit
             return
-        token_slots = torch.where(mask.bool(), slots.to(mask.device, torch.int64)[:, None], -1).reshape(-1)
-        groups = group_rows_by_slot(token_slots, self.max_slots) if use_triton(token_slots) else None
-        self._local.ctx = _Rows(token_slots, groups)
+        if use_triton(mask):
+            token_slots = torch.where(mask.bool(), slots.to(mask.device, torch.int64)[:, None], -1).reshape(-1)
+            self._local.ctx = _Rows(token_slots, group_rows_by_slot(token_slots, self.max_slots))
+        else:
+            chosen = [host[i] for i in with_adapter]
+            rows = None if len(with_adapter) == len(host) else torch.tensor(with_adapter, device=self.device)
+            self._local.ctx = _Seqs(rows, torch.tensor(chosen, device=self.device),
+                                    torch.tensor([self._scales_host[s] for s in chosen], device=self.device),
+                                    max(self._ranks_host[s] for s in chosen))
         try:
             yield
         finally:
@@ -113,6 +139,7 @@ class SlotBank:
             raise ValidationError(f"adapter targets modules the backbone does not adapt: {sorted(unknown)[:3]}")
         with torch.no_grad():
             self.ranks[slot] = 0  # a forward that raced us would see rank 0 (no delta), never half an adapter
+            self._ranks_host[slot] = 0
             for name, layer in self.layers.items():
                 layer.A[slot].zero_()
                 layer.B[slot].zero_()
@@ -122,11 +149,13 @@ class SlotBank:
                     layer.B[slot, :rank, :].copy_(b)
             self.scales[slot] = float(scale)
             self.ranks[slot] = int(rank)
+            self._scales_host[slot], self._ranks_host[slot] = float(scale), int(rank)
 
     def clear(self, slot: int) -> None:
         with torch.no_grad():
             self.ranks[slot] = 0
             self.scales[slot] = 0.0
+            self._ranks_host[slot], self._scales_host[slot] = 0, 0.0
 
     @property
     def nbytes(self) -> int:
@@ -156,6 +185,9 @@ class MultiLoRALinear(nn.Module):
             h = nn.functional.dropout(x, ctx.dropout, self.training) if ctx.dropout else x
             return y + (h @ ctx.A[self.name] @ ctx.B[self.name]) * ctx.scale
         # y: [batch, seq, out] fresh from the linear, so updating it in place is safe
+        if isinstance(ctx, _Seqs):
+            record("lora", TORCH)
+            return lora_bmm(y, x, self.A, self.B, ctx.rows, ctx.slots, ctx.scales, ctx.rank)
         lora_shrink_expand(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), self.A, self.B, ctx.token_slots,
                            self.bank.ranks, self.bank.scales, groups=ctx.groups, validate=False)
         return y

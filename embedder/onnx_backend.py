@@ -269,3 +269,13 @@ class OrtRunner:
         # input_ids, mask: [batch, seq] int64
         (out,) = self.session.run(["embedding"], {"input_ids": input_ids, "attention_mask": mask})
         return out
+
+
+def backbone_fingerprint(path: str | os.PathLike | None = None, backend: str = "torch", precision: str = "fp32",
+                         graph_opt: str = "all") -> str:
+    """The fingerprint ``Embedder.load`` gives for these settings, without loading any weights
+    (for listings such as which heads must be retrained)."""
+    from headfleet.embedder.backbone import fingerprint, resolve_model_path
+
+    folder = resolve_model_path(path)
+    return fingerprint(folder, PoolingConfig.from_folder(folder), backend_tag(backend, precision, graph_opt=graph_opt))

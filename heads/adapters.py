@@ -273,7 +273,6 @@ class AdapterManager:
             if entry is None:
                 entry = self._host[aid] = _Loaded(adapter)
                 self.counts["disk_loads"] += 1
-                self._evict_host()
             self._host.move_to_end(aid)
             if entry.slot < 0:
                 slot = self._free_slot()
@@ -290,6 +289,7 @@ class AdapterManager:
                 self.counts["slot_hits"] += 1
             entry.pins += 1
             self._slot_lru.move_to_end(entry.slot)
+            self._evict_host()  # after pinning: the adapter just loaded is never the one evicted
             return entry.slot
 
     def _free_slot(self) -> int:

@@ -121,3 +121,51 @@ def examples_from_records(
         texts.append(parse_text(text, where))
         labels.append(parse_label(label, multi_label, where))
     return Examples(texts=texts, labels=labels, multi_label=multi_label)
+
+
+# -- stored with a version: gzipped JSON Lines -----------------------------------------------------
+TRAINING_DATA_FILE = "training_data.jsonl.gz"
+_FORMAT = "headfleet.training_data"
+_FORMAT_VERSION = 1
+
+
+def examples_to_bytes(examples: Examples) -> bytes:
+    """Gzipped JSON Lines: a header line, then one ``{"text", "label"}`` (or ``"labels"``) per example.
+
+    The header names the format, the count and ``training_data_hash``, so a reader can tell a
+    complete, unaltered file from anything else. ``mtime=0``: the same data gives the same bytes.
+    """
+    import gzip
+
+    key = "labels" if examples.multi_label else "label"
+    lines = [json.dumps({"format": _FORMAT, "version": _FORMAT_VERSION, "multi_label": examples.multi_label,
+                         "n": len(examples), "training_data_hash": examples.source_hash})]
+    lines += [json.dumps({"text": t, key: lab}, ensure_ascii=False) for t, lab in zip(examples.texts, examples.labels)]
+    return gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), compresslevel=6, mtime=0)
+
+
+def examples_from_bytes(data: bytes, where: str = "stored training data") -> Examples:
+    """The inverse of :meth:`examples_to_bytes`; TrainingDataError if the file is not whole or was altered."""
+    import gzip
+    import zlib
+
+    try:
+        # split on "\n" only: JSON escapes it inside strings, but not U+2028 and the like,
+        # which str.splitlines would also split on
+        lines = gzip.decompress(data).decode("utf-8").rstrip("\n").split("\n")
+        header = json.loads(lines[0])
+        if header.get("format") != _FORMAT or header.get("version") != _FORMAT_VERSION:
+            raise ValueError(f"not {_FORMAT} version {_FORMAT_VERSION}")
+        multi, n, recorded = bool(header["multi_label"]), int(header["n"]), str(header["training_data_hash"])
+        key = "labels" if multi else "label"
+        rows = [json.loads(line) for line in lines[1:]]
+        texts = [r["text"] for r in rows]
+        labels = [list(r[key]) if multi else r[key] for r in rows]
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise TrainingDataError(f"{where} is unreadable: {type(e).__name__}: {e}") from None
+    if len(texts) != n:
+        raise TrainingDataError(f"{where} holds {len(texts)} examples, its header says {n}")
+    examples = Examples(texts=texts, labels=labels, multi_label=multi)
+    if examples.source_hash != recorded:
+        raise TrainingDataError(f"{where} does not match its recorded hash (altered or damaged)")
+    return examples

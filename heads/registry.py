@@ -213,6 +213,12 @@ class Registry:
             })
         return out
 
+    def tenants(self) -> list[str]:
+        """Every tenant with a folder under the root (an operator's view, e.g. for a fleet-wide retrain)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(e.name for e in self.root.iterdir() if NAME_RE.match(e.name) and e.is_dir())
+
     # --- helpers ------------------------------------------------------------------------------
     def _classifier_dir(self, tenant: str, name: str) -> Path:
         return self.root / check_name(tenant, "tenant") / check_name(name, "classifier name")

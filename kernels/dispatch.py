@@ -53,6 +53,11 @@ def _record(op: str, path: str) -> None:
         _last[op] = path
 
 
+def record(op: str, path: str) -> None:
+    """Count a call of ``op`` made on ``path`` outside this module (the CPU sequence path of LoRA)."""
+    _record(op, path)
+
+
 def path_counts() -> dict[str, int]:
     """Calls so far per ``"op:path"``, e.g. ``{"lora:triton": 12, "heads:torch": 3}``."""
     with _lock:

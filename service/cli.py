@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -81,6 +82,10 @@ def cmd_train(args) -> int:
 
     examples = load_examples(args.data, text_col=args.text_col, label_col=args.label_col,
                              multi_label=args.multi_label)
+    if args.adapter and args.type != "lora":
+        raise SystemExit("train: --adapter imports a PEFT LoRA adapter; use it with --type lora")
+    if args.type == "lora":
+        return _train_lora(args, examples)
     with Engine.open(_settings(args)) as engine, progress_bar(len(examples.texts), "embedding") as cb:
         manifest = engine.train(args.tenant, args.name, examples, kind=args.type, progress=cb)
     if args.json:
@@ -91,6 +96,43 @@ def cmd_train(args) -> int:
     print(f"holdout ({m['n_holdout']} examples, trained on {m['n_train']}): accuracy {m['accuracy']:.3f}, "
           f"macro-F1 {m['macro_f1']:.3f}; the saved head is refit on all {m['n_shipped']} examples")
     print(f"saved {args.tenant}/{manifest['id']} (type {manifest['type']}, labels {', '.join(manifest['labels'])})")
+    return 0
+
+
+def _train_lora(args, examples) -> int:
+    from headfleet.embedder.lora_train import LoraTrainConfig
+    from headfleet.service.engine import Engine
+
+    config = LoraTrainConfig(rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+                             use_rslora=args.rslora, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                             patience=args.patience, seed=args.seed)
+    with Engine.open(_settings(args)) as engine:
+        if args.adapter:
+            with progress_bar(len(examples.texts), "embedding through the adapter") as cb:
+                manifest = engine.train_lora(args.tenant, args.name, examples, adapter_dir=args.adapter, progress=cb,
+                                             seed=args.seed)
+        else:
+            steps = -(-len(examples.texts) * (1 - config.holdout) // config.batch_size) * config.epochs
+            from tqdm import tqdm
+
+            with tqdm(total=int(steps), desc="training adapter", unit="step", file=sys.stderr,
+                      dynamic_ncols=True) as bar:
+                manifest = engine.train_lora(args.tenant, args.name, examples, config=config, seed=args.seed,
+                                             progress=bar.update)
+    if args.json:
+        _print_json(manifest)
+        return 0
+    if manifest.get("validation"):
+        print(format_report(manifest["validation"]))
+    m, a = manifest["metrics"], manifest["adapter"]
+    if a["source"] == "trained":
+        print(f"holdout ({m['holdout_size']} examples): accuracy {m['holdout_accuracy']:.3f} with the adapter, "
+              f"{m['frozen_holdout_accuracy']:.3f} with a head on the frozen backbone; best epoch {m['best_epoch']} "
+              f"of {m['epochs_run']} run, {m['train_seconds']:.0f} s")
+    else:
+        print(f"imported adapter (rank {a['rank']}); head holdout accuracy {m['accuracy']:.3f}")
+    print(f"saved {args.tenant}/{manifest['id']} (LoRA rank {a['rank']}, alpha {a['alpha']:g}, targets "
+          f"{', '.join(a['targets'])}; {a['bytes'] / 1024:.0f} KiB; labels {', '.join(manifest['labels'])})")
     return 0
 
 
@@ -116,16 +158,18 @@ def cmd_classify(args) -> int:
 def cmd_classifiers(args) -> int:
     from headfleet.heads import Registry
 
-    registry = Registry(Path(_settings(args).data_dir) / "registry")
+    settings = _settings(args)
+    registry = Registry(Path(settings.data_dir) / "registry")
     if args.action == "list":
-        items = registry.list(args.tenant)
+        items = _mark_stale(registry, args.tenant, registry.list(args.tenant), settings)
         if args.json:
             _print_json(items)
         elif not items:
             print(f"tenant {args.tenant!r} has no classifiers")
         for c in items if not args.json else []:
             aliases = ", ".join(f"{a}->{v}" for a, v in c["aliases"].items())
-            print(f"{c['name']:<24} v{c['latest']:<4} {c['type']:<7} labels: {', '.join(c['labels'])}  aliases: {aliases}")
+            stale = f"  NEEDS RETRAIN ({', '.join(c['stale_aliases'])}: another backbone)" if c["needs_retrain"] else ""
+            print(f"{c['name']:<24} v{c['latest']:<4} {c['type']:<7} labels: {', '.join(c['labels'])}  aliases: {aliases}{stale}")
     elif args.action == "show":
         _print_json(registry.resolve(args.tenant, args.name))
     elif args.action == "delete":
@@ -135,6 +179,84 @@ def cmd_classifiers(args) -> int:
         registry.set_alias(args.tenant, args.name, args.alias, args.version)
         print(f"{args.tenant}/{args.name}@{args.alias} -> version {args.version}")
     return 0
+
+
+def _mark_stale(registry, tenant: str, items: list[dict], settings) -> list[dict]:
+    """``needs_retrain`` per classifier against the backbone the settings name (no weights loaded)."""
+    from headfleet.embedder.onnx_backend import backbone_fingerprint
+    from headfleet.heads.retrain import mark_stale, needs_retrain
+
+    if not items:
+        return items
+    fp = backbone_fingerprint(settings.model_path, settings.backend, settings.precision)
+    return mark_stale(items, needs_retrain(registry, tenant, fp))
+
+
+_RETRAIN_NOTES = {
+    "would_retrain": "would retrain from {n_examples} stored examples",
+    "no_training_data": "cannot retrain: no stored training data (saved before it was kept); "
+                        "train it again with `headfleet train`",
+    "bad_training_data": "cannot retrain: {error}",
+}
+
+
+def _retrain_line(r: dict) -> str:
+    head = f"{r['tenant']}/{r['classifier']}@{r['version']} ({', '.join(r['aliases'])})"
+    if r["status"] == "retrained":
+        acc = r["accuracy"]
+        fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+        note = (f"retrained as {r['new_id']} from {r['n_examples']} stored examples ({r['kind']}, seed {r['seed']}); "
+                f"holdout accuracy {fmt(acc['before'])} -> {fmt(acc['after'])}")
+    elif r["status"] == "stale":
+        note = "trained on backbone " + str(r["parent_fingerprint"] or "unknown")[:12] + (
+            "; training data stored" if r["has_training_data"] else "; NO stored training data")
+    else:
+        note = _RETRAIN_NOTES[r["status"]].format(**r)
+    return f"{head:<40} {note}"
+
+
+def cmd_retrain(args) -> int:
+    from headfleet.heads.retrain import stale_versions
+    from headfleet.service.engine import Engine
+
+    settings = _settings(args)
+    if args.backend or args.precision:
+        settings = dataclasses.replace(settings, backend=args.backend or settings.backend,
+                                       precision=args.precision or settings.precision)
+    with Engine.open(settings) as engine:
+        reg, emb = engine.registry, engine.embedder
+        tenants = reg.tenants() if args.all_tenants else [args.tenant]
+        results: list[dict] = []
+        for tenant in tenants:
+            names = args.names or None
+            if names and args.all_tenants:  # a fleet-wide retrain by name: the tenants that have it
+                names = [n for n in names if n in {c["name"] for c in reg.list(tenant)}] or None
+                if names is None:
+                    continue
+            if args.list:
+                results += [{**s.to_dict(), "status": "stale"} for s in stale_versions(reg, tenant, emb.fingerprint, names)]
+                continue
+            plan = engine.retrain(tenant, names, dry_run=True)
+            if not args.dry_run and any(r["status"] == "would_retrain" for r in plan):
+                total = sum(r.get("n_examples", 0) for r in plan if r["status"] == "would_retrain")
+                with progress_bar(total, f"retraining {tenant}") as cb:
+                    plan = engine.retrain(tenant, names, progress=cb)
+            results += plan
+    if args.json:
+        _print_json({"backbone": {"backend": emb.backend, "precision": emb.precision, "fingerprint": emb.fingerprint},
+                     "results": results})
+    else:
+        where = "every tenant" if args.all_tenants else f"tenant {args.tenant!r}"
+        print(f"backbone {emb.backend} {emb.precision} ({emb.fingerprint[:12]}), {where}: "
+              f"{len(results)} classifier version(s) trained on another backbone")
+        for r in results:
+            print(_retrain_line(r))
+        if not args.list:
+            counts = {k: sum(r["status"] == k for r in results)
+                      for k in ("retrained", "would_retrain", "no_training_data", "bad_training_data")}
+            print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items() if v) or "nothing to retrain")
+    blocked = [r for r in results if r["status"] in ("no_training_data", "bad_training_data")]
+    return 1 if blocked and not args.list else 0
 
 
 def cmd_demo(args) -> int:
@@ -147,6 +269,48 @@ def cmd_demo(args) -> int:
             print(f"\n== headfleet classify --tenant {args.tenant} " + " ".join(f"-c {n}" for n in names)
                   + f" ...  # {attempt}")
             print(format_classify(DEMO_TEXTS, engine.classify(args.tenant, DEMO_TEXTS, names)))
+    return 0
+
+
+def _save_local_store(engine) -> None:
+    """A long job saves the local vector store now and then, so a kill loses few embeddings."""
+    if engine.local is not None and engine.local.dirty:
+        engine.local.save()
+
+
+def cmd_score(args) -> int:
+    from headfleet.heads import Registry
+    from headfleet.scoring import JobSpec, ScoreJob, SourceSpec, format_report
+    from headfleet.scoring.progress import ScoreProgress
+
+    settings = _settings(args)
+    spec = JobSpec(SourceSpec(args.source, id_col=args.id_col, text_col=args.text_col, table=args.table),
+                   Path(args.out), args.tenant, tuple(args.classifier), format=args.format,
+                   rejects=Path(args.rejects) if args.rejects else None, namespace=args.namespace,
+                   chunk_rows=args.chunk_rows)
+    registry = Registry(Path(settings.data_dir) / "registry")
+    job = ScoreJob(spec, resolve=registry.resolve, batch_size=settings.batch_size, engine=args.engine,
+                   restart=args.restart, overwrite=args.overwrite)
+    if job.state == "done":
+        print(f"{args.out} is already complete (same job, same source); pass --overwrite to score again",
+              file=sys.stderr)
+    elif job.state == "resume":
+        print(f"resuming after {job.counts['documents']:,} documents (run {job.counts['runs']})", file=sys.stderr)
+    if job.state != "done" and args.engine == "ray":
+        from headfleet.scoring.ray_engine import run_ray
+
+        from headfleet.service.engine import Engine
+
+        with ScoreProgress(job) as bar:
+            run_ray(job, settings, Engine.open, address=args.ray_address, actors=args.ray_actors,
+                    on_commit=bar.on_commit)
+    elif job.state != "done":
+        from headfleet.service.engine import Engine
+
+        with Engine.open(settings) as engine, ScoreProgress(job) as bar:
+            job.run(bar.classify(engine.classify), forwards=lambda: engine.embedder.forwards,
+                    on_commit=bar.on_commit, persist=lambda: _save_local_store(engine))
+    print(json.dumps(job.report, indent=2, ensure_ascii=False) if args.json else format_report(job.report))
     return 0
 
 
@@ -179,8 +343,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="CSV or JSONL file of labelled examples")
     t.add_argument("--text-col", default="text")
     t.add_argument("--label-col", default="label")
-    t.add_argument("--type", default="logreg", choices=["logreg", "mlp"])
+    t.add_argument("--type", default="logreg", choices=["logreg", "mlp", "lora"],
+                   help="a head on the frozen backbone (logreg, mlp), or a LoRA adapter plus a head (lora)")
     t.add_argument("--multi-label", action="store_true", help="labels are lists (JSONL) or 'a|b' (CSV)")
+    lo = t.add_argument_group("LoRA (--type lora)")
+    lo.add_argument("--adapter", help="import this PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) "
+                    "trained on the same base model, and fit the head on its embeddings")
+    lo.add_argument("--rank", type=int, default=8)
+    lo.add_argument("--alpha", type=float, default=None, help="default: 2 x rank")
+    lo.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(rank)")
+    lo.add_argument("--epochs", type=int, default=5)
+    lo.add_argument("--batch-size", type=int, default=16)
+    lo.add_argument("--lr", type=float, default=5e-4)
+    lo.add_argument("--patience", type=int, default=2, help="epochs without holdout improvement before stopping")
+    lo.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("classify", parents=[common], help="classify texts with one or more classifiers")
@@ -201,8 +377,39 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("version", type=int)
     m.set_defaults(func=cmd_classifiers)
 
+    r = sub.add_parser("retrain", parents=[common],
+                       help="retrain classifiers trained on another backbone (after a backend/precision switch) "
+                            "from their stored training data")
+    r.add_argument("names", nargs="*", help="classifier names (default: every stale classifier of the tenant)")
+    r.add_argument("--all-tenants", action="store_true", help="every tenant in the registry")
+    r.add_argument("--list", action="store_true", help="only list what must be retrained")
+    r.add_argument("--dry-run", action="store_true", help="read and check the stored data, say what would be retrained")
+    r.add_argument("--backend", choices=["torch", "onnx"], help="the backbone backend (env HEADFLEET_BACKEND)")
+    r.add_argument("--precision", choices=["fp32", "int8", "fp16"], help="its precision (env HEADFLEET_PRECISION)")
+    r.set_defaults(func=cmd_retrain)
+
     d = sub.add_parser("demo", parents=[common], help="train the example classifiers and classify sample texts")
     d.set_defaults(func=cmd_demo)
+
+    sc = sub.add_parser("score", parents=[common], help="score a document store (JSONL, CSV, Parquet, SQLite) "
+                        "with classifiers; resumable: run the same command again after an interruption")
+    sc.add_argument("--source", required=True, help="a .jsonl/.csv/.parquet file, a folder of them, or an SQLite database")
+    sc.add_argument("-c", "--classifier", action="append", required=True, help="name, name@version or name@alias")
+    sc.add_argument("--out", required=True, help="output file, .parquet or .jsonl (rejects and report go beside it)")
+    sc.add_argument("--id-col", default="id", help="the document id column (default: id)")
+    sc.add_argument("--text-col", default="text", help="the text column (default: text)")
+    sc.add_argument("--table", help="the SQLite table (default: the database's only table)")
+    sc.add_argument("--format", choices=["parquet", "jsonl"], help="output format (default: from --out's suffix)")
+    sc.add_argument("--rejects", help="where bad rows go (default: <out stem>.rejects.jsonl)")
+    sc.add_argument("--namespace", help="a shared cache namespace instead of the tenant's own")
+    sc.add_argument("--chunk-rows", type=int, default=1024, help="rows per committed chunk (default: 1024)")
+    sc.add_argument("--engine", choices=["local", "ray"], default="local",
+                    help="local: this process; ray: Ray Data with an actor pool (set --redis-url to share the cache)")
+    sc.add_argument("--ray-address", help="an existing Ray cluster (default: RAY_ADDRESS, else a local instance)")
+    sc.add_argument("--ray-actors", type=int, help="scoring actors in the pool (default: the cluster's CPUs less one)")
+    sc.add_argument("--restart", action="store_true", help="discard a partial output of a different job and start over")
+    sc.add_argument("--overwrite", action="store_true", help="replace a finished output")
+    sc.set_defaults(func=cmd_score)
 
     s = sub.add_parser("serve", parents=[common], help="run the HTTP service")
     s.add_argument("--host", help="bind address (env HEADFLEET_HOST, default 127.0.0.1; loopback only without keys)")

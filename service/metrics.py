@@ -44,6 +44,13 @@ class Metrics:
                                 registry=r)
         self.queue_depth = Gauge("headfleet_queue_texts", "Texts waiting for the backbone", registry=r)
         self.heads_loaded = Gauge("headfleet_heads_loaded", "Classifier versions loaded in the fleet", registry=r)
+        self.adapter_load = Histogram("headfleet_adapter_load_seconds", "LoRA adapter cold load: disk -> host -> "
+                                      "device slot", buckets=_MS_BUCKETS, registry=r)
+        self.adapters = Gauge("headfleet_adapters", "LoRA adapters: device slots in use, slots, loaded in host memory",
+                              ["state"], registry=r)
+        self.adapter_events = Gauge("headfleet_adapter_events", "LoRA adapter manager counters since start "
+                                    "(disk_loads, slot_loads, slot_hits, slot_evictions, host_evictions)", ["event"],
+                                    registry=r)
         self.redis_up = Gauge("headfleet_redis_up", "1 when the Redis tier answers, 0 when it does not, absent "
                               "without Redis", registry=r)
         for tier in ("memory", "local", "redis", "miss"):

@@ -47,13 +47,28 @@ class ClassifyResponse(msgspec.Struct):
 class TrainRequest(msgspec.Struct, forbid_unknown_fields=True):
     name: str
     examples: list[dict[str, Any]]  # {"text": ..., "label": ...}; multi-label: "labels": [...]
-    kind: Literal["logreg", "mlp"] = "logreg"
+    kind: Literal["logreg", "mlp", "lora"] = "logreg"  # lora: an adapter in the backbone plus a head
     multi_label: bool = False
     seed: int = 0
 
 
 class AliasRequest(msgspec.Struct, forbid_unknown_fields=True):
     version: int
+
+
+class ScoreJobRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /jobs``: score a store in the tenant's scoring folder (paths are relative to it)."""
+
+    source: str  # a .jsonl/.csv/.parquet file, a folder of them, or an SQLite database
+    classifiers: list[str]
+    type: Literal["score"] = "score"
+    output: str | None = None  # .parquet or .jsonl; default scores/<job id>.parquet
+    id_col: str = "id"
+    text_col: str = "text"
+    table: str | None = None  # SQLite: the table (default: the only one)
+    format: Literal["parquet", "jsonl"] | None = None  # default: from the output's suffix
+    namespace: str | None = None
+    overwrite: bool = False  # replace a finished output at the same path
 
 
 class TEIEmbedRequest(msgspec.Struct):

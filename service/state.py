@@ -20,6 +20,7 @@ from headfleet.service.engine import EmbedBatch, Engine
 from headfleet.service.jobs import JobManager
 from headfleet.service.metrics import Metrics
 from headfleet.service.scheduler import Scheduler
+from headfleet.service.scoring_jobs import ScoringJobs, scheduler_classify
 from headfleet.settings import Settings
 
 log = logging.getLogger("headfleet.service")
@@ -44,6 +45,7 @@ class Service:
     jobs: JobManager
     keys: KeyStore
     metrics: Metrics
+    scoring: ScoringJobs | None = None
     started: float = dataclasses.field(default_factory=time.time)
 
     @classmethod
@@ -52,12 +54,16 @@ class Service:
                         settings.admin_key)
         engine = await asyncio.to_thread(Engine.open, settings, embedder)
         metrics = Metrics()
+        engine.adapter_load_hooks.append(metrics.adapter_load.observe)
         scheduler = Scheduler(engine, batch_texts=settings.batch_size, batch_tokens=batch_tokens(settings, engine),
                               tenant_queue_texts=settings.tenant_queue_texts, queue_texts=settings.queue_texts,
                               metrics=metrics.scheduler_hooks())
         await scheduler.start()
         jobs = JobManager(engine, scheduler, Path(settings.data_dir) / "jobs", settings.jobs_workers)
         service = cls(settings, engine, scheduler, jobs, keys, metrics)
+        service.scoring = ScoringJobs(engine, scheduler_classify(service, asyncio.get_running_loop()),
+                                      settings.scoring_root, Path(settings.data_dir) / "jobs",
+                                      batch_size=settings.batch_size)
         if keys.single_tenant:
             log.warning("no API keys configured: single-tenant mode, every request is tenant 'default'; "
                         "configure HEADFLEET_API_KEYS or HEADFLEET_ADMIN_KEY before exposing the service")
@@ -68,7 +74,9 @@ class Service:
 
     async def stop(self) -> None:
         self.jobs.close()
+        self.scoring.close()  # jobs stop between chunks and resume at the next start
         await self.scheduler.stop()
+        await asyncio.to_thread(self.scoring.join)
         await asyncio.to_thread(self.engine.close)
 
     # -- the request path ------------------------------------------------------------------------
@@ -93,7 +101,8 @@ class Service:
                                 "(HEADFLEET_MAX_CLASSIFIERS_PER_REQUEST)")
 
     async def embed(self, tenant: str, texts: Sequence[str], *, namespace: str | None = None,
-                    classifiers: Sequence[str] = (), receive=None) -> EmbedBatch:
+                    classifiers: Sequence[str] = (), receive=None, lane: str | None = None,
+                    admit: bool = True) -> EmbedBatch:
         """In-process tiers inline; the distinct misses through the scheduler; stats recorded once."""
         prep = self.engine.prepare(tenant, texts, namespace)
         answers: dict[bytes, tuple] = {}
@@ -102,23 +111,50 @@ class Service:
             keys = list(prep.todo)
             answers, extra = await self.scheduler.run(
                 tenant, keys, [prep.norm[prep.todo[k][0]] for k in keys], [prep.namespace] * len(keys),
-                disconnected=receive)
+                disconnected=receive, lane=lane, admit=admit)
         batch = self.engine.finish(prep, answers, classifiers, extra)
         self.metrics.cache(batch.tiers, batch.computed)
         return batch
 
+    async def embed_groups(self, tenant: str, texts: Sequence[str], groups: Sequence[tuple[str, Sequence[str]]], *,
+                           receive=None, lane: str | None = None, admit: bool = True) -> list[EmbedBatch]:
+        """:meth:`embed` for every embedding a request needs (the shared one, each LoRA classifier's
+        own): the misses of all of them go to the scheduler together, so adapter rows ride in the
+        same backbone batches as plain rows."""
+        preps = [self.engine.prepare(tenant, texts, ns=ns) for ns, _ in groups]
+        keys, todo, spaces = [], [], []
+        for prep in preps:
+            for key, rows in prep.todo.items():
+                keys.append(key)
+                todo.append(prep.norm[rows[0]])
+                spaces.append(prep.namespace)
+        answers: dict[bytes, tuple] = {}
+        extra = {"queue": 0.0, "embed": 0.0}
+        if keys:
+            answers, extra = await self.scheduler.run(tenant, keys, todo, spaces, disconnected=receive, lane=lane,
+                                                      admit=admit)
+        batches = [self.engine.finish(prep, answers, names, extra) for prep, (_, names) in zip(preps, groups)]
+        for batch in batches:
+            self.metrics.cache(batch.tiers, batch.computed)
+        return batches
+
     async def classify(self, tenant: str, texts: Sequence[str], classifiers: Sequence[str], *,
-                       namespace: str | None = None, receive=None) -> dict:
+                       namespace: str | None = None, receive=None, lane: str | None = None, admit: bool = True,
+                       check: bool = True) -> dict:
+        """``lane``/``admit``/``check=False``: a scoring job's chunk (its own lane, no per-request limits)."""
         t0 = time.perf_counter()
-        self.check_texts(texts)
+        if check:
+            self.check_texts(texts)
         self.check_classifiers(classifiers)
         resolved = self.engine.resolve(tenant, classifiers)
-        batch = await self.embed(tenant, texts, namespace=namespace, classifiers=[m["name"] for _, _, m in resolved],
-                                 receive=receive)
+        groups = self.engine.plan(tenant, resolved, namespace)
+        batches = await self.embed_groups(tenant, texts, [(ns, [m["name"] for _, _, m in items]) for ns, items in groups],
+                                          receive=receive, lane=lane, admit=admit)
+        parts = [(b, items) for b, (_, items) in zip(batches, groups)]
         if len(texts) * len(resolved) > HEADS_INLINE_CELLS:
-            out = await asyncio.to_thread(self.engine.score, batch, resolved)
+            out = await asyncio.to_thread(self.engine.score_groups, parts, resolved)
         else:
-            out = self.engine.score(batch, resolved)
+            out = self.engine.score_groups(parts, resolved)
         self.metrics.heads.observe(out["timing_ms"]["heads"] / 1e3)
         out["timing_ms"]["total"] = round((time.perf_counter() - t0) * 1e3, 3)
         return out

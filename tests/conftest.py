@@ -78,6 +78,12 @@ def minilm():
 
 
 @pytest.fixture(scope="session")
+def onnx_cache(tmp_path_factory) -> Path:
+    """One folder of ONNX exports for the session: MiniLM is exported and quantised once."""
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random BERT with MiniLM's tokenizer: another backbone, so another fingerprint."""
     import shutil as _sh

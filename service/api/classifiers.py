@@ -11,18 +11,20 @@ from litestar.params import FromPath, JSONBody
 from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.datastructures import UploadFile
 
-from headfleet.errors import TrainingDataError, ValidationError
+from headfleet.errors import ConflictError, TrainingDataError, ValidationError
 from headfleet.heads import examples_from_records, validate
 from headfleet.heads.loaders import parse_examples
 from headfleet.heads.refs import check_name
+from headfleet.heads.retrain import mark_stale, needs_retrain
 from headfleet.heads.types import KINDS
-from headfleet.service.schemas import AliasRequest, TrainRequest
+from headfleet.service.schemas import AliasRequest, ScoreJobRequest, TrainRequest
 from headfleet.service.state import Service
 
 
 def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
     keep = ("id", "name", "version", "created", "labels", "multi_label", "kind", "metrics", "validation",
-            "parent_fingerprint", "training_data_hash", "training_cache", "library_versions")
+            "parent_fingerprint", "training_data_hash", "training_data", "retrained_from", "training_cache",
+            "library_versions", "type", "adapter")
     return {k: manifest[k] for k in keep if k in manifest}
 
 
@@ -32,7 +34,7 @@ class ClassifiersController(Controller):
 
     @post("/", status_code=202, summary="Train a classifier (returns a job to poll)")
     async def train(self, request: Request, service: NamedDependency[Service], tenant: NamedDependency[str]) -> Response:
-        """JSON ``{"name", "examples": [{"text", "label"}], "kind": "logreg"|"mlp", "multi_label", "seed"}``,
+        """JSON ``{"name", "examples": [{"text", "label"}], "kind": "logreg"|"mlp"|"lora", "multi_label", "seed"}``,
         or ``multipart/form-data`` with a ``file`` (.csv with a header row, or .jsonl) and fields ``name``,
         ``kind``, ``text_col``, ``label_col``, ``multi_label``. The data is checked before the job is queued:
         refusals (one class, empty texts, a class with one example, missing columns) answer 422 at once."""
@@ -64,8 +66,11 @@ class ClassifiersController(Controller):
             label_col = "labels" if multi and body.examples and "labels" in body.examples[0] else "label"
             examples = examples_from_records(body.examples, label_col=label_col, multi_label=multi)
         check_name(name, "classifier name")
-        if kind not in KINDS:
-            raise ValidationError(f"unknown head kind {kind!r}; expected one of {list(KINDS)}")
+        if kind not in (*KINDS, "lora"):
+            raise ValidationError(f"unknown classifier kind {kind!r}; expected one of {[*KINDS, 'lora']}")
+        if kind == "lora" and service.engine.embedder.model is None:
+            raise ValidationError("LoRA classifiers need the torch backend (HEADFLEET_BACKEND=torch); "
+                                  f"this service runs {service.engine.embedder.backend}")
         if len(examples.texts) == 0:
             raise TrainingDataError("no examples given")
         await asyncio.to_thread(validate, examples)  # refusals raise here, before any job exists
@@ -74,7 +79,13 @@ class ClassifiersController(Controller):
 
     @get("/", summary="List this tenant's classifiers")
     async def list_classifiers(self, service: NamedDependency[Service], tenant: NamedDependency[str]) -> dict:
-        return {"classifiers": await asyncio.to_thread(service.engine.registry.list, tenant)}
+        """Each with ``needs_retrain`` (and ``stale_aliases``): trained on another backbone than the
+        loaded one, so it refuses to load until ``headfleet retrain`` refits it."""
+        def listing() -> list[dict]:
+            reg, fp = service.engine.registry, service.engine.embedder.fingerprint
+            return mark_stale(reg.list(tenant), needs_retrain(reg, tenant, fp))
+
+        return {"classifiers": await asyncio.to_thread(listing)}
 
     @get("/{name:str}", summary="A classifier: manifest of the latest version, versions, aliases")
     async def show(self, name: FromPath[str], service: NamedDependency[Service], tenant: NamedDependency[str]) -> dict:
@@ -102,11 +113,36 @@ class JobsController(Controller):
     path = "/jobs"
     tags = ["jobs"]
 
-    @get("/", summary="This tenant's jobs, newest first")
-    async def list_jobs(self, service: NamedDependency[Service], tenant: NamedDependency[str]) -> dict:
-        return {"jobs": service.jobs.list(tenant)}
+    @post("/", status_code=202, summary="Score a document store in the tenant's scoring folder (returns a job)")
+    async def submit(self, request: Request, service: NamedDependency[Service], tenant: NamedDependency[str]) -> Response:
+        """``{"source", "classifiers", "output"?, "id_col"?, "text_col"?, "table"?, "format"?, "namespace"?,
+        "overwrite"?}``; paths are relative to ``<HEADFLEET_SCORING_ROOT>/<tenant>/``. The store is opened
+        and the classifiers pinned to versions before the job is queued: problems answer 4xx at once."""
+        try:
+            body = msgspec.json.decode(await request.body(), type=ScoreJobRequest)
+        except msgspec.ValidationError as exc:
+            raise ValidationError(str(exc)) from None
+        except msgspec.DecodeError as exc:
+            raise ValidationError(f"request body is not valid JSON: {exc}") from None
+        service.check_classifiers(body.classifiers)
+        job = await asyncio.to_thread(service.scoring.submit, tenant, body)
+        return Response({"job": job}, status_code=202, headers={"Location": f"/jobs/{job['id']}"})
 
-    @get("/{job_id:str}", summary="A job: state, progress, result or error")
+    @get("/", summary="This tenant's jobs (training and scoring), newest first")
+    async def list_jobs(self, service: NamedDependency[Service], tenant: NamedDependency[str]) -> dict:
+        jobs = service.jobs.list(tenant) + service.scoring.list(tenant)
+        return {"jobs": sorted(jobs, key=lambda j: j["created"], reverse=True)}
+
+    @get("/{job_id:str}", summary="A job: state, progress (with counts and ETA for scoring), result or error")
     async def show(self, job_id: FromPath[str], service: NamedDependency[Service], tenant: NamedDependency[str]) -> dict:
+        if job_id.startswith("score_"):
+            return {"job": service.scoring.get(tenant, job_id)}
         return {"job": service.jobs.get(tenant, job_id)}
+
+    @delete("/{job_id:str}", status_code=202, summary="Cancel a scoring job (between two chunks)")
+    async def cancel(self, job_id: FromPath[str], service: NamedDependency[Service], tenant: NamedDependency[str]) -> dict:
+        if job_id.startswith("score_"):
+            return {"job": await asyncio.to_thread(service.scoring.cancel, tenant, job_id)}
+        service.jobs.get(tenant, job_id)  # another tenant's or a made-up id: the same 404
+        raise ConflictError(f"job {job_id!r} is a training job; training jobs run to completion")
 

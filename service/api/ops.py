@@ -72,3 +72,10 @@ def _refresh_gauges(service: NamedDependency[Service]) -> None:
     m.queue_depth.set(service.scheduler.waiting)
     if e.redis is not None:
         m.redis_up.set(1 if e.redis.status()["healthy"] else 0)
+    if e.adapters is not None:
+        snap = e.adapters.snapshot()
+        m.adapters.labels("slots").set(snap["slots"])
+        m.adapters.labels("slots_used").set(snap["slots_used"])
+        m.adapters.labels("loaded").set(snap["loaded"])
+        for event in ("disk_loads", "slot_loads", "slot_hits", "slot_evictions", "host_evictions"):
+            m.adapter_events.labels(event).set(snap[event])

@@ -20,9 +20,10 @@ from headfleet.errors import AdapterImportError, BackendError
 from headfleet.heads.adapters import LoraAdapter
 from triton_interpreter import prepare
 
-peft = pytest.importorskip("peft")
-# The Triton kernels imported so they run on CPU tensors (None) or why they cannot be.
+# The Triton kernels imported so they run on CPU tensors (None) or why they cannot be; before
+# peft, which imports triton itself.
 _NO_INTERPRETER = None if torch.cuda.is_available() else prepare()
+peft = pytest.importorskip("peft")
 
 TEXTS = [
     "Your parcel is waiting, confirm the delivery fee here",

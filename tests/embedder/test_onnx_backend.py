@@ -25,11 +25,6 @@ N_TRAIN = 500
 LONG = "The contract renewal terms are attached for review. " * 60  # > 256 tokens: truncated
 
 
-@pytest.fixture(scope="session")
-def onnx_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("onnx-cache")
-
-
 @pytest.fixture(scope="module")
 def onnx_fp32(onnx_cache):
     return Embedder.load(max_length=256, batch_size=32, device="cpu", backend="onnx", precision="fp32",

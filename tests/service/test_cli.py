@@ -21,7 +21,7 @@ def run(tmp_path, minilm, monkeypatch, capsys):
 
     real_open = engine_mod.Engine.open.__func__
     monkeypatch.setattr(engine_mod.Engine, "open",
-                        classmethod(lambda cls, settings=None, embedder=None: real_open(cls, settings, minilm)))
+                        classmethod(lambda cls, settings=None, embedder=None: real_open(cls, settings, embedder or minilm)))
 
     def _run(*args):
         code = cli.main([*args, "--data-dir", str(tmp_path / "data")])
@@ -78,3 +78,42 @@ def test_the_installed_entry_point_answers_help():
     assert out.returncode == 0
     for command in ("train", "classify", "classifiers", "demo"):
         assert command in out.stdout
+
+
+def test_retrain_after_a_backbone_switch(run, tmp_path, tiny_model_dir):
+    from headfleet.embedder import Embedder
+    from headfleet.heads import load_examples
+    from headfleet.service.engine import Engine
+    from headfleet.settings import Settings
+
+    # heads trained on another backbone (a tiny BERT here), one of them saved before training data was kept
+    settings = Settings(data_dir=tmp_path / "data", device="cpu")
+    with Engine.open(settings, embedder=Embedder.load(tiny_model_dir, max_length=64)) as old:
+        m = old.train("acme", "spam", load_examples(EXAMPLES / "spam.csv"))
+        old.train("globex", "urgency", load_examples(EXAMPLES / "urgency.csv"), kind="mlp", seed=5)
+        _, head = old.registry.load("acme", "spam")
+        old.registry.save("acme", "legacy", head, {"parent_fingerprint": m["parent_fingerprint"]})
+
+    code, out, _ = run("classifiers", "list", "--tenant", "acme")
+    assert code == 0 and all("NEEDS RETRAIN (latest" in line for line in out.splitlines())
+    code, out, _ = run("retrain", "--tenant", "acme", "--list")
+    assert code == 0 and "2 classifier version(s) trained on another backbone" in out
+    assert "acme/legacy@1" in out and "NO stored training data" in out and "acme/spam@1" in out
+    code, out, _ = run("retrain", "--tenant", "acme", "spam", "--dry-run")
+    assert code == 0 and "would retrain from 32 stored examples" in out and "legacy" not in out
+    code, out, _ = run("classifiers", "show", "--tenant", "acme", "spam")
+    assert json.loads(out)["version"] == 1  # the dry run saved nothing
+
+    code, out, _ = run("retrain", "--tenant", "acme")
+    assert code == 1  # one classifier could not be retrained, and the output says which and why
+    assert "retrained as spam@2 from 32 stored examples (logreg, seed 0)" in out
+    assert "acme/legacy@1" in out and "no stored training data" in out
+    code, out, _ = run("classify", "--tenant", "acme", "-c", "spam", "Claim your free prize now", "--json")
+    assert code == 0 and json.loads(out)["results"][0]["classifications"]["spam"]["label"] == "spam"
+
+    code, out, _ = run("retrain", "--all-tenants", "urgency", "--json")
+    body = json.loads(out)
+    assert code == 0 and [(r["tenant"], r["status"], r["new_id"], r["kind"], r["seed"]) for r in body["results"]] == [
+        ("globex", "retrained", "urgency@2", "mlp", 5)]
+    code, out, _ = run("classify", "--tenant", "globex", "-c", "urgency", "The database is down for every customer")
+    assert code == 0 and "urgent" in out

@@ -1,0 +1,73 @@
+"""A LoRA classifier over HTTP: trained as a job, served beside a head in one call, private to its tenant."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from http_server import running
+
+ALICE, BOB, ADMIN = "alice-key-lora", "bob-key-lora", "admin-key-lora"
+SPAM_CSV = Path(__file__).resolve().parents[2] / "service" / "example_data" / "spam.csv"
+
+
+@pytest.fixture(scope="module")
+def server(minilm, tmp_path_factory):
+    with running(minilm, tmp_path_factory.mktemp("lora"), api_keys=f"alice:{ALICE},bob:{BOB}",
+                 admin_key=ADMIN) as s:
+        yield s
+
+
+def _client(server, key):
+    return httpx.Client(base_url=server.url, timeout=300, headers={"Authorization": f"Bearer {key}"})
+
+
+def _train(c, name, kind):
+    with open(SPAM_CSV, newline="", encoding="utf-8") as f:
+        examples = [{"text": r["text"], "label": r["label"]} for r in csv.DictReader(f)]
+    r = c.post("/classifiers", json={"name": name, "kind": kind, "examples": examples})
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        job = c.get(r.headers["location"]).json()["job"]
+        if job["state"] in ("succeeded", "failed"):
+            assert job["state"] == "succeeded", job
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"training job did not finish: {job}")
+
+
+def test_lora_classifier_trains_serves_beside_a_head_and_stays_private(server):
+    with _client(server, ALICE) as alice, _client(server, BOB) as bob:
+        _train(alice, "spam", "logreg")
+        _train(alice, "spam-lora", "lora")
+        shown = alice.get("/classifiers/spam-lora").json()
+        adapter = (shown.get("classifier") or shown)["adapter"]
+        assert adapter["rank"] == 8 and adapter["format"] == "peft-lora" and adapter["targets"] == ["query", "value"]
+        texts = ["WINNER!! Claim your free prize, text WIN to 80086 now", "Can we push lunch to 1pm?"]
+        r = alice.post("/classify", json={"texts": texts, "classifiers": ["spam", "spam-lora"]})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["cache"]["computed"] == 4  # the shared embedding and the adapter's, per text
+        labels = [{k: v["label"] for k, v in res["classifications"].items()} for res in out["results"]]
+        assert labels[0]["spam-lora"] == "spam" and labels[1]["spam-lora"] == "ham"
+        again = alice.post("/classify", json={"texts": texts, "classifiers": ["spam-lora"]}).json()
+        assert again["cache"]["computed"] == 0 and again["cache"]["hits"]["memory"] == 2
+        # bob cannot use, see or probe alice's adapter
+        r = bob.post("/classify", json={"texts": texts, "classifiers": ["spam-lora"]})
+        assert r.status_code == 404 and r.json()["error_type"] == "not_found"
+        assert all(c["name"] != "spam-lora" for c in bob.get("/classifiers").json()["classifiers"])
+    metrics = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
+    loads = [line for line in metrics.splitlines() if line.startswith("headfleet_adapter_load_seconds_count")]
+    assert loads and float(loads[0].split()[-1]) >= 1
+    assert 'headfleet_adapters{state="slots_used"} 1.0' in metrics
+
+
+def test_unknown_kind_is_a_422_naming_the_choices(server):
+    with _client(server, ALICE) as alice:
+        r = alice.post("/classifiers", json={"name": "x", "kind": "qlora", "examples": [{"text": "a", "label": "b"}]})
+        assert r.status_code == 422 and "lora" in r.json()["error"]
