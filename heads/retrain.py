@@ -65,7 +65,8 @@ def stale_versions(registry: Registry, tenant: str, fingerprint: str,
                 continue
             entry = manifest.get("training_data") or {}
             has_data = bool(entry) and (registry.version_dir(tenant, manifest) / entry.get("file", "")).is_file()
-            out.append(StaleVersion(tenant, name, version, by_version[version], parent, manifest.get("type", "logreg"),
+            out.append(StaleVersion(tenant, name, version, by_version[version], parent,
+                                    "lora" if manifest.get("adapter") else manifest.get("type", "logreg"),
                                     int((manifest.get("metrics") or {}).get("seed", 0)), has_data, manifest))
     return out
 
