@@ -2,7 +2,8 @@
 (sentence-transformers ``encode`` over the store + each classifier's scikit-learn ``predict_proba``,
 output written as Parquet), measured in the same run on the same store:
 
-  cold      the store is new to the cache: both embed every document (goal >= 1.0x)
+  cold      the store is new to the cache: both embed every document (goal >= 1.0x); measured file by
+            file, ours then the script on each, so load changes on a shared machine hit both alike
   re-score  the next day, one new classifier: headfleet reads the vectors from its local store
             (a new engine, empty memory tier), the script embeds everything again (goal >= 20x)
 
@@ -105,8 +106,17 @@ def main() -> None:
         st.encode(["warm-up"]), embedder.embed(["warm-up"])
 
         first = ("spam", "sentiment")
-        t_ours_cold, cold = ours(embedder, data, store, first, tmp / "ours-cold.parquet")
-        t_peer_cold = naive(st, store, {n: peer_models[n] for n in first}, tmp / "peer-cold.parquet")
+        # cold: file by file, ours then the script on the same file, so a load change on this shared
+        # machine hits both sides alike; each of ours is a new engine (empty memory tier)
+        t_ours_cold = t_peer_cold = 0.0
+        cold = {"embeddings_computed": 0, "backbone_forwards": {"run": 0}}
+        for part in sorted(store.glob("*.parquet")):
+            t, rep = ours(embedder, data, part, first, tmp / f"ours-cold-{part.stem}.parquet")
+            t_ours_cold += t
+            cold["embeddings_computed"] += rep["embeddings_computed"]
+            cold["backbone_forwards"]["run"] += rep["backbone_forwards"]["run"]
+            t_peer_cold += naive(st, part, {n: peer_models[n] for n in first}, tmp / f"peer-cold-{part.stem}.parquet")
+        # the next day: one new classifier over the whole store (a new engine: vectors from the local store)
         t_ours_new, new = ours(embedder, data, store, ("urgency",), tmp / "ours-new.parquet")
         t_peer_new = naive(st, store, {"urgency": peer_models["urgency"]}, tmp / "peer-new.parquet")
 

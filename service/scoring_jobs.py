@@ -60,6 +60,7 @@ class ScoringJobs:
         self._live: dict[str, ScoreJob] = {}  # job id -> the running job (ids are random, unique)
         self._cancel: dict[tuple[str, str], threading.Event] = {}
         self._closing = threading.Event()
+        self._submit_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="headfleet-score")
         self._futures = []
         self._recover()
@@ -107,24 +108,25 @@ class ScoringJobs:
         if out == source or out.is_relative_to(source) or source.is_relative_to(out):
             raise ValidationError("output must not be inside the source (the next run would read it as documents)")
         rejects = out.with_name(out.name.rsplit(".", 1)[0] + ".rejects.jsonl")
-        out.parent.mkdir(parents=True, exist_ok=True)
+        shown = self._relative(tenant, out)
         spec = JobSpec(SourceSpec(str(source), id_col=req.id_col, text_col=req.text_col, table=req.table),
                        out, tenant, tuple(req.classifiers), format=req.format, rejects=rejects,
                        namespace=req.namespace, chunk_rows=CHUNK_ROWS)
-        if Workdir(out, "").exists():
-            raise ConflictError(f"output {req.output!r} belongs to another job that has not finished")
-        try:  # opens the store, pins versions, writes the checkpoint
-            job = ScoreJob(spec, resolve=self.engine.registry.resolve, batch_size=self.batch_size,
-                           engine="service", overwrite=req.overwrite)
-        except HeadfleetError as exc:
-            exc.message = self._for_tenant(tenant, exc.message)
-            exc.args = (exc.message,)
-            raise
+        with self._submit_lock:  # two requests for one output: the second sees the first one's partial output
+            if Workdir(out, "").exists():
+                raise ConflictError(f"output {shown!r} belongs to another job that has not finished")
+            try:  # opens the store, pins versions, writes the checkpoint (and creates the output's folder)
+                job = ScoreJob(spec, resolve=self.engine.registry.resolve, batch_size=self.batch_size,
+                               engine="service", overwrite=req.overwrite)
+            except HeadfleetError as exc:
+                exc.message = self._for_tenant(tenant, exc.message)
+                exc.args = (exc.message,)
+                raise
         if job.state == "done":
-            raise ConflictError(f"output {req.output!r} already exists (the same job finished it); "
+            raise ConflictError(f"output {shown!r} already exists (the same job finished it); "
                                 "pass \"overwrite\": true to score again")
         record = {"id": job_id, "type": "score", "state": "queued", "created": _now(), "started": None,
-                  "finished": None, "source": self._relative(tenant, source), "output": self._relative(tenant, out),
+                  "finished": None, "source": self._relative(tenant, source), "output": shown,
                   "rejects": self._relative(tenant, job.rejects_path), "format": job.format,
                   "classifiers": {c: p["ref"] for c, p in job.pins.items()},
                   "id_col": req.id_col, "text_col": req.text_col, "table": req.table, "namespace": req.namespace,
