@@ -329,18 +329,24 @@ class Engine:
         """One :class:`EmbedBatch` per ``(namespace, classifier names)`` of :meth:`plan`, with the
         misses of every namespace in the same backbone forwards (LoRA rows beside plain rows)."""
         preps = [self.prepare(tenant, texts, ns=ns) for ns, _ in groups]
-        keys, todo_texts, spaces = [], [], []
-        for prep in preps:
-            for key, rows in prep.todo.items():
-                keys.append(key)
-                todo_texts.append(prep.norm[rows[0]])
-                spaces.append(prep.namespace)
+        keys, todo_texts, spaces = self.misses(preps)
         t1 = time.perf_counter()
         filled = self.fill(keys, todo_texts, spaces, progress=progress)
         self.write_back(filled)
         extra = {"embed": (time.perf_counter() - t1) * 1e3}
         answers = filled.answers(keys)
         return [self.finish(prep, answers, names, extra) for prep, (_, names) in zip(preps, groups)]
+
+    @staticmethod
+    def misses(preps: Sequence["Prepared"]) -> tuple[list[bytes], list[str], list[str]]:
+        """The distinct missing keys of several prepared requests, with the text and namespace of each."""
+        keys, texts, spaces = [], [], []
+        for prep in preps:
+            for key, rows in prep.todo.items():
+                keys.append(key)
+                texts.append(prep.norm[rows[0]])
+                spaces.append(prep.namespace)
+        return keys, texts, spaces
 
     # -- classifiers --------------------------------------------------------------------------
     def plan(self, tenant: str, resolved: list[tuple[str, str, dict]],
@@ -490,12 +496,7 @@ class Engine:
             return self.train_lora(tenant, name, examples, seed=seed, progress=progress, embed=embed,
                                    provenance=provenance)
         check_name(name, "classifier name")
-        counts = self.embedder.count_tokens([normalise_text(t) for t in examples.texts]) if examples.texts else None
-        stats = None
-        if counts is not None:
-            stats = TokenStats(unk_share=float(counts.n_unk.sum() / max(1, counts.n_tokens.sum())),
-                               truncated_share=float(counts.truncated.mean()))
-        report = validate(examples, stats)
+        report = self._validate(examples)
         batch = (embed or self.embed)(tenant, examples.texts, progress=progress)
         trained = train_head(batch.vectors, examples, kind=kind, seed=seed, report=report, refit=True)
         data_files, data_entry = training_data_files(examples)

@@ -122,12 +122,7 @@ class Service:
         own): the misses of all of them go to the scheduler together, so adapter rows ride in the
         same backbone batches as plain rows."""
         preps = [self.engine.prepare(tenant, texts, ns=ns) for ns, _ in groups]
-        keys, todo, spaces = [], [], []
-        for prep in preps:
-            for key, rows in prep.todo.items():
-                keys.append(key)
-                todo.append(prep.norm[rows[0]])
-                spaces.append(prep.namespace)
+        keys, todo, spaces = self.engine.misses(preps)
         answers: dict[bytes, tuple] = {}
         extra = {"queue": 0.0, "embed": 0.0}
         if keys:
