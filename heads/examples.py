@@ -4,6 +4,11 @@
 the file bytes: the same data from a CSV or a JSONL file, or in memory, gets the same hash, so
 a manifest's ``training_data_hash`` says "trained on exactly this data" whatever the format.
 Multi-label label sets are stored sorted and de-duplicated for the same reason.
+
+Labels reach ``Examples`` already canonical (one rule, in ``headfleet.heads.labels``, applied by
+every reader: :func:`examples_from_records` here, the CSV/JSONL readers in ``loaders``);
+``label_spellings`` keeps the labels that were written more than one way, for ``validate``'s
+warnings. Texts and labels are valid Unicode: a lone surrogate is refused naming its row.
 """
 
 from __future__ import annotations
@@ -14,8 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from headfleet.errors import TrainingDataError
-
-LABEL_SEPARATOR = "|"
+from headfleet.heads.labels import LABEL_SEPARATOR, LabelReader, refuse_lone_surrogate  # noqa: F401 (re-export)
 
 
 @dataclass
@@ -26,12 +30,18 @@ class Examples:
     labels: list[str] | list[list[str]]
     multi_label: bool
     source_hash: str = field(default="")
+    #: label -> the spellings that became it, for labels written two or more ways ("1", "1.0")
+    label_spellings: dict[str, list[str]] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.texts) != len(self.labels):
             raise TrainingDataError(f"{len(self.texts)} texts but {len(self.labels)} labels")
         if not self.source_hash:
-            self.source_hash = content_hash(self.texts, self.labels, self.multi_label)
+            try:
+                self.source_hash = content_hash(self.texts, self.labels, self.multi_label)
+            except UnicodeEncodeError:
+                _refuse_unencodable(self.texts, self.labels, "training data")
+                raise
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -53,45 +63,40 @@ def content_hash(texts: Sequence[str], labels: Sequence[Any], multi_label: bool)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def parse_label(value: Any, multi_label: bool, where: str) -> str | list[str]:
-    """One label cell -> str, or a sorted label set for multi-label data.
+def _refuse_unencodable(texts: Sequence[str], labels: Sequence[Any], where: str, first_line: int = 0) -> None:
+    """TrainingDataError naming the first row whose text or label holds a lone surrogate."""
+    for i, (text, label) in enumerate(zip(texts, labels), start=1):
+        row = f"{where} row {i}" + (f" (line {first_line + i - 1})" if first_line else "")
+        if isinstance(text, str):
+            refuse_lone_surrogate(text, row, "the text")
+        for name in label if isinstance(label, (list, tuple)) else [label]:
+            if isinstance(name, str):
+                refuse_lone_surrogate(name, row, "the label")
 
-    Multi-label cells may be a list, or a string "a|b"; an empty cell or null is the empty set
-    (no label applies), which is legitimate for multi-label data. Single-label cells must be a
-    scalar; an empty one is kept as "" so ``validate`` can name the row.
+
+def parse_label(value: Any, multi_label: bool, where: str) -> str | list[str]:
+    """One label cell -> its canonical str, or a sorted label set for multi-label data.
+
+    The rule is :func:`headfleet.heads.labels.canonical_label` (numbers by value, true/false in
+    lower case, list-shaped labels only for multi-label data). A missing single label is kept as
+    "" so ``validate`` can name every such row; a missing multi-label cell is the empty set (no
+    label applies), which is legitimate. To learn which spellings were merged, read a whole data
+    set with one :class:`~headfleet.heads.labels.LabelReader` instead.
     """
-    if multi_label:
-        if value is None:
-            return []
-        if isinstance(value, str):
-            parts = value.split(LABEL_SEPARATOR)
-        elif isinstance(value, (list, tuple)):
-            parts = list(value)
-        else:
-            raise TrainingDataError(f"{where}: a multi-label cell must be a list or 'a|b', got {value!r}")
-        out: set[str] = set()
-        for part in parts:
-            if not isinstance(part, (str, int)) or isinstance(part, bool):
-                raise TrainingDataError(f"{where}: labels must be strings, got {part!r}")
-            name = str(part).strip()
-            if name:
-                out.add(name)
-        return sorted(out)
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple, dict)):
-        raise TrainingDataError(
-            f"{where}: got a list label {value!r} for single-label data; pass multi_label=True"
-        )
-    return str(value).strip()
+    return LabelReader(multi_label).read(value, where)
 
 
 def parse_text(value: Any, where: str) -> str:
-    """A text cell must be a string; null becomes "" so ``validate`` reports it with its row."""
+    """A text cell must be a string; null becomes "" so ``validate`` reports it with its row.
+
+    A lone surrogate (a "\\ud83d" escape without its partner) is refused here, naming ``where``:
+    it cannot be hashed, stored or tokenised as UTF-8.
+    """
     if value is None:
         return ""
     if not isinstance(value, str):
         raise TrainingDataError(f"{where}: text must be a string, got {type(value).__name__} {value!r}")
+    refuse_lone_surrogate(value, where, "the text")
     return value
 
 
@@ -101,9 +106,13 @@ def examples_from_records(
     label_col: str = "label",
     multi_label: bool = False,
 ) -> Examples:
-    """In-memory data: dicts with ``text_col``/``label_col`` keys, or (text, label) pairs."""
+    """In-memory data: dicts with ``text_col``/``label_col`` keys, or (text, label) pairs.
+
+    Labels are read by the one rule (``headfleet.heads.labels``); rows are named ``record i``,
+    1-based, in every refusal."""
     texts: list[str] = []
     labels: list[Any] = []
+    reader = LabelReader(multi_label)
     for i, record in enumerate(records, start=1):
         where = f"record {i}"
         if isinstance(record, dict):
@@ -119,8 +128,8 @@ def examples_from_records(
         else:
             raise TrainingDataError(f"{where}: expected a dict or a (text, label) pair, got {record!r}")
         texts.append(parse_text(text, where))
-        labels.append(parse_label(label, multi_label, where))
-    return Examples(texts=texts, labels=labels, multi_label=multi_label)
+        labels.append(reader.read(label, where))
+    return Examples(texts=texts, labels=labels, multi_label=multi_label, label_spellings=reader.merged())
 
 
 # -- stored with a version: gzipped JSON Lines -----------------------------------------------------
@@ -165,6 +174,7 @@ def examples_from_bytes(data: bytes, where: str = "stored training data") -> Exa
         raise TrainingDataError(f"{where} is unreadable: {type(e).__name__}: {e}") from None
     if len(texts) != n:
         raise TrainingDataError(f"{where} holds {len(texts)} examples, its header says {n}")
+    _refuse_unencodable(texts, labels, where, first_line=2)  # line 1 is the header
     examples = Examples(texts=texts, labels=labels, multi_label=multi)
     if examples.source_hash != recorded:
         raise TrainingDataError(f"{where} does not match its recorded hash (altered or damaged)")

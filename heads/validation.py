@@ -1,14 +1,17 @@
 """Check training data before any fitting: refuse what cannot give a usable head, warn on risk.
 
 Refused (TrainingDataError, with what is wrong, where, and how to fix it):
-    no examples; empty or whitespace-only texts; an empty label (single-label data);
+    no examples; texts with no visible content (empty, whitespace, or only zero-width and
+    formatting characters: ``headfleet.text.is_blank``, the rule every entry point shares);
+    an empty label (single-label data);
     fewer than two classes; any class with fewer than 2 examples (one must train, one must be
     held out for the metrics to mean anything).
 Warned (``ValidationReport.warnings``, training goes on):
-    a class with fewer than 8 examples; imbalance over 10:1; duplicate rows; texts that appear
-    with different labels; a label on every example (multi-label: nothing to learn);
-    unknown-token share over 5%; truncated share over 10% (both measured by the caller's
-    tokenizer, since heads/ knows nothing about tokenisation).
+    labels written two or more ways that the label rule read as one ("1" and "1.0": see
+    ``headfleet.heads.labels``); a class with fewer than 8 examples; imbalance over 10:1;
+    duplicate rows; texts that appear with different labels; a label on every example
+    (multi-label: nothing to learn); unknown-token share over 5%; truncated share over 10%
+    (both measured by the caller's tokenizer, since heads/ knows nothing about tokenisation).
 Row numbers are 1-based positions in the data (for a CSV, the header is not counted).
 """
 
@@ -20,6 +23,8 @@ from typing import Any
 
 from headfleet.errors import TrainingDataError
 from headfleet.heads.examples import Examples
+from headfleet.heads.labels import merged_labels_message
+from headfleet.text import blank_message, is_blank
 
 MIN_PER_CLASS = 2
 FEW_PER_CLASS = 8
@@ -60,7 +65,7 @@ def validate(examples: Examples, token_stats: TokenStats | None = None) -> Valid
     per_class = _count_classes(examples)
     _refuse_few_classes(examples, per_class)
 
-    warnings: list[str] = []
+    warnings: list[str] = _merged_label_warnings(examples)
     few = {c: k for c, k in per_class.items() if k < FEW_PER_CLASS}
     if few:
         warnings.append(
@@ -120,15 +125,26 @@ def _fmt_counts(counts: dict[str, int]) -> str:
 
 
 def _refuse_empty_texts(examples: Examples) -> None:
-    empty = [i for i, t in enumerate(examples.texts) if not t.strip()]
+    empty = [i for i, t in enumerate(examples.texts) if is_blank(t)]
     if empty:
         raise TrainingDataError(
-            f"empty or whitespace-only text in row(s) {_rows(empty)}; remove those rows or fill in the text"
+            blank_message(f"the text in row(s) {_rows(empty)}") + "; remove those rows or fill in the text"
         )
     if not examples.multi_label:
-        unlabelled = [i for i, label in enumerate(examples.labels) if not label]
+        unlabelled = [i for i, label in enumerate(examples.labels) if not label or is_blank(label)]
         if unlabelled:
-            raise TrainingDataError(f"empty label in row(s) {_rows(unlabelled)}; label those rows or remove them")
+            raise TrainingDataError(
+                f"empty label in row(s) {_rows(unlabelled)} (missing, null or no visible content); "
+                "label those rows or remove them"
+            )
+
+
+def _merged_label_warnings(examples: Examples) -> list[str]:
+    merged = sorted(examples.label_spellings.items())
+    out = [merged_labels_message(label, spellings) for label, spellings in merged[:_MAX_ROWS_NAMED]]
+    if len(merged) > _MAX_ROWS_NAMED:
+        out.append(f"... and {len(merged) - _MAX_ROWS_NAMED} more label(s) written two or more ways")
+    return out
 
 
 def _count_classes(examples: Examples) -> dict[str, int]:
