@@ -4,6 +4,11 @@ Redis is an optimisation, never a dependency: when it is unreachable, reads come
 misses and writes are dropped (both counted), and the tier stops contacting Redis for
 ``retry_after_s`` so that a dead server costs one failed call per window rather than a
 connect timeout on every request. The first call after the window probes again.
+
+Health is the present, not the last request's outcome: :meth:`RedisTier.probe` pings Redis
+(connect timeout 0.25 s, reply timeout 0.5 s) at most once per ``probe_every_s`` and caches the
+answer, so a readiness endpoint polled with no traffic sees an outage or a recovery within
+about a second. ``outages`` counts healthy -> unhealthy transitions since start.
 """
 
 from __future__ import annotations
@@ -51,11 +56,14 @@ class RedisTier:
         ttl_s: int | None = None,
         prefix: str = "hf",
         retry_after_s: float = 1.0,
+        probe_every_s: float = 1.0,
     ):
         self.dim = int(dim)
         self.ttl_s = ttl_s
         self.prefix = f"{prefix}:v1:"
         self.retry_after_s = float(retry_after_s)
+        self.probe_every_s = float(probe_every_s)
+        self._probed_at = float("-inf")
         self._tag = fingerprint_tag(fingerprint)
         # Short timeouts, and one immediate retry on connection errors only (a connection
         # dropped mid-command), never on timeouts: a stalled Redis costs a single socket
@@ -74,6 +82,7 @@ class RedisTier:
         self.last_error: str | None = None
         self.errors = 0
         self.recoveries = 0
+        self.outages = 0
         self.corrupt = 0
         self.skipped = 0
         self.dropped_writes = 0
@@ -97,6 +106,7 @@ class RedisTier:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 if self.healthy:
                     log.warning("Redis unavailable, retrying in %.1fs: %s", self.retry_after_s, self.last_error)
+                    self.outages += 1
                 self.healthy = False
                 self._skip_until = time.monotonic() + self.retry_after_s
             return False, None
@@ -160,12 +170,25 @@ class RedisTier:
         ok, pong = self._call(self._client.ping, force=True)
         return bool(ok and pong)
 
+    def probe(self) -> bool:
+        """Whether Redis answers now: a PING (bounded by the socket timeouts, at most ~0.75 s) when the
+        last probe is older than ``probe_every_s`` seconds, else the cached answer. Updates
+        ``healthy``, ``outages`` and ``recoveries`` like any other call."""
+        now = time.monotonic()
+        with self._lock:
+            fresh = now - self._probed_at < self.probe_every_s
+            if fresh:
+                return self.healthy
+            self._probed_at = now
+        return self.ping()
+
     def status(self) -> dict[str, Any]:
         with self._lock:
             return {
                 "healthy": self.healthy,
                 "errors": self.errors,
                 "recoveries": self.recoveries,
+                "outages": self.outages,
                 "last_error": self.last_error,
                 "corrupt": self.corrupt,
                 "skipped": self.skipped,

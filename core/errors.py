@@ -9,11 +9,15 @@ from __future__ import annotations
 
 
 class HeadfleetError(Exception):
+    """``message``: what went wrong and what to do, for a person; ``param``: the request field it
+    concerns, when there is one (OpenAI-shaped errors on ``/v1`` carry it)."""
+
     error_type = "internal_error"
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, *, param: str | None = None):
         super().__init__(message)
         self.message = message
+        self.param = param
 
 
 class ValidationError(HeadfleetError):
@@ -91,3 +95,19 @@ class AdapterImportError(ValidationError):
     that change more than low-rank deltas)."""
 
     error_type = "adapter_import_error"
+
+
+class InvalidJSONError(ValidationError):
+    """A request body that is not JSON at all (or not UTF-8, or nested too deeply to read)."""
+
+    error_type = "invalid_json"
+
+
+class CorruptVersionError(BackendError):
+    """A stored classifier version whose files do not match their manifest's sha256 or cannot be read.
+
+    Raised when the version is loaded; the message names ``tenant/name@version`` and the way out
+    (retrain it, or restore the version folder from a backup, or point the alias at another version).
+    """
+
+    error_type = "corrupt_version"

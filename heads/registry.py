@@ -19,6 +19,13 @@ Guarantees and how they are kept:
   another tenant's classifier is indistinguishable from a missing one, message included.
 - Delete renames the classifier dir to a hidden trash name (one atomic step, after which every
   lookup is NotFound), then removes the trash.
+- A version's files are what was published: the manifest records the sha256 of the weights
+  (and of a LoRA adapter's weights); :meth:`Registry.load` hashes the very bytes it parses and
+  refuses a mismatch, a truncated or unreadable file with ``CorruptVersionError`` naming
+  ``tenant/name@version`` and the way out (retrain, restore, or move the alias).
+- Leftovers of crashed writers are swept by :meth:`Registry.sweep` (the service calls it at
+  start): a writer holds an ``flock`` on its ``.tmp-*`` dir for the whole save, so a temp dir whose
+  lock can be taken belongs to a dead process; ``.trash-*`` dirs are always garbage.
 Hidden entries (leading '.') are the registry's own and can never collide with valid names.
 """
 
@@ -26,17 +33,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from headfleet.errors import ConflictError, NotFoundError, ParentMismatchError
+from headfleet.errors import ConflictError, CorruptVersionError, NotFoundError, ParentMismatchError, ValidationError
 from headfleet.heads.atomic import dump_json, fsync_dir, locked, write_json_atomic
 from headfleet.heads.refs import LATEST, NAME_RE, Ref, check_alias, check_name, parse_ref
 from headfleet.heads.types import WEIGHTS_FILE, HeadArrays
@@ -76,6 +85,8 @@ class Registry:
             tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=cdir))
         except FileNotFoundError:
             raise ConflictError(f"classifier {name!r} was deleted while saving; save again") from None
+        held = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(held, fcntl.LOCK_EX)  # "a live writer owns this dir" (see sweep); released on close
         try:
             head.save(tmp)
             for fname, data in (files or {}).items():
@@ -118,6 +129,7 @@ class Registry:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+            os.close(held)
         with contextlib.suppress(FileNotFoundError):  # deleted right after publishing: nothing to persist
             fsync_dir(versions)
         self._update_aliases(cdir, name, lambda a: a.__setitem__(LATEST, max(int(a.get(LATEST, 0)), version)))
@@ -150,9 +162,16 @@ class Registry:
         version = self._version_for(cdir, parsed)
         try:
             with open(self._version_dir(cdir, version) / MANIFEST_FILE, encoding="utf-8") as f:
-                return json.load(f)
+                manifest = json.load(f)
         except FileNotFoundError:
             raise NotFoundError(f"classifier {parsed.name!r} has no version {version}") from None
+        except (OSError, ValueError) as exc:  # torn by hand, bad bytes, not JSON
+            raise CorruptVersionError(corrupt_message(tenant, parsed.name, version, f"its manifest cannot be read "
+                                                      f"({type(exc).__name__})")) from None
+        if not isinstance(manifest, dict) or manifest.get("version") != version:
+            raise CorruptVersionError(corrupt_message(tenant, parsed.name, version,
+                                                      "its manifest is not the one published for it"))
+        return manifest
 
     def load(self, tenant: str, ref: str, expected_fingerprint: str | None = None) -> tuple[dict[str, Any], HeadArrays]:
         """Manifest and head for ``ref``; refuses a head trained on another backbone."""
@@ -164,12 +183,51 @@ class Registry:
                 f"{str(parent)[:12] if parent else 'unknown'} but the loaded backbone is "
                 f"{expected_fingerprint[:12]}; the head must be retrained on this backbone"
             )
-        cdir = self._classifier_dir(tenant, manifest["name"])
+        name, version = manifest["name"], int(manifest["version"])
+        data = self.read_verified(tenant, manifest, WEIGHTS_FILE, (manifest.get("weights") or {}).get("sha256"))
         try:
-            head = HeadArrays.load(self._version_dir(cdir, int(manifest["version"])))
-        except FileNotFoundError:  # deleted between resolve and load
-            raise NotFoundError(_missing(manifest["name"])) from None
+            head = HeadArrays.from_bytes(data, where=WEIGHTS_FILE)
+        except ValidationError as exc:
+            raise CorruptVersionError(corrupt_message(tenant, name, version, exc.message)) from None
         return manifest, head
+
+    def read_verified(self, tenant: str, manifest: dict[str, Any], fname: str, sha256: str | None) -> bytes:
+        """The bytes of the version's file ``fname``, checked against ``sha256`` (hex) when one is
+        recorded. Raises NotFoundError when the classifier was deleted meanwhile, and
+        CorruptVersionError when the file is missing from an existing version or does not match."""
+        name, version = manifest["name"], int(manifest["version"])
+        vdir = self._version_dir(self._classifier_dir(tenant, name), version)
+        try:
+            data = (vdir / fname).read_bytes()
+        except FileNotFoundError:
+            if not vdir.is_dir():  # deleted between resolve and load
+                raise NotFoundError(_missing(name)) from None
+            raise CorruptVersionError(corrupt_message(tenant, name, version, f"{fname} is missing")) from None
+        except OSError as exc:
+            raise CorruptVersionError(corrupt_message(tenant, name, version, f"{fname} cannot be read "
+                                                      f"({type(exc).__name__})")) from None
+        if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+            raise CorruptVersionError(corrupt_message(tenant, name, version, f"{fname} does not match the sha256 "
+                                                      "its manifest records (changed or truncated after publishing)"))
+        return data
+
+    def sweep(self, min_age_s: float = 2.0) -> int:
+        """Remove what crashed writers left: ``.tmp-*`` version dirs whose writer is gone (its flock
+        can be taken) and older than ``min_age_s`` seconds, ``.trash-*`` dirs of interrupted deletes,
+        and stray alias temp files. Safe beside live writers in other processes. Returns how many."""
+        removed = 0
+        if not self.root.is_dir():
+            return 0
+        for tdir in self.root.iterdir():
+            if not tdir.is_dir() or not NAME_RE.match(tdir.name):
+                continue
+            for entry in list(tdir.iterdir()):
+                if entry.name.startswith(_TRASH_PREFIX):
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed += 1
+                elif entry.is_dir() and NAME_RE.match(entry.name):
+                    removed += _sweep_classifier(entry, min_age_s)
+        return removed
 
     def version_dir(self, tenant: str, manifest: dict[str, Any]) -> Path:
         """The folder of the version ``manifest`` describes (read-only: versions are immutable)."""
@@ -268,6 +326,47 @@ class Registry:
         except FileNotFoundError:
             raise NotFoundError(_missing(name)) from None
         return aliases
+
+
+def corrupt_message(tenant: str, name: str, version: int, what: str) -> str:
+    """The one wording of a corrupt version: which, what is wrong, what to do (no server paths)."""
+    return (f"classifier version {tenant}/{name}@{version} is corrupt: {what}. It is not served; retrain it "
+            f"(a new version), restore its folder from a backup, or point the alias at another version; "
+            "other classifiers are unaffected")
+
+
+def _sweep_classifier(cdir: Path, min_age_s: float) -> int:
+    removed = 0
+    now = time.time()
+    for entry in list(cdir.iterdir()):
+        if entry.name.startswith(_TRASH_PREFIX):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+        elif entry.name.startswith(_TMP_PREFIX) and entry.is_dir():
+            try:
+                if now - entry.stat().st_mtime < min_age_s:
+                    continue
+                fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # a live writer holds it
+                os.close(fd)
+                continue
+            try:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+            finally:
+                os.close(fd)
+        elif entry.name.startswith(f".{ALIASES_FILE}.") and entry.name.endswith(".tmp"):
+            try:
+                with locked(cdir / LOCK_FILE):  # alias writers hold this while their temp file exists
+                    os.unlink(entry)
+                    removed += 1
+            except OSError:
+                pass
+    return removed
 
 
 def _missing(name: str) -> str:

@@ -129,24 +129,30 @@ class HeadArrays:
 
     @classmethod
     def load(cls, folder: Path) -> "HeadArrays":
-        """Read a head written by ``save``; raises ValidationError for a foreign file."""
-        from safetensors import safe_open
-
+        """Read a head written by ``save``; raises ValidationError for a foreign or unreadable file."""
         path = Path(folder) / WEIGHTS_FILE
-        with safe_open(str(path), framework="np") as f:
-            meta = f.metadata() or {}
+        return cls.from_bytes(path.read_bytes(), where=str(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "head") -> "HeadArrays":
+        """A head from the bytes of a ``weights.safetensors`` file (so a caller can hash exactly the
+        bytes it parses). Raises ValidationError naming ``where`` for a truncated, foreign or
+        otherwise unreadable file."""
+        from safetensors.numpy import load
+
+        try:
+            n = int.from_bytes(data[:8], "little")
+            meta = json.loads(data[8: 8 + n]).get("__metadata__") or {}
+            arrays = load(data)
             if meta.get("format") != FORMAT:
-                raise ValidationError(f"{path} is not a headfleet head (format {meta.get('format')!r})")
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
-        return cls(
-            kind=meta["kind"],
-            labels=json.loads(meta["labels"]),
-            multi_label=json.loads(meta["multi_label"]),
-            W1=arrays["W1"],
-            b1=arrays["b1"],
-            W2=arrays.get("W2"),
-            b2=arrays.get("b2"),
-        )
+                raise ValidationError(f"{where} is not a headfleet head (format {meta.get('format')!r})")
+            return cls(kind=meta["kind"], labels=json.loads(meta["labels"]),
+                       multi_label=json.loads(meta["multi_label"]), W1=arrays["W1"], b1=arrays["b1"],
+                       W2=arrays.get("W2"), b2=arrays.get("b2"))
+        except ValidationError:
+            raise
+        except Exception as exc:  # SafetensorError, bad JSON, missing keys, wrong shapes
+            raise ValidationError(f"{where} cannot be read as a head: {type(exc).__name__}: {exc}") from None
 
     @classmethod
     def from_sklearn(

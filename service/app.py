@@ -8,9 +8,7 @@ from typing import AsyncIterator
 
 from litestar import Litestar
 from litestar.di import Provide
-from litestar.openapi import OpenAPIConfig
 
-from headfleet import __version__
 from headfleet.service.api.admin import AdminController
 from headfleet.service.api.classifiers import ClassifiersController, JobsController
 from headfleet.service.api.classify import ClassifyController
@@ -19,6 +17,8 @@ from headfleet.service.api.embeddings import EmbeddingsController
 from headfleet.service.api.ops import OpsController
 from headfleet.service.errors import HANDLERS
 from headfleet.service.metrics import ENDPOINTS
+from headfleet.service.openapi import document_errors, openapi_config
+from headfleet.service.request import HeadfleetRequest
 from headfleet.service.state import Service
 from headfleet.settings import Settings
 
@@ -59,6 +59,35 @@ def timing_middleware(app):
     return middleware
 
 
+def options_middleware(app):
+    """Answer ``OPTIONS`` with every method the path serves. Litestar builds each path's OPTIONS
+    handler from the first handler registered for it, so a controller with GET and POST on one path
+    announced only one of them; the complete set is taken from the built routes (``_ALLOW``)."""
+
+    async def middleware(scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "OPTIONS":
+            allow = _ALLOW.get(id(scope.get("route_handler")))
+            if allow is not None:
+                await send({"type": "http.response.start", "status": 204,
+                            "headers": [(b"allow", ", ".join(sorted(allow)).encode())]})
+                await send({"type": "http.response.body", "body": b""})
+                return
+        await app(scope, receive, send)
+
+    return middleware
+
+
+_ALLOW: dict[int, frozenset[str]] = {}  # id(OPTIONS handler) -> methods of its path
+
+
+def _index_options(app: Litestar) -> None:
+    for route in app.routes:
+        methods = frozenset(getattr(route, "methods", ()) or ())
+        for handler in getattr(route, "route_handlers", ()):
+            if "OPTIONS" in getattr(handler, "http_methods", ()):
+                _ALLOW[id(handler)] = methods
+
+
 def create_app(settings: Settings | None = None, *, embedder=None) -> Litestar:
     """Build the app; nothing is loaded until the lifespan runs (``embedder`` shares a loaded backbone)."""
     settings = settings or Settings.from_env()
@@ -78,9 +107,12 @@ def create_app(settings: Settings | None = None, *, embedder=None) -> Litestar:
         dependencies={"service": Provide(provide_service), "tenant": Provide(provide_tenant)},
         exception_handlers=HANDLERS,
         lifespan=[lifespan],
-        middleware=[timing_middleware],
+        middleware=[timing_middleware, options_middleware],
         request_max_body_size=settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="headfleet", version=__version__, path="/schema"),
+        request_class=HeadfleetRequest,
+        openapi_config=openapi_config(),
     )
+    document_errors(app)
+    _index_options(app)
     app.state.settings = settings
     return app

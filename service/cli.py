@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from headfleet.errors import HeadfleetError
+from headfleet.text import is_blank
 
 PROGRESS_THRESHOLD = 300  # texts; below this a progress bar is noise
 DEFAULT_TENANT = "default"
@@ -139,7 +140,7 @@ def _train_lora(args, examples) -> int:
 def _read_texts(args) -> list[str]:
     texts = list(args.texts)
     if texts == ["-"]:
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        texts = [line.rstrip("\r\n") for line in sys.stdin if not is_blank(line)]
     if not texts:
         raise SystemExit("classify: give texts as arguments, or '-' to read one per line from stdin")
     return texts

@@ -22,13 +22,14 @@ from headfleet.cache import CacheStats, FaissStore, MemoryLRU, RedisTier, Tiered
 from headfleet.embedder import Embedder
 from headfleet.embedder.embedder import Embedded
 from headfleet.embedder.lora import module_shapes
-from headfleet.errors import NoAdapterSlotError, NotFoundError, ValidationError
+from headfleet.errors import CorruptVersionError, NoAdapterSlotError, NotFoundError, ValidationError
 from headfleet.heads.adapters import LoraAdapter, manager_for
 from headfleet.heads import Examples, HeadFleet, Registry, TokenStats, train_head, validate
 from headfleet.heads.refs import NAME_RE, check_name
 from headfleet.heads.retrain import stale_versions, stored_examples, training_data_files
 from headfleet.service.provenance import git_commit, library_versions
 from headfleet.settings import Settings
+from headfleet.text import blank_message, is_blank
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ class Engine:
         self._lock = threading.Lock()
         self.adapters = None  # the AdapterManager, created at the first LoRA classifier (adapter_manager)
         self.adapter_load_hooks: list[Callable[[float], None]] = []  # seconds per cold adapter load (metrics)
+        self.corrupt_hooks: list[Callable[[str], None]] = []  # "tenant/name@version" refused as corrupt (metrics)
+        self._verified_adapters: set[str] = set()  # adapter ids whose file matched its sha256 at first use
 
     # -- lifecycle ----------------------------------------------------------------------------
     @classmethod
@@ -128,8 +131,11 @@ class Engine:
                             settings.redis_url)
             tiers.append(redis)
         stats = CacheStats()
-        return cls(settings, embedder, TieredCache(tiers, stats), Registry(data / "registry"), stats,
-                   redis=redis, local=local)
+        registry = Registry(data / "registry")
+        swept = registry.sweep()
+        if swept:
+            log.info("removed %d leftover(s) of interrupted registry writes", swept)
+        return cls(settings, embedder, TieredCache(tiers, stats), registry, stats, redis=redis, local=local)
 
     def close(self) -> None:
         self.cache.close()
@@ -273,8 +279,24 @@ class Engine:
         if not str(info.get("sha256", "")).startswith(sha):
             raise NotFoundError(f"classifier {manifest['name']!r} version {manifest['version']} no longer holds "
                                 "the adapter this request resolved")
-        return LoraAdapter.from_folder(self.registry.version_dir(tenant, manifest),
-                                       shapes=module_shapes(self.embedder.model))
+        return self._read_adapter(tenant, manifest)
+
+    def _read_adapter(self, tenant: str, manifest: dict) -> LoraAdapter:
+        """The version's PEFT adapter, its weights checked against the manifest's sha256."""
+        import json as _json
+
+        from headfleet.errors import AdapterImportError
+        from headfleet.heads.adapters import CONFIG_FILE, WEIGHTS_FILE as ADAPTER_WEIGHTS
+        from headfleet.heads.registry import corrupt_message
+
+        weights = self.registry.read_verified(tenant, manifest, ADAPTER_WEIGHTS, manifest["adapter"]["sha256"])
+        where = f"{tenant}/{manifest['name']}@{manifest['version']}"
+        try:
+            cfg = _json.loads(self.registry.read_verified(tenant, manifest, CONFIG_FILE, None))
+            return LoraAdapter.from_parts(cfg, weights, shapes=module_shapes(self.embedder.model), where=where)
+        except (ValueError, AdapterImportError) as exc:
+            raise CorruptVersionError(corrupt_message(tenant, manifest["name"], int(manifest["version"]),
+                                                      f"its adapter cannot be read ({exc})")) from None
 
     def write_back(self, filled: "Filled") -> None:
         """Write newly computed vectors into the remote tier(s); a no-op without Redis."""
@@ -423,22 +445,50 @@ class Engine:
     def _fleet_key(self, tenant: str, ref: str) -> tuple[str, dict]:
         manifest = self._manifest(tenant, ref)
         key = f"{tenant}/{manifest['name']}@{manifest['version']}"
-        if key not in self.fleet:
-            with self._lock:
-                if key not in self.fleet:
-                    _, head = self.registry.load(tenant, f"{manifest['name']}@{manifest['version']}",
-                                                 self.embedder.fingerprint)
-                    self.fleet.add(key, head)
+        try:
+            if key not in self.fleet:
+                with self._lock:
+                    if key not in self.fleet:
+                        _, head = self.registry.load(tenant, f"{manifest['name']}@{manifest['version']}",
+                                                     self.embedder.fingerprint)
+                        self.fleet.add(key, head)
+            adapter = manifest.get("adapter")
+            if adapter and self.embedder.model is not None:
+                aid = f"{key}#{adapter['sha256'][:16]}"
+                if aid not in self._verified_adapters:  # refuse a damaged adapter here, not inside a shared batch
+                    self._read_adapter(tenant, manifest)
+                    self._verified_adapters.add(aid)
+        except CorruptVersionError:
+            for hook in self.corrupt_hooks:
+                hook(key)
+            log.error("refused corrupt classifier version %s", key)
+            raise
         return key, manifest
 
-    def resolve(self, tenant: str, classifiers: Sequence[str]) -> list[tuple[str, str, dict]]:
-        """``[(ref as asked, fleet key, manifest)]`` for distinct refs, heads loaded into the fleet."""
+    def resolve(self, tenant: str, classifiers: Sequence[str],
+                errors: dict[str, dict] | None = None) -> list[tuple[str, str, dict]]:
+        """``[(ref as asked, fleet key, manifest)]`` for distinct refs, heads loaded into the fleet.
+
+        A version whose files fail their sha256 check raises CorruptVersionError; with ``errors``
+        given, it is recorded there instead (``ref -> {"error", "error_type"}``) and the other
+        classifiers are still served — unless every one of them failed, which raises the first.
+        """
         if not classifiers:
             raise ValidationError("classifiers must name at least one classifier")
         out = []
+        first: CorruptVersionError | None = None
         for ref in dict.fromkeys(classifiers):
-            key, manifest = self._fleet_key(tenant, ref)
+            try:
+                key, manifest = self._fleet_key(tenant, ref)
+            except CorruptVersionError as exc:
+                if errors is None:
+                    raise
+                errors[ref] = {"error": exc.message, "error_type": exc.error_type}
+                first = first or exc
+                continue
             out.append((ref, key, manifest))
+        if not out and first is not None:
+            raise first
         return out
 
     def score(self, batch: EmbedBatch, resolved: list[tuple[str, str, dict]]) -> dict:
@@ -472,15 +522,23 @@ class Engine:
         """Every text against every classifier in this thread: label, scores, version; and the cache report."""
         if not texts:
             raise ValidationError("texts must hold at least one text")
-        resolved = self.resolve(tenant, classifiers)
+        blank = next((i for i, t in enumerate(texts) if is_blank(t)), None)
+        if blank is not None:
+            raise ValidationError(blank_message(f"texts[{blank}]"))
+        errors: dict[str, dict] = {}
+        resolved = self.resolve(tenant, classifiers, errors)
         groups = self.plan(tenant, resolved, namespace)
         if len(groups) == 1 and not groups[0][0].startswith(ADAPTER_NS):
             names = [m["name"] for _, _, m in resolved]
             batch = self.embed(tenant, texts, namespace=namespace, classifiers=names, progress=progress)
-            return self.score(batch, resolved)
-        batches = self.embed_groups(tenant, texts, [(ns, [m["name"] for _, _, m in items]) for ns, items in groups],
-                                    progress=progress)
-        return self.score_groups([(b, items) for b, (_, items) in zip(batches, groups)], resolved)
+            out = self.score(batch, resolved)
+        else:
+            batches = self.embed_groups(tenant, texts, [(ns, [m["name"] for _, _, m in items]) for ns, items in groups],
+                                        progress=progress)
+            out = self.score_groups([(b, items) for b, (_, items) in zip(batches, groups)], resolved)
+        if errors:
+            out["errors"] = errors
+        return out
 
     def train(self, tenant: str, name: str, examples: Examples, *, kind: str = "logreg", seed: int = 0,
               progress: Callable[[int], None] | None = None,
@@ -718,7 +776,10 @@ class Engine:
         return self.stats.snapshot(tenant)
 
     def health(self) -> dict:
-        status = self.redis.status() if self.redis is not None else None
-        if status is not None and not status["healthy"]:
-            return {"status": "degraded", "reason": f"redis unreachable: {status['last_error']}"}
+        """``ready``, or ``degraded`` with a reason that names no host, port or path (it is served
+        without a key). Probes Redis (bounded, cached ~1 s: :meth:`RedisTier.probe`), so the answer
+        is the present state even with no traffic; blocking: call it off the event loop."""
+        if self.redis is not None and not self.redis.probe():
+            return {"status": "degraded",
+                    "reason": "redis unreachable: answering from the in-process tiers, new vectors are not shared"}
         return {"status": "ready"}

@@ -9,6 +9,7 @@ a body that does not decode) get the same body shape.
 from __future__ import annotations
 
 import logging
+import re
 
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
@@ -16,8 +17,10 @@ from litestar.exceptions import HTTPException, ValidationException
 from headfleet.errors import (
     BackendError,
     ConflictError,
+    CorruptVersionError,
     ForbiddenError,
     HeadfleetError,
+    InvalidJSONError,
     NotFoundError,
     OverloadedError,
     ParentMismatchError,
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 # Most specific first: the first class the exception is an instance of wins.
 STATUS: list[tuple[type[HeadfleetError], int]] = [
     (TooLargeError, 413),
+    (InvalidJSONError, 400),
     (TrainingDataError, 422),
     (ValidationError, 422),
     (UnauthorizedError, 401),
@@ -42,6 +46,7 @@ STATUS: list[tuple[type[HeadfleetError], int]] = [
     (ParentMismatchError, 409),
     (OverloadedError, 429),
     (ClientGoneError, 499),
+    (CorruptVersionError, 503),
     (BackendError, 503),
     (HeadfleetError, 500),
 ]
@@ -57,36 +62,55 @@ def status_of(exc: HeadfleetError) -> int:
     return 500
 
 
+# OpenAI's error ``type`` by status, for the ``/v1`` routes (its clients raise on these)
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                 404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+                 422: "invalid_request_error", 429: "rate_limit_error"}
+
+
 def error_response(request: Request, status: int, message: str, error_type: str,
-                   headers: dict[str, str] | None = None) -> Response:
+                   headers: dict[str, str] | None = None, param: str | None = None) -> Response:
+    """``{"error", "error_type"}``; on ``/v1/*`` OpenAI's ``{"error": {"message", "type", "param", "code"}}``
+    (``code`` is headfleet's error_type), so the official client's exception carries the reason."""
     service = getattr(request.app.state, "service", None)
     if service is not None:
         service.metrics.failures.labels(error_type).inc()
-    return Response({"error": message, "error_type": error_type}, status_code=status, media_type=MediaType.JSON,
-                    headers=headers)
+    if request.url.path.startswith("/v1/"):
+        body: dict = {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error" if status >= 500
+                                                                               else "invalid_request_error"),
+                                "param": param, "code": error_type}}
+    else:
+        body = {"error": message, "error_type": error_type}
+    return Response(body, status_code=status, media_type=MediaType.JSON, headers=headers)
 
 
 def on_domain_error(request: Request, exc: HeadfleetError) -> Response:
     headers = None
     if isinstance(exc, OverloadedError):
         headers = {"Retry-After": str(max(1, int(round(exc.retry_after))))}
-    return error_response(request, status_of(exc), exc.message, exc.error_type, headers)
+    return error_response(request, status_of(exc), exc.message, exc.error_type, headers, exc.param)
 
 
 def on_validation(request: Request, exc: ValidationException) -> Response:
     """A body that is not JSON is a 400; JSON of the wrong shape or types is a 422 naming the field."""
+    body = getattr(request, "_body", None)
+    if isinstance(body, bytes) and not body.strip():  # Litestar skips decoding an empty body
+        return error_response(request, 400, "request body is empty; send a JSON object", "invalid_json")
     detail = str(exc.detail or "")
     extra = exc.extra if isinstance(exc.extra, list) else []
     messages = []
+    param = None
     for item in extra:
         if isinstance(item, dict):
             msg = str(item.get("message", ""))
             key = item.get("key")
             messages.append(f"{key}: {msg}" if key and key != "data" and key not in msg else msg)
+            m = re.search(r"at `\$\.([A-Za-z_]\w*)", msg)
+            param = param or (m.group(1) if m else None)
     text = "; ".join(m for m in messages if m) or detail
     if "malformed" in text.lower() or "json is malformed" in detail.lower():
         return error_response(request, 400, f"request body is not valid JSON: {text}", "invalid_json")
-    return error_response(request, 422, text, "validation_error")
+    return error_response(request, 422, text, "validation_error", param=param)
 
 
 def on_http(request: Request, exc: HTTPException) -> Response:

@@ -19,7 +19,9 @@ ENDPOINTS = ("/classify", "/embed", "/v1/embeddings", "/classifiers", "/stats", 
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, *, redis: bool = False) -> None:
+        """``redis``: a Redis tier is configured (only then are ``headfleet_redis_up`` and
+        ``headfleet_redis_outages_total`` exported)."""
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.request = Histogram("headfleet_request_seconds", "Request latency by endpoint and status class",
                                  ["endpoint", "status"], buckets=_MS_BUCKETS, registry=r)
@@ -51,8 +53,16 @@ class Metrics:
         self.adapter_events = Gauge("headfleet_adapter_events", "LoRA adapter manager counters since start "
                                     "(disk_loads, slot_loads, slot_hits, slot_evictions, host_evictions)", ["event"],
                                     registry=r)
-        self.redis_up = Gauge("headfleet_redis_up", "1 when the Redis tier answers, 0 when it does not, absent "
-                              "without Redis", registry=r)
+        self.redis_up = self.redis_outages = None
+        self.redis_outages_seen = 0
+        if redis:
+            self.redis_up = Gauge("headfleet_redis_up", "1 when the Redis tier answers (probed at most once a "
+                                  "second), 0 when it does not", registry=r)
+            self.redis_outages = Counter("headfleet_redis_outages", "Times the Redis tier went from answering to "
+                                         "not answering", registry=r)
+        self.corrupt_versions = Counter("headfleet_corrupt_versions", "Classifier versions refused at load because "
+                                        "their files did not match the manifest's sha256 or could not be read",
+                                        registry=r)
         for tier in ("memory", "local", "redis", "miss"):
             self.cache_lookups.labels(tier)
         for scope in ("tenant", "global"):

@@ -38,10 +38,17 @@ class CacheReport(msgspec.Struct):
     computed: int
 
 
-class ClassifyResponse(msgspec.Struct):
+class ClassifierError(msgspec.Struct):
+    error: str
+    error_type: str  # "corrupt_version": the version's files failed their sha256 check
+
+
+class ClassifyResponse(msgspec.Struct, omit_defaults=True):
     results: list[TextResult]
     cache: CacheReport
     timing_ms: dict[str, float]  # cache, queue, embed, heads, total
+    # classifiers asked for that could not be served (a corrupt stored version); the others answered
+    errors: dict[str, ClassifierError] | None = None
 
 
 class TrainRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -71,8 +78,12 @@ class ScoreJobRequest(msgspec.Struct, forbid_unknown_fields=True):
     overwrite: bool = False  # replace a finished output at the same path
 
 
-class TEIEmbedRequest(msgspec.Struct):
-    """text-embeddings-inference's ``POST /embed`` body."""
+class TEIEmbedRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """text-embeddings-inference's ``POST /embed`` body. Every field is honoured or refused: unknown
+    fields are a 422 naming them; ``truncation_direction`` "Left" and ``normalize: false`` on a
+    normalising backbone are refused; ``prompt_name`` selects one of the backbone's
+    sentence-transformers prompts (``config_sentence_transformers.json``), prepended to each input,
+    and names one it does not have is a 422 listing those it has."""
 
     inputs: str | list[str]
     normalize: bool = True
@@ -81,8 +92,10 @@ class TEIEmbedRequest(msgspec.Struct):
     prompt_name: str | None = None
 
 
-class OpenAIEmbeddingsRequest(msgspec.Struct):
-    """OpenAI's ``POST /v1/embeddings`` body (token-id inputs are refused with a clear error)."""
+class OpenAIEmbeddingsRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """OpenAI's ``POST /v1/embeddings`` body (token-id inputs are refused with a clear error).
+    ``dimensions`` must be the backbone's own; ``user`` (an end-user id for abuse monitoring) is
+    refused, since headfleet would neither record nor act on it."""
 
     input: Any
     model: str

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -38,6 +40,28 @@ def serve(settings: Settings, *, log_level: str = "info", access_log: bool = Fal
     else:
         print(f"headfleet: multi-tenant mode ({len(keys.tenants())} tenant(s) with keys); "
               f"listening on http://{settings.host}:{settings.port}", file=sys.stderr)
+    sock = bind(settings.host, settings.port)  # before the model loads: a busy port fails in milliseconds
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                access_log=access_log, http="httptools", loop="uvloop", timeout_graceful_shutdown=10)
+    config = uvicorn.Config(create_app(settings), log_level=log_level, access_log=access_log, http="httptools",
+                            loop="uvloop", timeout_graceful_shutdown=10)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``; ValidationError (the CLI's exit 2) when the port is taken
+    or the address is not this machine's, so a second ``serve`` never loads the model or opens the
+    data folder's stores."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ValidationError(f"port {port} on {host} is already in use (another headfleet serve?); "
+                                  "stop it or pass --port") from None
+        raise ValidationError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock

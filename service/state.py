@@ -19,9 +19,11 @@ from headfleet.service.auth import KeyStore
 from headfleet.service.engine import EmbedBatch, Engine
 from headfleet.service.jobs import JobManager
 from headfleet.service.metrics import Metrics
+from headfleet.service.namespaces import NamespaceStore
 from headfleet.service.scheduler import Scheduler
 from headfleet.service.scoring_jobs import ScoringJobs, scheduler_classify
 from headfleet.settings import Settings
+from headfleet.text import blank_message, is_blank
 
 log = logging.getLogger("headfleet.service")
 
@@ -46,6 +48,7 @@ class Service:
     keys: KeyStore
     metrics: Metrics
     scoring: ScoringJobs | None = None
+    namespaces: NamespaceStore | None = None
     started: float = dataclasses.field(default_factory=time.time)
 
     @classmethod
@@ -53,14 +56,16 @@ class Service:
         keys = KeyStore(settings.keys_file or Path(settings.data_dir) / "keys.json", settings.api_keys,
                         settings.admin_key)
         engine = await asyncio.to_thread(Engine.open, settings, embedder)
-        metrics = Metrics()
+        metrics = Metrics(redis=engine.redis is not None)
+        engine.corrupt_hooks.append(lambda _key: metrics.corrupt_versions.inc())
         engine.adapter_load_hooks.append(metrics.adapter_load.observe)
         scheduler = Scheduler(engine, batch_texts=settings.batch_size, batch_tokens=batch_tokens(settings, engine),
                               tenant_queue_texts=settings.tenant_queue_texts, queue_texts=settings.queue_texts,
                               metrics=metrics.scheduler_hooks())
         await scheduler.start()
         jobs = JobManager(engine, scheduler, Path(settings.data_dir) / "jobs", settings.jobs_workers)
-        service = cls(settings, engine, scheduler, jobs, keys, metrics)
+        service = cls(settings, engine, scheduler, jobs, keys, metrics,
+                      namespaces=NamespaceStore(Path(settings.data_dir) / "namespaces.json"))
         service.scoring = ScoringJobs(engine, scheduler_classify(service, asyncio.get_running_loop()),
                                       settings.scoring_root, Path(settings.data_dir) / "jobs",
                                       batch_size=settings.batch_size)
@@ -83,16 +88,22 @@ class Service:
     def check_texts(self, texts: Sequence[str], field: str = "texts") -> None:
         s = self.settings
         if not texts:
-            raise ValidationError(f"{field} must hold at least one text")
+            raise ValidationError(f"{field} must hold at least one text", param=field)
         if len(texts) > s.max_texts_per_request:
             raise TooLargeError(f"{len(texts)} texts in one request; the limit is {s.max_texts_per_request} "
-                                f"(HEADFLEET_MAX_TEXTS_PER_REQUEST) — split the request or use a batch job")
+                                f"(HEADFLEET_MAX_TEXTS_PER_REQUEST) — split the request or use a batch job", param=field)
         for i, t in enumerate(texts):
             if len(t) > s.max_chars_per_text:
                 raise TooLargeError(f"{field}[{i}] has {len(t)} characters; the limit is {s.max_chars_per_text} "
-                                    "(HEADFLEET_MAX_CHARS_PER_TEXT)")
-            if not t.strip():
-                raise ValidationError(f"{field}[{i}] is empty; every text needs some content")
+                                    "(HEADFLEET_MAX_CHARS_PER_TEXT)", param=field)
+            if is_blank(t):
+                raise ValidationError(blank_message(f"{field}[{i}]"), param=field)
+
+    def check_namespace(self, tenant: str, namespace: str | None) -> None:
+        """A shared cache namespace must be granted to ``tenant`` (403 otherwise); single-tenant mode
+        has one tenant, so every namespace is its own."""
+        if namespace is not None and not self.keys.single_tenant:
+            self.namespaces.check(tenant, namespace)
 
     def check_classifiers(self, classifiers: Sequence[str]) -> None:
         limit = self.settings.max_classifiers_per_request
@@ -104,6 +115,7 @@ class Service:
                     classifiers: Sequence[str] = (), receive=None, lane: str | None = None,
                     admit: bool = True) -> EmbedBatch:
         """In-process tiers inline; the distinct misses through the scheduler; stats recorded once."""
+        self.check_namespace(tenant, namespace)
         prep = self.engine.prepare(tenant, texts, namespace)
         answers: dict[bytes, tuple] = {}
         extra = {"queue": 0.0, "embed": 0.0}
@@ -141,7 +153,9 @@ class Service:
         if check:
             self.check_texts(texts)
         self.check_classifiers(classifiers)
-        resolved = self.engine.resolve(tenant, classifiers)
+        self.check_namespace(tenant, namespace)
+        errors: dict[str, dict] = {}
+        resolved = self.engine.resolve(tenant, classifiers, errors)
         groups = self.engine.plan(tenant, resolved, namespace)
         batches = await self.embed_groups(tenant, texts, [(ns, [m["name"] for _, _, m in items]) for ns, items in groups],
                                           receive=receive, lane=lane, admit=admit)
@@ -152,4 +166,6 @@ class Service:
             out = self.engine.score_groups(parts, resolved)
         self.metrics.heads.observe(out["timing_ms"]["heads"] / 1e3)
         out["timing_ms"]["total"] = round((time.perf_counter() - t0) * 1e3, 3)
+        if errors:
+            out["errors"] = errors
         return out

@@ -1,11 +1,16 @@
-"""Tenants and keys, for the admin key only."""
+"""Tenants, keys and shared cache namespaces, for the admin key only."""
 
 from __future__ import annotations
 
-from litestar.params import FromPath
-from litestar import Controller, Request, delete, get, post
+import msgspec
+from litestar.params import FromPath, JSONBody
+from litestar import Controller, Request, delete, get, post, put
 
 from headfleet.service.api.deps import require_admin
+
+
+class NamespaceRequest(msgspec.Struct, forbid_unknown_fields=True):
+    members: list[str]  # tenant names granted the namespace
 
 
 class AdminController(Controller):
@@ -38,3 +43,33 @@ class AdminController(Controller):
                 "scheduler": {"batches": service.scheduler.batches, "rejected": service.scheduler.rejected,
                               "dropped_requests": service.scheduler.dropped_requests,
                               "dropped_texts": service.scheduler.dropped_texts}}
+
+    @get("/namespaces", summary="Shared cache namespaces and their member tenants")
+    async def namespaces(self, request: Request) -> dict:
+        service = require_admin(request)
+        return {"namespaces": service.namespaces.list()}
+
+    @put("/namespaces/{namespace:str}", summary="Create a shared namespace or replace its members")
+    async def put_namespace(self, request: Request, namespace: FromPath[str], data: JSONBody[NamespaceRequest]) -> dict:
+        """Members may then send ``"namespace": "<namespace>"``: a text one member sent is a cache hit for
+        the others. Every other tenant naming it gets 403."""
+        service = require_admin(request)
+        return service.namespaces.put(namespace, data.members)
+
+    @put("/namespaces/{namespace:str}/members/{tenant_name:str}", summary="Grant a namespace to a tenant")
+    async def add_member(self, request: Request, namespace: FromPath[str], tenant_name: FromPath[str]) -> dict:
+        service = require_admin(request)
+        return service.namespaces.add_member(namespace, tenant_name)
+
+    @delete("/namespaces/{namespace:str}/members/{tenant_name:str}", status_code=200,
+            summary="Revoke a tenant's grant of a namespace")
+    async def remove_member(self, request: Request, namespace: FromPath[str], tenant_name: FromPath[str]) -> dict:
+        service = require_admin(request)
+        return service.namespaces.remove_member(namespace, tenant_name)
+
+    @delete("/namespaces/{namespace:str}", status_code=200, summary="Delete a shared namespace")
+    async def delete_namespace(self, request: Request, namespace: FromPath[str]) -> dict:
+        """Its members lose access at once; vectors cached under it age out of the tiers."""
+        service = require_admin(request)
+        service.namespaces.delete(namespace)
+        return {"deleted": namespace}

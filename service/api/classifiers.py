@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import msgspec
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 from litestar import Controller, Request, Response, delete, get, post, put
@@ -17,6 +16,7 @@ from headfleet.heads.loaders import parse_examples
 from headfleet.heads.refs import check_name
 from headfleet.heads.retrain import mark_stale, needs_retrain
 from headfleet.heads.types import KINDS
+from headfleet.service.request import convert, decode_json_body
 from headfleet.service.schemas import AliasRequest, ScoreJobRequest, TrainRequest
 from headfleet.service.state import Service
 
@@ -56,12 +56,7 @@ class ClassifiersController(Controller):
                                       text_col=str(form.get("text_col") or "text"),
                                       label_col=str(form.get("label_col") or "label"), multi_label=multi)
         else:
-            try:
-                body = msgspec.json.decode(await request.body(), type=TrainRequest)
-            except msgspec.ValidationError as exc:
-                raise ValidationError(str(exc)) from None
-            except msgspec.DecodeError as exc:
-                raise ValidationError(f"request body is not valid JSON: {exc}") from None
+            body = convert(decode_json_body(await request.body()), TrainRequest)
             name, kind, multi, seed = body.name, body.kind, body.multi_label, body.seed
             label_col = "labels" if multi and body.examples and "labels" in body.examples[0] else "label"
             examples = examples_from_records(body.examples, label_col=label_col, multi_label=multi)
@@ -114,17 +109,14 @@ class JobsController(Controller):
     tags = ["jobs"]
 
     @post("/", status_code=202, summary="Score a document store in the tenant's scoring folder (returns a job)")
-    async def submit(self, request: Request, service: NamedDependency[Service], tenant: NamedDependency[str]) -> Response:
+    async def submit(self, data: JSONBody[ScoreJobRequest], service: NamedDependency[Service],
+                     tenant: NamedDependency[str]) -> Response:
         """``{"source", "classifiers", "output"?, "id_col"?, "text_col"?, "table"?, "format"?, "namespace"?,
         "overwrite"?}``; paths are relative to ``<HEADFLEET_SCORING_ROOT>/<tenant>/``. The store is opened
         and the classifiers pinned to versions before the job is queued: problems answer 4xx at once."""
-        try:
-            body = msgspec.json.decode(await request.body(), type=ScoreJobRequest)
-        except msgspec.ValidationError as exc:
-            raise ValidationError(str(exc)) from None
-        except msgspec.DecodeError as exc:
-            raise ValidationError(f"request body is not valid JSON: {exc}") from None
+        body = data
         service.check_classifiers(body.classifiers)
+        service.check_namespace(tenant, body.namespace)
         job = await asyncio.to_thread(service.scoring.submit, tenant, body)
         return Response({"job": job}, status_code=202, headers={"Location": f"/jobs/{job['id']}"})
 

@@ -31,6 +31,19 @@ def backbone_name(folder_path: str) -> str:
     return folder.name
 
 
+@functools.lru_cache(maxsize=8)
+def backbone_prompts(folder_path: str) -> dict[str, str]:
+    """The backbone's named prompts (sentence-transformers' ``config_sentence_transformers.json``)."""
+    import json
+
+    try:
+        cfg = json.loads((Path(folder_path) / "config_sentence_transformers.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    prompts = cfg.get("prompts") if isinstance(cfg, dict) else None
+    return {str(k): str(v) for k, v in prompts.items()} if isinstance(prompts, dict) else {}
+
+
 def model_names(service: NamedDependency[Service]) -> list[str]:
     """Names ``model`` may take: the backbone's name, its hub id for the default, and ``headfleet``."""
     name = backbone_name(str(service.engine.embedder.folder))
@@ -54,9 +67,15 @@ class EmbeddingsController(Controller):
         """
         texts = [data.inputs] if isinstance(data.inputs, str) else data.inputs
         service.check_texts(texts, "inputs")
+        if data.prompt_name is not None:
+            prompts = backbone_prompts(str(service.engine.embedder.folder))
+            if data.prompt_name not in prompts:
+                raise ValidationError(f"prompt_name {data.prompt_name!r} is not one of this backbone's prompts "
+                                      f"({sorted(prompts) or 'it has none'}); omit prompt_name", param="prompt_name")
+            texts = [prompts[data.prompt_name] + t for t in texts]
         if not data.normalize and service.engine.embedder.pooling.normalize:
             raise ValidationError("this backbone's vectors are unit-normalised by its pooling config, and the cache "
-                                  "holds them that way; normalize=false is not available")
+                                  "holds them that way; normalize=false is not available", param="normalize")
         batch = await service.embed(tenant, texts, receive=request.receive)
         if not data.truncate and batch.truncated.any():
             first = int(np.argmax(batch.truncated))
@@ -83,15 +102,20 @@ class EmbeddingsController(Controller):
         elif isinstance(raw, list) and all(isinstance(t, str) for t in raw):
             texts = raw
         elif isinstance(raw, list) and raw and all(isinstance(t, (int, list)) for t in raw):
-            raise ValidationError("token-id input is not supported: this service embeds text; send strings")
+            raise ValidationError("token-id input is not supported: this service embeds text; send strings",
+                                  param="input")
         else:
-            raise ValidationError("input must be a string or a list of strings")
+            raise ValidationError("input must be a string or a list of strings", param="input")
         names = model_names(service)
         if data.model not in names:
-            raise NotFoundError(f"model {data.model!r} is not served here; use one of {names}")
+            raise NotFoundError(f"model {data.model!r} is not served here; use one of {names}", param="model")
         dim = service.engine.embedder.dim
         if data.dimensions is not None and data.dimensions != dim:
-            raise ValidationError(f"dimensions={data.dimensions} is not available; this backbone gives {dim}")
+            raise ValidationError(f"dimensions={data.dimensions} is not available; this backbone gives {dim}",
+                                  param="dimensions")
+        if data.user is not None:
+            raise ValidationError("user is not supported: headfleet neither records nor acts on end-user ids; omit it",
+                                  param="user")
         service.check_texts(texts, "input")
         batch = await service.embed(tenant, texts, receive=request.receive)
         counts = await asyncio.to_thread(service.engine.embedder.count_tokens, texts)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from litestar.di import NamedDependency
-from litestar import Controller, Request, Response, get
+from litestar import Controller, MediaType, Request, Response, get
 
 from headfleet import __version__
+from headfleet.service.api.embeddings import backbone_name
 from headfleet.service.auth import key_from_headers
 from headfleet.service.state import Service
 
@@ -32,27 +34,37 @@ class OpsController(Controller):
             "queue": {"texts_waiting": service.scheduler.waiting_for(tenant)},
         }
 
-    @get("/metrics", summary="Prometheus metrics (admin key when keys are configured)")
+    @get("/metrics", summary="Prometheus metrics (admin key when keys are configured)", media_type=MediaType.TEXT)
     async def metrics(self, request: Request, service: NamedDependency[Service]) -> Response:
         if not service.keys.single_tenant:
             service.keys.require_admin(key_from_headers(request.headers))
+        if service.engine.redis is not None:
+            await asyncio.to_thread(service.engine.redis.probe)
         _refresh_gauges(service)
-        return Response(service.metrics.render(), media_type=service.metrics.content_type)
+        # Litestar appends "; charset=utf-8" to text/* itself: give the type without it
+        return Response(service.metrics.render(), media_type=service.metrics.content_type.split("; charset")[0])
 
     @get("/health", summary="ready, or degraded with the reason")
     async def health(self, service: NamedDependency[Service]) -> dict:
-        out = service.engine.health()
+        """Served without a key: the reason names no host, port or path. Redis is probed (bounded,
+        cached about a second), so the answer is right within seconds with no traffic."""
+        out = await asyncio.to_thread(service.engine.health)
         _refresh_gauges(service)
         out["queue_texts"] = service.scheduler.waiting
         return out
 
     @get("/info", summary="Backbone, fingerprint, limits, version")
-    async def info(self, service: NamedDependency[Service]) -> dict:
+    async def info(self, request: Request, service: NamedDependency[Service]) -> dict:
+        """Served without a key. With keys configured, the backbone's folder (a server path) is shown
+        to the admin key only."""
         e, s = service.engine.embedder, service.settings
+        backbone = {"name": backbone_name(str(e.folder))}
+        if service.keys.single_tenant or service.keys.is_admin(key_from_headers(request.headers)):
+            backbone["folder"] = str(e.folder)
         return {
             "name": "headfleet",
             "version": __version__,
-            "backbone": {"folder": str(e.folder), "fingerprint": e.fingerprint, "dim": e.dim,
+            "backbone": {**backbone, "fingerprint": e.fingerprint, "dim": e.dim,
                          "max_length": e.max_length, "device": str(e.device),
                          "backend": getattr(e, "backend", "torch"), "precision": getattr(e, "precision", "fp32"),
                          "normalize": bool(e.pooling.normalize)},
@@ -70,8 +82,11 @@ def _refresh_gauges(service: NamedDependency[Service]) -> None:
     m, e = service.metrics, service.engine
     m.heads_loaded.set(len(e.fleet))
     m.queue_depth.set(service.scheduler.waiting)
-    if e.redis is not None:
-        m.redis_up.set(1 if e.redis.status()["healthy"] else 0)
+    if e.redis is not None and m.redis_up is not None:
+        status = e.redis.status()
+        m.redis_up.set(1 if status["healthy"] else 0)
+        m.redis_outages.inc(max(0, status["outages"] - m.redis_outages_seen))
+        m.redis_outages_seen = max(m.redis_outages_seen, status["outages"])
     if e.adapters is not None:
         snap = e.adapters.snapshot()
         m.adapters.labels("slots").set(snap["slots"])

@@ -1,0 +1,215 @@
+"""The OpenAPI document: what the API really answers, errors included.
+
+Litestar documents every handler's errors with its own ``{status_code, detail, extra}`` body, which
+headfleet never sends. :func:`document_errors` replaces that, on every operation, with the statuses
+it can answer and the body it answers them with (``{"error", "error_type"}``; OpenAI's
+``{"error": {"message", "type", "param", "code"}}`` on ``/v1``), declares the two ways to send a
+key (``Authorization: Bearer`` and ``X-API-Key``), and marks the operations served without a key.
+The JSON document is at ``/schema`` (and ``/schema/openapi.json``); Swagger UI at ``/schema/swagger``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import msgspec
+from litestar import Litestar
+from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+
+from headfleet import __version__
+from headfleet.heads.refs import NAME_RE
+from headfleet.text import visible_pattern
+
+
+class ErrorBody(msgspec.Struct):
+    """Every error headfleet answers (except on ``/v1``)."""
+
+    error: str  # what went wrong and what to do
+    error_type: str  # stable name: invalid_json, unauthorized, forbidden, not_found, validation_error, ...
+
+
+class OpenAIErrorDetail(msgspec.Struct):
+    message: str
+    type: str  # invalid_request_error, authentication_error, permission_error, rate_limit_error, server_error
+    param: str | None  # the request field concerned, when there is one
+    code: str  # headfleet's error_type
+
+
+class OpenAIErrorBody(msgspec.Struct):
+    """Errors on ``/v1/*``, in OpenAI's shape, so its clients' exceptions carry the reason."""
+
+    error: OpenAIErrorDetail
+
+
+_DESCRIPTIONS = {
+    400: "The body is not JSON (invalid_json), or a path parameter is malformed",
+    401: "No API key, or an unknown one (unauthorized)",
+    403: "The key may not do this: admin-only endpoint, or a namespace or path not granted (forbidden)",
+    404: "No such classifier, version, alias, job or route — also another tenant's (not_found)",
+    409: "Conflicts with the current state (conflict)",
+    413: "Over a configured limit: body size, texts, characters or tokens (too_large)",
+    422: "Well-formed JSON with a wrong field, type or value, or unusable data (validation_error, ...)",
+    429: "Admission control: too much queued for this tenant or overall; see Retry-After (overloaded)",
+    503: "A stored classifier version failed its integrity check, or a backend is unavailable",
+}
+_PUBLIC = {"/health", "/info"}  # served without a key
+
+
+def _statuses(path: str, method: str) -> list[int]:
+    out = [401]
+    if method in ("POST", "PUT", "PATCH"):
+        out += [400, 413, 422]
+    if path.startswith(("/classifiers", "/jobs", "/admin", "/v1/embeddings")) or "{" in path or path == "/classify":
+        out += [404, 422]
+    if path.startswith(("/classifiers", "/jobs", "/admin")):
+        out += [409]
+    if path.startswith(("/admin", "/metrics", "/jobs", "/classify", "/v1", "/embed")):
+        out += [403]
+    if path in ("/classify", "/embed", "/v1/embeddings") or path.startswith(("/classifiers", "/jobs")):
+        out += [429, 503]
+    if path in _PUBLIC:
+        out = []
+    return sorted(set(out))
+
+
+class PreciseJsonPlugin(JsonRenderPlugin):
+    """Serves the document with the constraints Litestar does not derive (see :func:`precise`)."""
+
+    def __init__(self) -> None:
+        super().__init__(path=["/openapi.json"])
+        self._bytes: bytes | None = None
+
+    def render(self, request, openapi_schema: dict[str, Any]) -> bytes:
+        if self._bytes is None:
+            from headfleet.service.api.embeddings import backbone_prompts, model_names
+
+            service = getattr(request.app.state, "service", None)
+            prompts = backbone_prompts(str(service.engine.embedder.folder)) if service is not None else ()
+            models = model_names(service) if service is not None else ()
+            e = service.engine.embedder if service is not None else None
+            self._bytes = msgspec.json.encode(precise(copy.deepcopy(openapi_schema), request.app.state.settings,
+                                                      prompts, models, e.dim if e else None,
+                                                      bool(e.pooling.normalize) if e else False))
+        return self._bytes
+
+
+def precise(doc: dict[str, Any], settings, prompts=(), models=(), dim: int | None = None,
+            normalize: bool = False) -> dict[str, Any]:
+    """Add what the code enforces and Litestar's generator leaves out: unknown fields refused
+    (``additionalProperties: false``), name patterns on path parameters and name fields, the
+    request limits from ``settings`` (texts, classifiers, characters), and the shapes of
+    ``input``/``inputs``. Semantic rules JSON Schema cannot state (a text needs visible content
+    and must fit the backbone's tokens unless truncated; training data needs two usable classes;
+    a source must exist in the tenant's folder) stay in the descriptions and answer 413/422."""
+    name = {"type": "string", "pattern": NAME_RE.pattern}
+    ref = {"type": "string", "pattern": REF_PATTERN}
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Text"] = {"type": "string", "minLength": 1, "maxLength": settings.max_chars_per_text,
+                       "pattern": visible_pattern(), "description": "A text with visible content: not only "
+                       "whitespace, zero-width, formatting or other blank characters (the pattern finds one "
+                       "character that is not blank). Longer than the backbone's token limit: 413 unless truncated."}
+    text = {"$ref": "#/components/schemas/Text"}
+    texts = {"type": "array", "items": text, "minItems": 1, "maxItems": settings.max_texts_per_request}
+    classifiers = {"type": "array", "items": ref, "minItems": 1, "maxItems": settings.max_classifiers_per_request}
+    for title, body in schemas.items():
+        if title.endswith("Request"):
+            body["additionalProperties"] = False
+    props = lambda title: schemas.get(title, {}).get("properties", {})  # noqa: E731
+    if "ClassifyRequest" in schemas:
+        props("ClassifyRequest").update(texts=texts, classifiers=classifiers,
+                                        namespace={"oneOf": [name, {"type": "null"}]})
+    if "ScoreJobRequest" in schemas:
+        props("ScoreJobRequest").update(classifiers=classifiers, namespace={"oneOf": [name, {"type": "null"}]},
+                                        source={"type": "string", "minLength": 1, "maxLength": 4096})
+    if "TEIEmbedRequest" in schemas:
+        prompts = sorted(prompts or ())
+        props("TEIEmbedRequest").update(inputs={"oneOf": [text, texts]}, prompt_name={"oneOf": [
+            {"type": "string", "enum": prompts}, {"type": "null"}]} if prompts else {"type": "null"})
+    if "OpenAIEmbeddingsRequest" in schemas:
+        props("OpenAIEmbeddingsRequest").update(input={"oneOf": [text, texts]}, user={"type": "null"})
+        if models:
+            props("OpenAIEmbeddingsRequest")["model"] = {"type": "string", "enum": list(models)}
+    if "NamespaceRequest" in schemas:
+        props("NamespaceRequest")["members"] = {"type": "array", "items": name}
+    if "AliasRequest" in schemas:
+        props("AliasRequest")["version"] = {"type": "integer", "minimum": 1}
+    train = doc.get("paths", {}).get("/classifiers", {}).get("post")
+    if train is not None:
+        train["requestBody"] = train_body()
+        train["requestBody"]["content"]["application/json"]["schema"]["properties"]["name"] = name
+    if "TEIEmbedRequest" in schemas and normalize:
+        props("TEIEmbedRequest")["normalize"] = {"type": "boolean", "const": True, "default": True}
+    if "OpenAIEmbeddingsRequest" in schemas and dim:
+        props("OpenAIEmbeddingsRequest")["dimensions"] = {"oneOf": [{"type": "integer", "const": dim},
+                                                                    {"type": "null"}]}
+    patterns = {"name": REF_PATTERN, "alias": ALIAS_PATTERN, "tenant_name": NAME_RE.pattern,
+                "namespace": NAME_RE.pattern, "key_id": "^[0-9a-f]{12}$", "job_id": "^[A-Za-z0-9_-]{1,64}$"}
+    for path, item in doc.get("paths", {}).items():
+        for op in item.values():
+            for param in op.get("parameters", []) if isinstance(op, dict) else []:
+                if param.get("in") == "path" and param.get("name") in patterns:
+                    pattern = patterns[param["name"]]
+                    if param["name"] == "name" and ("/aliases/" in path or op is item.get("delete")):
+                        pattern = NAME_RE.pattern  # a classifier name only: no @version here
+                    param["schema"] = {"type": "string", "pattern": pattern}
+    return doc
+
+
+REF_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}(@([1-9][0-9]{0,8}|[a-z][a-z0-9_-]{0,31}))?$"
+ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
+
+
+def openapi_config() -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title="headfleet", version=__version__, path="/schema",
+        render_plugins=[PreciseJsonPlugin(), SwaggerRenderPlugin(path="/swagger")],
+        components=Components(security_schemes={
+            "bearer": SecurityScheme(type="http", scheme="bearer", description="Authorization: Bearer <API key>"),
+            "apiKey": SecurityScheme(type="apiKey", name="X-API-Key", security_scheme_in="header"),
+        }),
+        security=[{"bearer": []}, {"apiKey": []}],
+    )
+
+
+def document_errors(app: Litestar) -> None:
+    """Give every operation of ``app`` headfleet's error responses and its security (call once,
+    after the app is built and before the document is first served)."""
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", ()):
+            if not getattr(handler, "include_in_schema", True) or route.path.startswith("/schema"):
+                continue
+            body = OpenAIErrorBody if route.path.startswith("/v1") else ErrorBody
+            methods = sorted(getattr(handler, "http_methods", ()))
+            responses: dict[int, ResponseSpec] = {}
+            for method in methods:
+                for status in _statuses(route.path, method):
+                    responses[status] = ResponseSpec(data_container=body, description=_DESCRIPTIONS[status],
+                                                     generate_examples=False)
+            handler.responses = {**responses, **(handler.responses or {})}
+            if route.path in _PUBLIC:
+                handler.security = [{}]
+
+
+def train_body() -> dict[str, Any]:
+    """``POST /classifiers`` takes JSON or a multipart upload, so it decodes its own body and
+    Litestar cannot see it; this documents both."""
+    from headfleet.service.schemas import TrainRequest
+
+    schema = {**_inline(TrainRequest), "additionalProperties": False}
+    upload = {"type": "object", "required": ["file", "name"], "properties": {
+        "file": {"type": "string", "format": "binary", "description": ".csv with a header row, or .jsonl"},
+        "name": {"type": "string", "pattern": NAME_RE.pattern}, "kind": {"type": "string", "enum": ["logreg", "mlp", "lora"]},
+        "text_col": {"type": "string", "default": "text"}, "label_col": {"type": "string", "default": "label"},
+        "multi_label": {"type": "boolean", "default": False}, "seed": {"type": "integer", "minimum": 0}}}
+    return {"required": True, "content": {"application/json": {"schema": schema},
+                                          "multipart/form-data": {"schema": upload}}}
+
+
+def _inline(struct: type) -> dict[str, Any]:
+    """A msgspec Struct's JSON schema with its definitions inlined (it has no nested Structs)."""
+    schema = msgspec.json.schema(struct)
+    name = schema["$ref"].rsplit("/", 1)[-1]
+    return schema["$defs"][name]

@@ -1,0 +1,101 @@
+"""Request bodies: one JSON decoder for every endpoint, so one error contract.
+
+Litestar decodes ``data: JSONBody[...]`` through ``Request.json()``; :class:`HeadfleetRequest`
+replaces that step with :func:`decode_json_body`, which every hand-decoded body (the multipart-or-
+JSON ``POST /classifiers``) uses too. Whatever the endpoint, a body that is not JSON — empty, not
+UTF-8, malformed, a lone UTF-16 surrogate escape, nested deeper than the decoder's recursion limit —
+is 400 ``invalid_json`` naming what is wrong; JSON of the wrong shape is 422 naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeVar
+
+import msgspec
+from litestar import Request
+from litestar.types import Empty
+
+from headfleet.errors import InvalidJSONError, ValidationError
+
+T = TypeVar("T")
+
+# \uD800-\uDFFF written as a JSON escape; msgspec refuses a lone one with a misleading "truncated"
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def decode_json_body(body: bytes) -> Any:
+    """The JSON value of a request body; raises InvalidJSONError (400) saying why it is not JSON."""
+    if not body or not body.strip():
+        raise InvalidJSONError("request body is empty; send a JSON object")
+    try:
+        return msgspec.json.decode(body)
+    except RecursionError:
+        raise InvalidJSONError("request body is nested too deeply to read; flatten the JSON") from None
+    except msgspec.DecodeError as exc:
+        text = str(exc)
+        if "truncated" in text or "invalid" in text.lower():
+            m = _SURROGATE_ESCAPE.search(body)
+            if m is not None and _lone_surrogate(body):
+                raise InvalidJSONError(f"request body is not valid JSON: {m.group().decode()} at byte {m.start()} "
+                                       "is half of a UTF-16 surrogate pair (a lone surrogate is not Unicode text)"
+                                       ) from None
+        raise InvalidJSONError(f"request body is not valid JSON: {text}") from None
+
+
+def _lone_surrogate(body: bytes) -> bool:
+    """Whether the stdlib decoder (which accepts lone surrogates) sees one: confirms the diagnosis."""
+    import json
+
+    try:
+        json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def convert(value: Any, typ: type[T]) -> T:
+    """``value`` (decoded JSON) as the msgspec Struct ``typ``; ValidationError (422) naming the field."""
+    try:
+        return msgspec.convert(value, typ)
+    except msgspec.ValidationError as exc:
+        raise ValidationError(str(exc)) from None
+
+
+class HeadfleetRequest(Request):
+    """Litestar's request with :func:`decode_json_body` as its JSON decoder."""
+
+    async def json(self) -> Any:
+        if self._json is Empty:
+            if (cached := self._connection_state.json) is not Empty:
+                self._json = cached
+            else:
+                value = _integral(decode_json_body(await self.body()))
+                _check_strict(self.route_handler, value)
+                self._json = self._connection_state.json = value
+        return self._json
+
+
+def _check_strict(handler, value: Any) -> None:
+    """Litestar converts bodies leniently (``0`` for ``false``, ``"1"`` for ``1``); headfleet takes
+    JSON types as written, so the body is first checked strictly against the handler's Struct."""
+    field = handler.parsed_fn_signature.parameters.get("data") if handler is not None else None
+    typ = getattr(field, "annotation", None)
+    if isinstance(typ, type) and issubclass(typ, msgspec.Struct):
+        try:
+            msgspec.convert(value, typ, strict=True)
+        except msgspec.ValidationError as exc:
+            m = re.search(r"at `\$\.([A-Za-z_]\w*)", str(exc))
+            raise ValidationError(str(exc), param=m.group(1) if m else None) from None
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: ``3.0`` is the integer 3 (as JSON Schema says), so integral floats
+    count as integers in the strict check; every other type must be what the field says."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    return value
