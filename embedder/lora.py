@@ -34,11 +34,27 @@ DEFAULT_TARGETS = ("query", "value")
 _LAYER_RE = re.compile(r"(?:^|\.)((?:encoder\.)?layers?\.\d+\..+)$")
 
 
+PEFT_PREFIX = "base_model.model."
+# Linear layers whose output the embedding never reads: the embedder pools ``last_hidden_state``
+# itself, so Hugging Face's pooler (``pooler.dense``, tanh over the first token) is dead weight.
+# They get no injection point (a delta there would be wasted work, and the pooler's input is
+# [batch, hidden], not token rows), and an adapter's deltas on them change nothing we serve.
+_UNREAD_RE = re.compile(r"(?:^|\.)pooler\.")
+
+
 def canonical_module_name(name: str) -> str:
     """The part of a module path from ``encoder.layer.N`` on, so names from PEFT (which prefix
-    ``base_model.model.`` and maybe ``bert.`` or ``0.auto_model.``) and ours compare equal."""
+    ``base_model.model.`` and maybe ``bert.`` or ``0.auto_model.``) and ours compare equal; a
+    module outside the layer stack (``pooler.dense``) loses PEFT's prefix only."""
     m = _LAYER_RE.search(name)
-    return m.group(1) if m else name
+    if m:
+        return m.group(1)
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
+def read_by_embedding(name: str) -> bool:
+    """Whether the output of the linear layer ``name`` (canonical) reaches the pooled embedding."""
+    return _UNREAD_RE.search(name) is None
 
 
 @dataclasses.dataclass
@@ -194,12 +210,15 @@ class MultiLoRALinear(nn.Module):
 
 
 def inject(model: nn.Module, bank: SlotBank, targets: Sequence[str] = DEFAULT_TARGETS) -> list[str]:
-    """Wrap every ``nn.Linear`` whose last name part is in ``targets``; returns the canonical names."""
+    """Wrap every ``nn.Linear`` whose last name part is in ``targets`` and whose output the
+    embedding reads (not the pooler's); returns the canonical names."""
     found = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, nn.Linear):
                 full = canonical_module_name(f"{name}.{child_name}" if name else child_name)
+                if not read_by_embedding(full):
+                    continue
                 layer = MultiLoRALinear(child, bank, full)
                 setattr(module, child_name, layer)
                 bank.layers[full] = layer
@@ -209,12 +228,35 @@ def inject(model: nn.Module, bank: SlotBank, targets: Sequence[str] = DEFAULT_TA
     return found
 
 
-def module_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Canonical name -> (in, out) of every linear layer, for checking an imported adapter."""
-    out = {}
+class ModuleShapes(dict):
+    """Canonical name -> (in, out) of every linear layer of a backbone, for checking an imported
+    adapter; ``adapted`` names the layers that carry an injection point (model order, empty before
+    :func:`inject`), ``unread`` the layers whose output the embedding never reads (the pooler)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], adapted: Sequence[str] = (),
+                 unread: Sequence[str] = ()):
+        super().__init__(shapes)
+        self.adapted: tuple[str, ...] = tuple(adapted)
+        self.unread: frozenset[str] = frozenset(unread)
+
+    @property
+    def adapted_targets(self) -> list[str]:
+        """The short names (``query``, ``value``, ...) of the injection points, as in
+        ``HEADFLEET_LORA_TARGETS``."""
+        return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in self.adapted))
+
+
+def module_shapes(model: nn.Module) -> ModuleShapes:
+    """Every linear layer's (in, out), which of them are injection points, which are never read."""
+    shapes: dict[str, tuple[int, int]] = {}
+    adapted: list[str] = []
+    wrapped = set()  # the frozen linears inside injection points: listed once, under the point's name
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            out[canonical_module_name(name)] = (module.in_features, module.out_features)
-        elif isinstance(module, MultiLoRALinear):
-            out[canonical_module_name(name)] = (module.base.in_features, module.base.out_features)
-    return out
+        if isinstance(module, MultiLoRALinear):
+            full = canonical_module_name(name)
+            shapes[full] = (module.base.in_features, module.base.out_features)
+            adapted.append(full)
+            wrapped.add(id(module.base))
+        elif isinstance(module, nn.Linear) and id(module) not in wrapped:
+            shapes[canonical_module_name(name)] = (module.in_features, module.out_features)
+    return ModuleShapes(shapes, adapted, [n for n in shapes if not read_by_embedding(n)])

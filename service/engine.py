@@ -293,10 +293,16 @@ class Engine:
         where = f"{tenant}/{manifest['name']}@{manifest['version']}"
         try:
             cfg = _json.loads(self.registry.read_verified(tenant, manifest, CONFIG_FILE, None))
-            return LoraAdapter.from_parts(cfg, weights, shapes=module_shapes(self.embedder.model), where=where)
-        except (ValueError, AdapterImportError) as exc:
+        except ValueError as exc:
             raise CorruptVersionError(corrupt_message(tenant, manifest["name"], int(manifest["version"]),
-                                                      f"its adapter cannot be read ({exc})")) from None
+                                                      f"its adapter config cannot be read ({exc})")) from None
+        try:
+            return LoraAdapter.from_parts(cfg, weights, shapes=module_shapes(self.embedder.model), where=where)
+        except AdapterImportError as exc:  # intact files this configuration cannot serve (e.g. its targets)
+            from headfleet.errors import BackendError
+
+            raise BackendError(f"classifier version {where} cannot be served by this configuration: "
+                               f"{exc.message}") from None
 
     def write_back(self, filled: "Filled") -> None:
         """Write newly computed vectors into the remote tier(s); a no-op without Redis."""
