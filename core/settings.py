@@ -30,6 +30,7 @@ class Settings:
     precision: str = "fp32"  # "fp32"; "int8" (onnx, CPU); "fp16" (onnx, CUDA)
     memory_cache_mb: float = 256.0
     faiss_store: bool = True
+    local_flush_s: float = 1.0  # the local store commits new vectors at least this often: what kill -9 can lose
     redis_url: str | None = None  # None: embedded default (memory + local FAISS store only)
     redis_ttl_s: int | None = 7 * 24 * 3600
     redis_prefix: str = "hf"
@@ -70,6 +71,7 @@ class Settings:
             precision=_env("PRECISION", d.precision),
             memory_cache_mb=float(_env("MEMORY_CACHE_MB", str(d.memory_cache_mb))),
             faiss_store=_env("FAISS_STORE", "1") not in ("0", "false", "no"),
+            local_flush_s=float(_env("LOCAL_FLUSH_S", str(d.local_flush_s))),
             redis_url=_env("REDIS_URL", None) or None,
             redis_ttl_s=int(_env("REDIS_TTL_S", str(d.redis_ttl_s))) or None,
             redis_prefix=_env("REDIS_PREFIX", d.redis_prefix),

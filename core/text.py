@@ -8,7 +8,8 @@ scores. :func:`is_blank` is true for such a text, and every entry point (``/clas
 
 The rule, per character: it carries no content when its Unicode general category is a separator
 (``Zs``, ``Zl``, ``Zp``), a control or format character (``Cc``, ``Cf``), unassigned or a
-surrogate (``Cn``, ``Cs``), a combining mark (``Mn``, ``Me``: with no base character there is
+surrogate (``Cn``, ``Cs``), private use (``Co``: no meaning the backbone knows, and its tokenizer
+drops it), a combining mark (``Mn``, ``Me``: with no base character there is
 nothing for it to mark, and an uncased tokenizer strips it), or one of the letters and symbols
 that render as blank space (:data:`BLANK_LETTERS`). A text is blank when every character is.
 The test suite checks the rule against the backbone's tokenizer over all of Unicode's planes
@@ -24,7 +25,7 @@ import functools
 import unicodedata
 
 #: General categories whose characters carry no visible content on their own.
-BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf", "Cn", "Cs", "Mn", "Me"})
+BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf", "Cn", "Co", "Cs", "Mn", "Me"})
 
 #: Letters and symbols that render as blank space (Default_Ignorable or blank by design).
 BLANK_LETTERS = frozenset({
@@ -34,6 +35,8 @@ BLANK_LETTERS = frozenset({
     "\u2800",  # Braille pattern blank
     "\u180e",  # Mongolian vowel separator (Cf in current Unicode, Zs in older data)
     "\u17b4", "\u17b5",  # Khmer inherent vowels (Default_Ignorable)
+    "\ufffd",  # the replacement character: what undecodable bytes became, no content of their own
+    "\u1734",  # Hanunoo sign pamudpod: Mc since Unicode 14, a mark the tokenizer strips like Mn
 })
 
 

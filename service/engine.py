@@ -120,7 +120,8 @@ class Engine:
         tiers: list = [MemoryLRU(int(settings.memory_cache_mb * 2**20))]
         local = None
         if settings.faiss_store:
-            local = FaissStore(embedder.dim, fp, data / "cache" / f"local-{fp[:16]}.faiss.npz")
+            local = FaissStore(embedder.dim, fp, data / "cache" / f"local-{fp[:16]}.faiss.npz",
+                               flush_interval_s=settings.local_flush_s)
             tiers.append(local)
         redis = None
         if settings.redis_url:

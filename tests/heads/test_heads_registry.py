@@ -187,3 +187,57 @@ def test_concurrent_writers_get_distinct_versions(tmp_path):
     leftovers = [p.name for p in cdir.iterdir() if p.name.startswith(".") and p.name != ".aliases.lock"]
     assert leftovers == []
     assert json.loads((cdir / "aliases.json").read_text()) == {"latest": 8}
+
+
+# --- integrity: what was published is what is served ---------------------------------------------
+def test_a_weights_file_changed_after_publishing_is_refused_by_name(reg, head):
+    from headfleet.errors import CorruptVersionError
+
+    m = reg.save("acme", "spam", head, _manifest())
+    path = reg.version_dir("acme", m) / "weights.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-4:] = bytes(b ^ 0x5A for b in data[-4:])  # same length, other weights
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptVersionError) as e:
+        reg.load("acme", "spam", FP)
+    assert "acme/spam@1" in e.value.message and "sha256" in e.value.message and "retrain" in e.value.message
+    assert str(reg.root) not in e.value.message
+    path.write_bytes(path.read_bytes()[:40])  # truncated: still refused by name, never a SafetensorError
+    with pytest.raises(CorruptVersionError, match="acme/spam@1"):
+        reg.load("acme", "spam", FP)
+
+
+def test_an_unreadable_manifest_is_a_corrupt_version_not_a_crash(reg, head):
+    from headfleet.errors import CorruptVersionError
+
+    m = reg.save("acme", "spam", head, _manifest())
+    (reg.version_dir("acme", m) / "manifest.json").write_text('{"id": "spam@1", "vers')
+    with pytest.raises(CorruptVersionError, match="acme/spam@1 is corrupt: its manifest cannot be read"):
+        reg.resolve("acme", "spam@1")
+
+
+# --- leftovers of crashed writers ------------------------------------------------------------------
+def test_sweep_removes_what_dead_writers_left_and_keeps_a_live_writers_dir(reg, head):
+    import fcntl
+    import os
+
+    reg.save("acme", "spam", head, _manifest())
+    cdir = reg.root / "acme" / "spam"
+    dead = cdir / ".tmp-dead"
+    dead.mkdir()
+    (dead / "weights.safetensors").write_bytes(b"half")
+    live = cdir / ".tmp-live"
+    live.mkdir()
+    trash = reg.root / "acme" / ".trash-spam-0123"
+    (trash / "versions").mkdir(parents=True)
+    alias_tmp = cdir / ".aliases.json.abc123.tmp"
+    alias_tmp.write_text("{")
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a writer in another process, still saving
+    try:
+        assert reg.sweep(min_age_s=0) == 3
+    finally:
+        os.close(fd)
+    assert not dead.exists() and not trash.exists() and not alias_tmp.exists() and live.exists()
+    assert reg.load("acme", "spam", FP)[0]["version"] == 1
+    assert reg.sweep(min_age_s=0) == 1 and not live.exists()  # its writer is gone now

@@ -117,3 +117,19 @@ def test_retrain_after_a_backbone_switch(run, tmp_path, tiny_model_dir):
         ("globex", "retrained", "urgency@2", "mlp", 5)]
     code, out, _ = run("classify", "--tenant", "globex", "-c", "urgency", "The database is down for every customer")
     assert code == 0 and "urgent" in out
+
+
+def test_a_second_serve_on_a_busy_port_fails_before_loading_anything(tmp_path):
+    import os
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HEADFLEET_DATA_DIR": str(tmp_path / "data")}
+        out = subprocess.run([sys.executable, "-m", "headfleet.service.cli", "serve", "--port", str(port),
+                              "--no-examples"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert f"port {port} on 127.0.0.1 is already in use" in out.stderr
+    assert not (tmp_path / "data").exists()  # nothing loaded or opened: no local store, no registry sweep
