@@ -14,20 +14,28 @@ The store is cut into chunks of ``chunk_rows`` rows per file (bad rows included,
 the same in every run); a chunk is scored, written as a part, and committed by the checkpoint
 (``headfleet.scoring.output``). Killed at any point, the same job started again resumes after
 the last committed chunk, with the classifier versions it was pinned to when it first started.
+
+``spec.root`` confines the job to a folder (the service: the tenant's scoring folder): every file
+it opens — the store's files, the output, rejects, report, checkpoint and parts — is opened
+beneath it (``headfleet.scoring.confined``), when the job is built and again each time it opens
+the file. A file that leads outside then, such as one swapped for a symlink after the job was
+submitted, fails the job with a ``ForbiddenError`` that names it relative to the root; nothing
+of it is read, and no row of it reaches the output or the rejects file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import stat
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from headfleet.errors import ConflictError, HeadfleetError, ValidationError
-from headfleet.heads.atomic import write_json_atomic
 from headfleet.scoring import output
-from headfleet.scoring.sources import Source, SourceSpec
+from headfleet.scoring.confined import Root, refusing
+from headfleet.scoring.sources import Source, SourceSpec, printable
 
 TIERS = ("memory", "local", "redis")
 PERSIST_EVERY_S = 300.0  # how often a long job saves the local vector store (a kill -9 loses at most this)
@@ -53,6 +61,7 @@ class JobSpec:
     rejects: Path | None = None  # None: <out stem>.rejects.jsonl beside the output
     namespace: str | None = None
     chunk_rows: int = 1024
+    root: Path | None = None  # every file the job opens must resolve inside this folder (None: anywhere)
 
 
 @dataclasses.dataclass
@@ -169,14 +178,17 @@ class ScoreJob:
                 raise ValidationError(f"classifier {c!r} would collide with the output column {c!r}; "
                                       f"ask for it as '{c}@latest'")
         self.columns = columns
-        self.source = Source(spec.source)
+        self.fs = Root(spec.root)
+        self.source = Source(spec.source, self.fs)
         self.identity = {"checkpoint_version": CHECKPOINT_VERSION, "source": self.source.identity(),
                          "tenant": spec.tenant, "namespace": spec.namespace, "classifiers": columns,
                          "format": self.format, "chunk_rows": spec.chunk_rows}
-        self.workdir = output.Workdir(self.out, self.format)
+        self.workdir = output.Workdir(self.out, self.format, self.fs)
         self.report: dict[str, Any] | None = None
         self.dropped_parts = 0
-        self._open(resolve, restart, overwrite)
+        with refusing(f"output {str(self.out)!r}"):  # a path the filesystem refuses is the caller's to fix
+            self._check_outputs()
+            self._open(resolve, restart, overwrite)
         self.schema = output.schema(self.source.id_type, {c: self.pins[c]["multi_label"] for c in columns})
         self.total, self.total_exact = (None, False)
         self._run_started = time.monotonic()
@@ -184,6 +196,13 @@ class ScoreJob:
         self._persisted = time.monotonic()
 
     # -- opening: new, resume or already done ---------------------------------------------------------
+    def _check_outputs(self) -> None:
+        """The output, rejects and report paths: none may be a folder (or lead outside the root)."""
+        for what, path in (("output", self.out), ("rejects file", self.rejects_path), ("report", self.report_path)):
+            st = self.fs.lookup(path)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                raise ValidationError(f"{what} {str(path)!r} is a folder; name a file")
+
     def _open(self, resolve: Resolve, restart: bool, overwrite: bool) -> None:
         wd = self.workdir
         if wd.exists():
@@ -203,8 +222,8 @@ class ScoreJob:
                 raise ConflictError(f"{wd.path} holds a partial output of another job ({what}); run that job again "
                                     "to finish it, or pass --restart to discard it and start this one")
             wd.remove()
-        elif self.out.exists() and not overwrite:
-            previous = _read_json(self.report_path)
+        elif self.fs.lookup(self.out) is not None and not overwrite:
+            previous = _read_json(self.fs, self.report_path)
             if previous is not None and previous.get("identity") == self.identity:
                 self.state, self.report = "done", previous
                 self.pins, self.counts, self.complete = previous["pins"], previous["counts"], True
@@ -236,8 +255,7 @@ class ScoreJob:
 
     def file_label(self, file_index: int) -> str:
         path = self.source.files[file_index]
-        root = self.source.root
-        return str(path.relative_to(root)) if root.is_dir() else path.name
+        return printable(str(path.relative_to(self.source.root)) if self.source.is_folder else path.name)
 
     def chunks(self) -> Iterator[tuple[tuple[int, int], list]]:
         """``(key, rows)`` for every chunk from the cursor on, in source order."""
@@ -335,7 +353,7 @@ class ScoreJob:
         if rows != self.counts["scored"]:  # parts on disk disagree with the checkpoint: never ship that
             raise RuntimeError(f"{rows} rows assembled but {self.counts['scored']} documents were committed")
         self.report = self._report()
-        write_json_atomic(self.report_path, self.report)
+        self.fs.write_bytes(self.report_path, output.json_bytes(self.report))
         self.workdir.remove()
         self.state = "done"
         return self.report
@@ -409,13 +427,12 @@ def _ratio(a: int, b: int) -> float:
     return round(a / b, 4) if b else 0.0
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_json(fs: Root, path: Path) -> dict | None:
     import json
 
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return json.loads(fs.read_bytes(path).decode("utf-8"))
+    except (OSError, ValueError):  # a path that leads outside the root is not an OSError: it is refused
         return None
 
 

@@ -12,6 +12,11 @@ deleted at resume and written again, so the final output holds every document ex
 At the end the committed parts are concatenated (in source order) into ``<out>`` through a temp
 file and a rename; then the rejects file and the report, then the partial folder is removed.
 
+Every file here is opened through the job's :class:`~headfleet.scoring.confined.Root`: in the
+service, the output, its folders, the partial folder and everything in it must resolve inside the
+tenant's folder when they are opened (a folder on the way that is a symlink out is refused), and
+a symlink at a file's name is replaced by the rename, never written through.
+
 Output columns: ``id`` (int64 when the source's id column is an integer column, else string),
 ``truncated`` (the text was longer than the backbone's max length), and one column per
 classifier as asked: ``{label, score, version}`` (``score``: the label's probability) or, for a
@@ -20,18 +25,16 @@ multi-label classifier, ``{labels, scores, version}``.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from headfleet.heads.atomic import fsync_dir, json_default, write_json_atomic
+from headfleet.heads.atomic import json_default
+from headfleet.scoring.confined import Root
 
 FORMATS = ("parquet", "jsonl")
 RESERVED = ("id", "truncated")
@@ -77,56 +80,45 @@ def table(sch: pa.Schema, ids: list, truncated: list[bool], results: dict[str, d
     return pa.Table.from_arrays(arrays, schema=sch)
 
 
-def _write_atomic(path: Path, write) -> None:
-    """``write(tmp_path)``, fsync, rename over ``path``: a reader sees no file or a whole one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _jsonl_bytes(rows: Iterable[dict]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False, default=json_default) + "\n" for r in rows).encode("utf-8")
+    # backslashreplace: a lone surrogate that got this far is written escaped, not a failed chunk
+    return "".join(json.dumps(r, ensure_ascii=False, default=json_default) + "\n"
+                   for r in rows).encode("utf-8", "backslashreplace")
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    _write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+def json_bytes(data: Any) -> bytes:
+    """A report or checkpoint as ``heads.atomic.write_json_atomic`` writes one."""
+    return (json.dumps(data, indent=2, ensure_ascii=False, default=json_default) + "\n").encode("utf-8",
+                                                                                               "backslashreplace")
 
 
 class Workdir:
-    """``<out>.partial/``: parts, rejects, checkpoint of one job."""
+    """``<out>.partial/``: parts, rejects, checkpoint of one job; every file opened beneath ``fs``."""
 
-    def __init__(self, out: Path, fmt: str):
+    def __init__(self, out: Path, fmt: str, fs: Root | None = None):
         self.out = out
         self.fmt = fmt
+        self.fs = fs if fs is not None else Root(None)
         self.path = out.with_name(out.name + ".partial")
         self.parts = self.path / "parts"
         self.rejects = self.path / "rejects"
         self.checkpoint_path = self.path / "checkpoint.json"
 
     def exists(self) -> bool:
-        return self.checkpoint_path.exists()
+        return self.fs.lookup(self.checkpoint_path) is not None
 
     def create(self) -> None:
-        self.parts.mkdir(parents=True, exist_ok=True)
-        self.rejects.mkdir(parents=True, exist_ok=True)
+        self.fs.makedirs(self.parts)
+        self.fs.makedirs(self.rejects)
 
     def read_checkpoint(self) -> dict:
-        with open(self.checkpoint_path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(self.fs.read_bytes(self.checkpoint_path).decode("utf-8"))
 
     def write_checkpoint(self, state: dict) -> None:
-        write_json_atomic(self.checkpoint_path, state)
+        self.fs.write_bytes(self.checkpoint_path, json_bytes(state))
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        self.fs.remove_tree(self.path)
 
     @staticmethod
     def _name(key: tuple[int, int]) -> str:
@@ -143,39 +135,40 @@ class Workdir:
         name = self._name(key)
         if tbl is not None and tbl.num_rows:
             if self.fmt == "parquet":
-                _write_atomic(self.parts / f"{name}.parquet", lambda tmp: pq.write_table(tbl, tmp))
+                self.fs.write_atomic(self.parts / f"{name}.parquet", lambda f: pq.write_table(tbl, f))
             else:
-                write_bytes_atomic(self.parts / f"{name}.jsonl", _jsonl_bytes(tbl.to_pylist()))
+                self.fs.write_bytes(self.parts / f"{name}.jsonl", _jsonl_bytes(tbl.to_pylist()))
         if rejects:
-            write_bytes_atomic(self.rejects / f"{name}.jsonl", _jsonl_bytes(rejects))
+            self.fs.write_bytes(self.rejects / f"{name}.jsonl", _jsonl_bytes(rejects))
 
     def drop_uncommitted(self, cursor: tuple[int, int]) -> int:
         """Delete parts at or past ``cursor`` (a run died after writing them, before committing)."""
         dropped = 0
         for folder in (self.parts, self.rejects):
-            for p in folder.iterdir():
-                key = self._key(p.name)
-                if p.name.startswith(".") or key is None or key >= cursor:
-                    p.unlink()
-                    dropped += 1
+            names = [n for n in self.fs.listdir(folder)
+                     if n.startswith(".") or self._key(n) is None or self._key(n) >= cursor]
+            self.fs.unlink_in(folder, names)
+            dropped += len(names)
         return dropped
 
     def _committed(self, folder: Path, cursor: tuple[int, int]) -> list[Path]:
-        keyed = [(self._key(p.name), p) for p in folder.iterdir() if not p.name.startswith(".")]
+        keyed = [(self._key(n), folder / n) for n in self.fs.listdir(folder) if not n.startswith(".")]
         return [p for k, p in sorted(kp for kp in keyed if kp[0] is not None and kp[0] < cursor)]
 
     def assemble(self, sch: pa.Schema, cursor: tuple[int, int], rejects_out: Path) -> int:
         """Concatenate the committed parts into ``out`` and ``rejects_out``; returns the rows written."""
         parts = self._committed(self.parts, cursor)
+        fs = self.fs
         rows = 0
         if self.fmt == "parquet":
-            def write(tmp: str) -> None:
+            def write(dst: BinaryIO) -> None:
                 nonlocal rows
-                with pq.ParquetWriter(tmp, sch) as writer:
+                with pq.ParquetWriter(dst, sch) as writer:
                     pending: list[pa.Table] = []
                     held = 0
                     for p in parts:
-                        t = pq.read_table(p, schema=sch)
+                        with fs.file(p) as src:
+                            t = pq.read_table(src, schema=sch)
                         pending.append(t)
                         held += t.num_rows
                         if held >= ROW_GROUP_ROWS:
@@ -186,26 +179,23 @@ class Workdir:
                         writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
                         rows += held
         else:
-            def write(tmp: str) -> None:
+            def write(dst: BinaryIO) -> None:
                 nonlocal rows
-                with open(tmp, "wb") as dst:
-                    for p in parts:
-                        with open(p, "rb") as src:
-                            for line in src:
-                                dst.write(line)
-                                rows += 1
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(rejects_out, lambda tmp: _concat(self._committed(self.rejects, cursor), tmp))
-        _write_atomic(self.out, write)
-        fsync_dir(self.out.parent)
+                for p in parts:
+                    with fs.file(p) as src:
+                        for line in src:
+                            dst.write(line)
+                            rows += 1
+        rejects = self._committed(self.rejects, cursor)
+        fs.write_atomic(rejects_out, lambda dst: _concat(fs, rejects, dst))
+        fs.write_atomic(self.out, write)  # creates the output's folder; fsyncs the file and the folder
         return rows
 
 
-def _concat(paths: list[Path], tmp: str) -> None:
-    with open(tmp, "wb") as dst:
-        for p in paths:
-            with open(p, "rb") as src:
-                shutil.copyfileobj(src, dst)
+def _concat(fs: Root, paths: list[Path], dst: BinaryIO) -> None:
+    for p in paths:
+        with fs.file(p) as src:
+            shutil.copyfileobj(src, dst)
 
 
 def read_output(path: Path) -> Iterator[dict[str, Any]]:

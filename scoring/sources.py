@@ -12,26 +12,47 @@ pyarrow's streaming CSV reader with the text read as bytes (so one undecodable r
 reject, not a failed block) and malformed records skipped by an invalid-row handler and counted;
 JSONL through a line reader (pyarrow's JSON reader fails a whole block on one bad line);
 SQLite through ``sqlite3`` with ``text_factory=bytes``, ordered by ``rowid``.
+
+Every file is opened through a :class:`~headfleet.scoring.confined.Root` (the readers get the
+opened file object, SQLite the verified real path): in the service a store's files, and every
+folder and symlink on the way to them, must resolve inside the tenant's folder when they are
+opened, at submit and again each time the job reads them. A folder source lists its files by
+walking descriptors: symlinks (to files or folders) that stay inside the root are followed, one
+that leads outside is refused with the whole store (403), a folder reached twice (a link loop)
+is refused (422), names starting with ``.`` or ``_`` are skipped.
+
+What a row must be: JSONL and CSV may start with a UTF-8 BOM and end lines in CRLF; a text (or
+id) holding a lone surrogate is a reject ("text is not valid Unicode (lone surrogate)": JSON can
+spell one as ``"\\ud83d"``), and so is a text with no visible content (``headfleet.text.is_blank``:
+only whitespace is "empty text", only zero-width or format characters is "no visible content").
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import json
 import os
+import re
 import sqlite3
+import stat
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import msgspec
 
 from headfleet.errors import NotFoundError, ValidationError
+from headfleet.scoring.confined import Root, refusing
+from headfleet.text import is_blank
 
 KINDS = ("jsonl", "csv", "parquet", "sqlite")
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet",
             ".pq": "parquet", ".sqlite": "sqlite", ".sqlite3": "sqlite", ".db": "sqlite"}
 SQLITE_MAGIC = b"SQLite format 3\x00"
 RAW_CHARS = 300  # how much of a bad row the rejects file keeps
+BOM = b"\xef\xbb\xbf"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 Row = tuple  # (pos, id, text or None, reject dict or None)
 
@@ -49,51 +70,54 @@ class SourceSpec:
         return dataclasses.asdict(self)
 
 
-def _kind_of(path: Path) -> str | None:
-    kind = SUFFIXES.get(path.suffix.lower())
-    if kind is None or kind == "sqlite":
-        try:
-            with open(path, "rb") as f:
-                if f.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC:
-                    return "sqlite"
-        except OSError:
-            return None
-        return None if kind == "sqlite" else kind
-    return kind
-
-
 def _raw(value: Any) -> str:
-    """A bad row as the rejects file shows it: undecodable bytes escaped, clipped."""
+    """A bad row as the rejects file shows it: undecodable bytes and lone surrogates escaped, clipped."""
     if isinstance(value, (bytes, bytearray)):
         value = bytes(value).decode("utf-8", errors="backslashreplace")
-    elif not isinstance(value, str):
+    elif isinstance(value, str):
+        value = value.encode("utf-8", errors="backslashreplace").decode("utf-8")
+    else:
         value = repr(value)
     return value if len(value) <= RAW_CHARS else value[:RAW_CHARS] + "…"
 
 
-class Source:
-    """A store opened for reading. ``files`` are sorted; ``id_type`` is ``"int64"`` or ``"string"``."""
+def printable(value: str) -> str:
+    """A name for a message or a rejects record: a non-UTF-8 file name's bytes escaped, not a crash later."""
+    return value.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="backslashreplace") \
+        if _SURROGATE.search(value) else value
 
-    def __init__(self, spec: SourceSpec):
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _lenient_json(s: str) -> Any:
+    """msgspec refuses a lone surrogate escape (``"\\ud83d"``) like broken JSON; the standard library
+    reads it, so check_row can reject the row for what it is. None: not JSON after all."""
+    try:
+        return json.loads(s, parse_constant=_no_constants)
+    except (ValueError, RecursionError):
+        return None
+
+
+class Source:
+    """A store opened for reading. ``files`` are sorted; ``id_type`` is ``"int64"`` or ``"string"``.
+
+    ``root``: the folder every file must resolve inside when it is opened (None: anywhere)."""
+
+    def __init__(self, spec: SourceSpec, root: Root | str | Path | None = None):
         self.spec = spec
-        root = Path(spec.path)
-        if not root.exists():
-            raise NotFoundError(f"source {spec.path!r} does not exist")
+        self.fs = root if isinstance(root, Root) else Root(root)
+        top = Path(spec.path)
+        with refusing(f"source {spec.path!r}"):
+            st = self.fs.stat(top)
         if not spec.id_col or not spec.text_col:
             raise ValidationError("the id and text column names must not be empty")
         if spec.id_col == spec.text_col:
             raise ValidationError(f"the id and text columns are both {spec.id_col!r}; name two different columns")
-        if root.is_dir():
-            found = []
-            for dirpath, dirnames, filenames in os.walk(root):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "_")))
-                for name in filenames:
-                    if name.startswith((".", "_")):  # _SUCCESS, _metadata, temp files
-                        continue
-                    p = Path(dirpath) / name
-                    kind = SUFFIXES.get(p.suffix.lower())
-                    if kind is not None and kind != "sqlite":
-                        found.append((kind, p))
+        self.is_folder = stat.S_ISDIR(st.st_mode)
+        if self.is_folder:
+            found = self._list_folder(top)
             kinds = {k for k, _ in found}
             if not found:
                 raise ValidationError(f"folder {spec.path!r} holds no .jsonl, .csv or .parquet files")
@@ -103,17 +127,69 @@ class Source:
             self.kind = kinds.pop()
             self.files = sorted(p for _, p in found)
         else:
-            kind = _kind_of(root)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValidationError(f"source {spec.path!r} is not a regular file or a folder")
+            kind = self._kind_of(top)
             if kind is None:
                 raise ValidationError(f"cannot tell the format of {spec.path!r}: expected .jsonl/.ndjson, .csv, "
                                       ".parquet or an SQLite database")
-            self.kind, self.files = kind, [root]
+            self.kind, self.files = kind, [top]
         if spec.table is not None and self.kind != "sqlite":
             raise ValidationError("a table names an SQLite table; this source is " + self.kind)
-        self.root = root
+        self.root = top
         self.table: str | None = None
         self.id_type = "string"
         getattr(self, f"_open_{self.kind}")()
+
+    def _list_folder(self, top: Path) -> list[tuple[str, Path]]:
+        """Every store file under ``top``, walked through descriptors beneath the root: a symlink that
+        leaves the root is refused, one that stays inside is followed, a folder reached twice is refused."""
+        found: list[tuple[str, Path]] = []
+        seen: set[tuple[int, int]] = set()
+
+        def visit(folder: Path, st: os.stat_result) -> None:
+            if (st.st_dev, st.st_ino) in seen:
+                raise ValidationError(f"folder {str(folder)!r} is reached twice through symbolic links (a loop, or "
+                                      "two links to one folder); a store lists each file once")
+            seen.add((st.st_dev, st.st_ino))
+            with refusing(f"folder {str(folder)!r}"):
+                names = self.fs.listdir(folder)
+            for name in names:
+                if name.startswith((".", "_")):  # _SUCCESS, _metadata, temp files
+                    continue
+                p = folder / name
+                kind = SUFFIXES.get(p.suffix.lower())
+                try:
+                    with refusing(f"source file {str(p)!r}"):
+                        est = self.fs.stat(p)
+                except NotFoundError:
+                    if kind is None or kind == "sqlite":
+                        continue  # a dangling link that would not be read anyway
+                    raise
+                if stat.S_ISDIR(est.st_mode):
+                    visit(p, est)
+                elif kind is not None and kind != "sqlite":
+                    if not stat.S_ISREG(est.st_mode):
+                        raise ValidationError(f"source file {str(p)!r} is not a regular file")
+                    found.append((kind, p))
+
+        with refusing(f"source {str(top)!r}"):
+            visit(top, self.fs.stat(top))
+        return found
+
+    def _file(self, path: Path, buffering: int = -1) -> BinaryIO:
+        """One of the store's files, opened beneath the root (what every reader gets instead of the path)."""
+        with refusing(f"source file {str(path)!r}"):
+            return self.fs.file(path, buffering)
+
+    def _kind_of(self, path: Path) -> str | None:
+        kind = SUFFIXES.get(path.suffix.lower())
+        if kind is None or kind == "sqlite":
+            with self._file(path) as f:
+                if f.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC:
+                    return "sqlite"
+            return None if kind == "sqlite" else kind
+        return kind
 
     # -- opening: check the columns once, decide the id type -----------------------------------------
     def _open_jsonl(self) -> None:
@@ -123,25 +199,29 @@ class Source:
         import pyarrow.csv as pcsv
 
         for path in self.files:
-            try:
-                reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=1 << 16, use_threads=False),
-                                       parse_options=pcsv.ParseOptions(newlines_in_values=True,
-                                                                       invalid_row_handler=lambda row: "skip"))
-                columns = reader.schema.names
-            except Exception as exc:  # pyarrow's error names the problem; we name the file
-                raise ValidationError(f"{path}: not a readable CSV file ({exc})") from None
+            with self._file(path) as f:
+                try:
+                    reader = pcsv.open_csv(f, read_options=pcsv.ReadOptions(block_size=1 << 16, use_threads=False),
+                                           parse_options=pcsv.ParseOptions(newlines_in_values=True,
+                                                                           invalid_row_handler=lambda row: "skip"))
+                    columns = reader.schema.names
+                except Exception as exc:  # pyarrow's error names the problem; we name the file
+                    raise ValidationError(f"{path}: not a readable CSV file ({exc})") from None
             self._require_columns(path, columns)
 
     def _open_parquet(self) -> None:
         import pyarrow as pa
-        import pyarrow.dataset as ds
+        import pyarrow.parquet as pq
 
-        try:
-            self._dataset = ds.dataset([str(p) for p in self.files], format="parquet")
-        except Exception as exc:
-            raise ValidationError(f"{self.spec.path}: not a readable Parquet store ({exc})") from None
-        schema = self._dataset.schema
-        self._require_columns(self.root, schema.names)
+        schema = None
+        for path in self.files:  # every file's footer: a file without the columns is refused now, not mid-job
+            with self._file(path) as f:
+                try:
+                    file_schema = pq.ParquetFile(f).schema_arrow
+                except Exception as exc:
+                    raise ValidationError(f"{path}: not a readable Parquet file ({exc})") from None
+            self._require_columns(path, file_schema.names)
+            schema = schema or file_schema
         if pa.types.is_integer(schema.field(self.spec.id_col).type):
             self.id_type = "int64"
         ttype = schema.field(self.spec.text_col).type
@@ -150,7 +230,13 @@ class Source:
             raise ValidationError(f"column {self.spec.text_col!r} of {self.spec.path!r} is {ttype}, not text")
 
     def _open_sqlite(self) -> None:
-        with self._connect() as conn:
+        try:
+            self._check_sqlite()
+        except sqlite3.DatabaseError as exc:  # a damaged file: the user's to fix, not a server error
+            raise ValidationError(f"{self.spec.path!r}: not a readable SQLite database ({exc})") from None
+
+    def _check_sqlite(self) -> None:
+        with contextlib.closing(self._connect()) as conn:
             tables = [r[0] for r in conn.execute(
                 "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%' "
                 "ORDER BY name")]
@@ -175,9 +261,9 @@ class Source:
                 raise ValidationError(f"{where}: no {what} column {col!r} (columns: {', '.join(columns)}); "
                                       f"name it with {flag}")
 
-    def _connect(self, rows: bool = False) -> sqlite3.Connection:
-        uri = Path(self.files[0]).resolve().as_uri() + "?mode=ro"
-        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+    def _connect(self, rows: bool = False):
+        with refusing(f"source file {str(self.files[0])!r}"):
+            conn = self.fs.connect_sqlite(self.files[0])  # the verified file's real path, and a check SQLite holds it
         if rows:
             conn.text_factory = bytes  # undecodable text is one row's problem, not the query's
         return conn
@@ -194,10 +280,12 @@ class Source:
         """Enough to tell, at resume, that the store is the one the job started on."""
         h = hashlib.sha256()
         for p in self.files:
-            st = p.stat()
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return {"path": str(self.root.resolve()), "kind": self.kind, "files": len(self.files), "table": self.table,
-                "id_col": self.spec.id_col, "text_col": self.spec.text_col, "files_sha256": h.hexdigest()}
+            with refusing(f"source file {str(p)!r}"):
+                st = self.fs.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        return {"path": printable(os.path.realpath(self.root)), "kind": self.kind, "files": len(self.files),
+                "table": self.table, "id_col": self.spec.id_col, "text_col": self.spec.text_col,
+                "files_sha256": h.hexdigest()}
 
     def estimate_rows(self) -> tuple[int, bool]:
         """(rows, exact): Parquet and SQLite from metadata; JSONL and CSV by counting line ends
@@ -205,13 +293,18 @@ class Source:
         if self.kind == "parquet":
             import pyarrow.parquet as pq
 
-            return sum(pq.ParquetFile(p).metadata.num_rows for p in self.files), True
+            total = 0
+            for p in self.files:
+                with self._file(p) as f:
+                    total += pq.ParquetFile(f).metadata.num_rows
+            return total, True
         if self.kind == "sqlite":
-            with self._connect() as conn:
+            with contextlib.closing(self._connect()) as conn:
                 return int(conn.execute(f"SELECT COUNT(*) FROM {_quote(self.table)}").fetchone()[0]), True
         total = 0
         for p in self.files:
-            total += max(0, _count_lines(p) - (1 if self.kind == "csv" else 0))
+            with self._file(p) as f:
+                total += max(0, _count_lines(f) - (1 if self.kind == "csv" else 0))
         return total, False
 
     # -- reading ------------------------------------------------------------------------------------
@@ -223,8 +316,10 @@ class Source:
     def _rows_jsonl(self, path: Path, start: int, batch_rows: int) -> Iterator[Row]:
         decode = msgspec.json.decode
         id_col, text_col = self.spec.id_col, self.spec.text_col
-        with open(path, "rb", buffering=1 << 20) as f:
+        with self._file(path, buffering=1 << 20) as f:
             for pos, line in enumerate(f):
+                if pos == 0 and line.startswith(BOM):
+                    line = line[len(BOM):]  # a UTF-8 byte order mark is not part of the first record
                 if pos < start or not line.strip():
                     continue  # done before, or a blank line (not a document)
                 try:
@@ -236,9 +331,11 @@ class Source:
                 try:
                     obj = decode(s)
                 except msgspec.DecodeError as exc:
-                    yield pos, None, None, {"reason": "invalid JSON", "detail": str(exc), "line": pos + 1,
-                                            "raw": _raw(s.rstrip("\r\n"))}
-                    continue
+                    obj = _lenient_json(s)
+                    if obj is None:
+                        yield pos, None, None, {"reason": "invalid JSON", "detail": str(exc), "line": pos + 1,
+                                                "raw": _raw(s.rstrip("\r\n"))}
+                        continue
                 if not isinstance(obj, dict):
                     yield pos, None, None, {"reason": "not a JSON object", "line": pos + 1, "raw": _raw(s.rstrip())}
                     continue
@@ -258,25 +355,26 @@ class Source:
             return "skip"
 
         id_col, text_col = self.spec.id_col, self.spec.text_col
-        reader = pcsv.open_csv(
-            path, read_options=pcsv.ReadOptions(block_size=1 << 20, use_threads=False),
-            parse_options=pcsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid),
-            convert_options=pcsv.ConvertOptions(column_types={id_col: pa.binary(), text_col: pa.binary()},
-                                                include_columns=[id_col, text_col], strings_can_be_null=False))
-        pos = 0
-        for batch in reader:
-            # records the parser skipped in this block take the place of the block's first record,
-            # so they fall into the same chunk in every run
-            while malformed:
-                reject = malformed.pop(0)
-                if pos >= start:
-                    yield pos, None, None, reject
-            ids = batch.column(id_col).to_pylist()
-            texts = batch.column(text_col).to_pylist()
-            for i in range(len(ids)):
-                if pos + i >= start:
-                    yield check_row(pos + i, ids[i], texts[i], "string")
-            pos += len(ids)
+        with self._file(path) as f:  # pyarrow skips a UTF-8 BOM and reads CRLF line ends
+            reader = pcsv.open_csv(
+                f, read_options=pcsv.ReadOptions(block_size=1 << 20, use_threads=False),
+                parse_options=pcsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid),
+                convert_options=pcsv.ConvertOptions(column_types={id_col: pa.binary(), text_col: pa.binary()},
+                                                    include_columns=[id_col, text_col], strings_can_be_null=False))
+            pos = 0
+            for batch in reader:
+                # records the parser skipped in this block take the place of the block's first record,
+                # so they fall into the same chunk in every run
+                while malformed:
+                    reject = malformed.pop(0)
+                    if pos >= start:
+                        yield pos, None, None, reject
+                ids = batch.column(id_col).to_pylist()
+                texts = batch.column(text_col).to_pylist()
+                for i in range(len(ids)):
+                    if pos + i >= start:
+                        yield check_row(pos + i, ids[i], texts[i], "string")
+                pos += len(ids)
         for reject in malformed:
             if pos >= start:
                 yield pos, None, None, reject
@@ -286,18 +384,19 @@ class Source:
 
         id_type = self.id_type
         pos = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows,
-                                                       columns=[self.spec.id_col, self.spec.text_col]):
-            n = batch.num_rows
-            if pos + n <= start:
+        with self._file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows,
+                                                        columns=[self.spec.id_col, self.spec.text_col]):
+                n = batch.num_rows
+                if pos + n <= start:
+                    pos += n
+                    continue
+                skip = max(0, start - pos)
+                ids = _as_bytes(batch.column(self.spec.id_col).slice(skip)).to_pylist()
+                texts = _as_bytes(batch.column(self.spec.text_col).slice(skip)).to_pylist()
+                for i in range(len(ids)):
+                    yield check_row(pos + skip + i, ids[i], texts[i], id_type)
                 pos += n
-                continue
-            skip = max(0, start - pos)
-            ids = batch.column(self.spec.id_col).slice(skip).to_pylist()
-            texts = batch.column(self.spec.text_col).slice(skip).to_pylist()
-            for i in range(len(ids)):
-                yield check_row(pos + skip + i, ids[i], texts[i], id_type)
-            pos += n
 
     def _rows_sqlite(self, path: Path, start: int, batch_rows: int) -> Iterator[Row]:
         cols = f"{_quote(self.spec.id_col)}, {_quote(self.spec.text_col)}"
@@ -321,6 +420,21 @@ class Source:
             conn.close()
 
 
+def _as_bytes(column):
+    """A string column as bytes: check_row decodes each value, so bad UTF-8 is one row's reject."""
+    import pyarrow as pa
+
+    t = column.type
+    try:
+        if pa.types.is_string(t):
+            return column.cast(pa.binary())
+        if pa.types.is_large_string(t):
+            return column.cast(pa.large_binary())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    return column
+
+
 def check_row(pos: int, doc_id: Any, text: Any, id_type: str, **where: Any) -> Row:
     """One raw row -> ``(pos, id, text, None)`` or ``(pos, id-or-None, None, reject)``."""
     doc_id, id_problem = _check_id(doc_id, id_type)
@@ -336,8 +450,15 @@ def check_row(pos: int, doc_id: Any, text: Any, id_type: str, **where: Any) -> R
                                        "raw": _raw(text)}
     if not isinstance(text, str):
         return pos, doc_id, None, {"reason": "text is not a string", "id": doc_id, **where, "raw": _raw(text)}
+    if _SURROGATE.search(text):  # no UTF-8 spells it: it would fail later, hashing or writing the text
+        return pos, doc_id, None, {"reason": "text is not valid Unicode (lone surrogate)", "id": doc_id, **where,
+                                   "raw": _raw(text)}
     if not text.strip():
         return pos, doc_id, None, {"reason": "empty text", "id": doc_id, **where}
+    if is_blank(text):  # zero-width spaces, joiners, a BOM...: the tokenizer would see an empty text
+        shown = ", ".join(dict.fromkeys(f"U+{ord(c):04X}" for c in text if not c.isspace()))
+        return pos, doc_id, None, {"reason": "no visible content", "detail": f"only invisible characters ({shown})",
+                                   "id": doc_id, **where}
     return pos, doc_id, text, None
 
 
@@ -351,6 +472,8 @@ def _check_id(doc_id: Any, id_type: str) -> tuple[Any, str | None]:
             return doc_id, "undecodable bytes in id"
     if isinstance(doc_id, bool):
         return doc_id, "id is not a string or an integer"
+    if isinstance(doc_id, str) and _SURROGATE.search(doc_id):
+        return doc_id, "id is not valid Unicode (lone surrogate)"
     if id_type == "int64":
         if isinstance(doc_id, int):
             return doc_id, None
@@ -370,19 +493,15 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _count_lines(path: Path, sample_over: int = 256 << 20) -> int:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        if size <= sample_over:
-            n = 0
-            while block := f.read(1 << 22):
-                n += block.count(b"\n")
-            return n + (1 if size and not _ends_with_newline(path) else 0)
-        sample = f.read(4 << 20)
+def _count_lines(f: BinaryIO, sample_over: int = 256 << 20) -> int:
+    """Line ends in the open file ``f`` (one more when the last line has none); huge files are sampled."""
+    size = os.fstat(f.fileno()).st_size
+    if size <= sample_over:
+        n = 0
+        last = b""
+        while block := f.read(1 << 22):
+            n += block.count(b"\n")
+            last = block[-1:]
+        return n + (1 if size and last != b"\n" else 0)
+    sample = f.read(4 << 20)
     return int(size * max(1, sample.count(b"\n")) / max(1, len(sample)))
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"

@@ -1,10 +1,20 @@
 """Scoring jobs in the service: ``POST /jobs`` scores a store in the tenant's scoring folder.
 
 Paths are the tenant's own: a job reads and writes only under ``<scoring_root>/<tenant>/``
-(``HEADFLEET_SCORING_ROOT``); anything that resolves outside it (``..``, an absolute path, a
-symlink out) is refused with 403 before a job exists, and without naming the server's folders.
+(``HEADFLEET_SCORING_ROOT``). The job is confined to that folder (``JobSpec.root``): every file it
+opens, at submit and while it runs, is opened beneath it with every path component resolved by
+the kernel (``headfleet.scoring.confined``), so anything that leads outside it (``..``, an absolute
+path, a symlink out anywhere on the way, in a folder source too, a symlinked tenant folder) is
+refused with 403 before a job exists, and without naming the server's folders. Symlinks that
+stay inside the folder are followed. A path the filesystem refuses (too long, a loop, a file
+where a folder should be, no permission, not valid Unicode) is a 4xx too, never a 500.
+
 The store is opened, its columns checked and the classifiers pinned to versions when the job is
-submitted, so a bad request is a 4xx at once, not a failed job later.
+submitted, so a bad request is a 4xx at once, not a failed job later. What changes after that is
+checked again when the job opens each file: a file swapped for a symlink out after submit fails
+the job (``error_type`` ``forbidden``, the file named relative to the tenant's folder), and none
+of its bytes reach the output or the rejects file. A failed job's partial output is removed (a
+failed job is not resumed), so the output path can be used again.
 
 A job runs on its own worker thread; its texts go through the scheduler in the lane
 ``<tenant>#score``, so live traffic keeps its turns while a big store is scored. Job records
@@ -16,19 +26,22 @@ and removes its partial output.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from headfleet.errors import ConflictError, ForbiddenError, HeadfleetError, NotFoundError, ValidationError
 from headfleet.heads.atomic import write_json_atomic
 from headfleet.heads.refs import check_name
 from headfleet.scoring import Cancelled, JobSpec, ScoreJob, SourceSpec
+from headfleet.scoring.confined import Escape, Root, path_error
 from headfleet.scoring.output import Workdir
 
 log = logging.getLogger(__name__)
@@ -72,28 +85,62 @@ class ScoringJobs:
                                  "(each tenant then reads and writes under <root>/<tenant>/)")
         return self.root / check_name(tenant, "tenant")
 
-    def _inside(self, tenant: str, rel: str, what: str) -> Path:
-        """``rel`` inside the tenant's folder, resolved (symlinks too); 403 for anything outside."""
+    def confined(self, tenant: str) -> Root:
+        """The tenant's folder as the root every file of its jobs is opened beneath."""
+        return Root(self.folder(tenant))
+
+    def _inside(self, tenant: str, rel: Any, what: str, *, must_exist: bool = False) -> tuple[Path, PurePosixPath]:
+        """``rel`` inside the tenant's folder: lexically (no ``..`` above it, not absolute), then every
+        component that exists resolved beneath the folder, symlinks too; 403 for anything outside,
+        4xx for a path the filesystem refuses. Returns the lexical path (the job opens it beneath
+        the folder again each time) and the real one, relative to the folder."""
         if not isinstance(rel, str) or not rel.strip() or "\x00" in rel:
             raise ValidationError(f"{what} must be a path inside your scoring folder")
-        base = self.folder(tenant).resolve()
-        path = (base / rel).resolve()
-        if path != base and not path.is_relative_to(base):
-            raise ForbiddenError(f"{what} {rel!r} is outside your scoring folder; give a path relative to it")
-        return path
+        outside = ForbiddenError(f"{what} {rel!r} is outside your scoring folder; give a path relative to it")
+        norm = os.path.normpath(rel)
+        if os.path.isabs(norm) or norm == ".." or norm.startswith("../"):
+            raise outside
+        fs = self.confined(tenant)
+        path = self.folder(tenant) / norm if norm != "." else self.folder(tenant)
+        try:
+            real = fs.realpath(path)
+            if must_exist and fs.lookup(path) is None:
+                raise NotFoundError(f"{what} {rel!r} does not exist in your scoring folder")
+        except Escape as exc:
+            raise (outside if exc.path is not None else self._reworded(tenant, exc)) from None
+        except HeadfleetError as exc:
+            raise self._reworded(tenant, exc) from None
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:  # the tenant's folder itself is missing
+                raise NotFoundError(f"{what} {rel!r} does not exist in your scoring folder") from None
+            raise self._path_error(exc, f"{what} {rel!r}") from None
+        return path, real
+
+    def _path_error(self, exc: OSError, what: str) -> HeadfleetError:
+        err = path_error(exc, what)
+        if err is None:
+            raise exc
+        return err
+
+    def _reworded(self, tenant: str, exc: HeadfleetError) -> HeadfleetError:
+        exc.message = self._for_tenant(tenant, exc.message)
+        exc.args = (exc.message,)
+        return exc
 
     def _for_tenant(self, tenant: str, message: str) -> str:
         """An error from the store or the job, in the API's words: paths relative to the tenant's
         folder (the server's folders are nobody's business), field names instead of CLI flags."""
-        base = str(self.folder(tenant).resolve())
-        message = message.replace(base + "/", "").replace(base, ".")
+        folder = self.folder(tenant)
+        for base in dict.fromkeys((str(folder), os.path.realpath(folder), str(self.root))):
+            message = message.replace(base + "/", "").replace(base, ".")
         for flag, field in (("--id-col", "id_col"), ("--text-col", "text_col"), ("--table", "table"),
-                            ("--overwrite", "overwrite: true"), ("--format", "format")):
+                            ("--overwrite", "overwrite: true"), ("--format", "format"),
+                            ("the job's folder", "your scoring folder")):
             message = message.replace(flag, field)
         return message
 
     def _relative(self, tenant: str, path: Path) -> str:
-        return str(path.relative_to(self.folder(tenant).resolve()))
+        return str(path.relative_to(self.folder(tenant)))
 
     # -- public -------------------------------------------------------------------------------------------
     def submit(self, tenant: str, req) -> dict[str, Any]:
@@ -101,27 +148,28 @@ class ScoringJobs:
         job_id = "score_" + secrets.token_hex(8)
         if req.namespace is not None:
             check_name(req.namespace, "namespace")
-        source = self._inside(tenant, req.source, "source")
-        if not source.exists():
-            raise NotFoundError(f"source {req.source!r} does not exist in your scoring folder")
-        out = self._inside(tenant, req.output or f"scores/{job_id}.parquet", "output")
-        if out == source or out.is_relative_to(source) or source.is_relative_to(out):
+        fs = self.confined(tenant)
+        source, real_source = self._inside(tenant, req.source, "source", must_exist=True)
+        out, real_out = self._inside(tenant, req.output or f"scores/{job_id}.parquet", "output")
+        # compared with links resolved: a link cannot hide that the output is inside the source
+        if real_out == real_source or real_out.is_relative_to(real_source) or real_source.is_relative_to(real_out):
             raise ValidationError("output must not be inside the source (the next run would read it as documents)")
         rejects = out.with_name(out.name.rsplit(".", 1)[0] + ".rejects.jsonl")
         shown = self._relative(tenant, out)
         spec = JobSpec(SourceSpec(str(source), id_col=req.id_col, text_col=req.text_col, table=req.table),
                        out, tenant, tuple(req.classifiers), format=req.format, rejects=rejects,
-                       namespace=req.namespace, chunk_rows=CHUNK_ROWS)
+                       namespace=req.namespace, chunk_rows=CHUNK_ROWS, root=self.folder(tenant))
         with self._submit_lock:  # two requests for one output: the second sees the first one's partial output
-            if Workdir(out, "").exists():
-                raise ConflictError(f"output {shown!r} belongs to another job that has not finished")
-            try:  # opens the store, pins versions, writes the checkpoint (and creates the output's folder)
+            try:
+                if Workdir(out, "", fs).exists():
+                    raise ConflictError(f"output {shown!r} belongs to another job that has not finished")
+                # opens the store, pins versions, writes the checkpoint (and creates the output's folder)
                 job = ScoreJob(spec, resolve=self.engine.registry.resolve, batch_size=self.batch_size,
                                engine="service", overwrite=req.overwrite)
             except HeadfleetError as exc:
-                exc.message = self._for_tenant(tenant, exc.message)
-                exc.args = (exc.message,)
-                raise
+                raise self._reworded(tenant, exc) from None
+            except OSError as exc:  # what the scoring layer did not word: still the request's path, not a 500
+                raise self._path_error(exc, f"output {shown!r}") from None
         if job.state == "done":
             raise ConflictError(f"output {shown!r} already exists (the same job finished it); "
                                 "pass \"overwrite\": true to score again")
@@ -168,7 +216,7 @@ class ScoringJobs:
             snapshot = dict(record)
         self._save(tenant, snapshot)
         if snapshot["state"] == "cancelled":
-            Workdir(Path(snapshot["spec"]["out"]), "").remove()
+            self._remove_partial(tenant, snapshot)
         return self._public(snapshot)
 
     def close(self) -> None:
@@ -201,7 +249,7 @@ class ScoringJobs:
         spec = JobSpec(SourceSpec(sp["source"], id_col=snapshot["id_col"], text_col=snapshot["text_col"],
                                   table=snapshot["table"]), Path(sp["out"]), tenant,
                        tuple(snapshot["classifiers"]), format=sp["format"], rejects=Path(sp["rejects"]),
-                       namespace=snapshot["namespace"], chunk_rows=CHUNK_ROWS)
+                       namespace=snapshot["namespace"], chunk_rows=CHUNK_ROWS, root=self.folder(tenant))
         saved = [time.monotonic()]
 
         def on_commit(job: ScoreJob, _chunk) -> None:
@@ -225,18 +273,36 @@ class ScoringJobs:
         except HeadfleetError as exc:
             if self._closing.is_set():
                 return  # the scheduler went away under a chunk: resumed at the next start
-            self._finish(tenant, key, "failed",
-                         error={"error": self._for_tenant(tenant, exc.message), "error_type": exc.error_type})
+            self._failed(tenant, key, {"error": self._for_tenant(tenant, exc.message), "error_type": exc.error_type})
             return
         except Exception as exc:  # a bug or the disk, not the request: say so, keep the service up
-            log.exception("scoring job %s failed", job_id)
             if self._closing.is_set():
                 return
-            self._finish(tenant, key, "failed",
-                         error={"error": self._for_tenant(tenant, f"internal error ({type(exc).__name__}: {exc})"),
-                                "error_type": "internal_error"})
+            err = path_error(exc, "a file of the job") if isinstance(exc, OSError) else None
+            if err is not None:  # the store changed under the job (a file removed, made unreadable...)
+                self._failed(tenant, key, {"error": self._for_tenant(tenant, f"{err.message} ({exc.strerror}: "
+                                                                             f"{exc.filename})"),
+                                           "error_type": err.error_type})
+                return
+            log.exception("scoring job %s failed", job_id)
+            self._failed(tenant, key, {"error": self._for_tenant(tenant, f"internal error ({type(exc).__name__}: "
+                                                                         f"{exc})"),
+                                       "error_type": "internal_error"})
             return
         self._finish(tenant, key, "succeeded", report={k: report[k] for k in REPORT_KEYS})
+
+    def _failed(self, tenant: str, key: tuple[str, str], error: dict[str, str]) -> None:
+        """A failed job is not resumed: its partial output goes, so the output path can be used again."""
+        with self._lock:
+            record = self._jobs[key]
+        try:
+            self._remove_partial(tenant, record)
+        except (HeadfleetError, OSError):
+            log.warning("could not remove the partial output of failed job %s", key[1])
+        self._finish(tenant, key, "failed", error=error)
+
+    def _remove_partial(self, tenant: str, record: dict[str, Any]) -> None:
+        Workdir(Path(record["spec"]["out"]), "", self.confined(tenant)).remove()
 
     def _persist(self) -> None:
         local = getattr(self.engine, "local", None)
@@ -253,7 +319,7 @@ class ScoringJobs:
             return  # not the user's cancel: the record stays running and the job resumes at start
         with self._lock:
             record = self._jobs[key]
-        Workdir(Path(record["spec"]["out"]), "").remove()
+        self._remove_partial(tenant, record)
         self._finish(tenant, key, "cancelled")
 
     def _finish(self, tenant: str, key: tuple[str, str], state: str, **changes: Any) -> None:
@@ -308,7 +374,10 @@ class ScoringJobs:
                 self._jobs[key] = record
                 self._cancel[key] = threading.Event()
                 if record.get("state") == "cancelling":
-                    Workdir(Path(record["spec"]["out"]), "").remove()
+                    try:
+                        self._remove_partial(tenant, record)
+                    except (HeadfleetError, OSError):
+                        log.warning("could not remove the partial output of cancelled job %s", record["id"])
                     record.update(state="cancelled", finished=_now())
                     self._save(tenant, record)
                 elif record.get("state") in ("queued", "running"):

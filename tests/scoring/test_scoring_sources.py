@@ -4,7 +4,9 @@ with the reason, and the job goes on."""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import sqlite3
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from headfleet.errors import NotFoundError, ValidationError
+from headfleet.errors import ForbiddenError, NotFoundError, ValidationError
 from headfleet.scoring import JobSpec, ScoreJob, SourceSpec
 from headfleet.service.engine import Engine
 from headfleet.settings import Settings
@@ -207,3 +209,59 @@ def test_unusable_sources_are_refused_before_any_work(engine, docs, tmp_path):
         ScoreJob(JobSpec(SourceSpec(str(tmp_path / "a.jsonl")), tmp_path / "o.parquet", TENANT, ("nope",)),
                  resolve=engine.registry.resolve)
     assert not any(p.name.startswith("o.") for p in tmp_path.iterdir())  # nothing half-written
+
+
+def test_a_bom_and_crlf_line_ends_lose_no_document(engine, docs, tmp_path):
+    """What Windows tools write: a UTF-8 BOM before the first record, CRLF after every one."""
+    few = docs[:30]
+    lines = [json.dumps({"id": d, "text": t}, ensure_ascii=False) for d, t in few]
+    (tmp_path / "docs.jsonl").write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode("utf-8"))
+    with open(tmp_path / "docs.csv", "w", newline="", encoding="utf-8-sig") as f:  # utf-8-sig writes the BOM
+        w = csv.writer(f, lineterminator="\r\n")
+        w.writerow(["id", "text"])
+        w.writerows(few)
+    for name in ("docs.jsonl", "docs.csv"):
+        report = run_job(engine, tmp_path / name, tmp_path / f"{name}.parquet", chunk_rows=7)
+        assert report["rejected"] == 0 and report["scored"] == len(few), (name, report["rejects_by_reason"])
+        assert list(rows_by_id(tmp_path / f"{name}.parquet")) == [d for d, _ in few]
+
+
+def test_invisible_texts_and_lone_surrogates_are_rejects_with_their_reason(engine, docs, tmp_path):
+    lines = [json.dumps({"id": "good", "text": docs[0][1]}),
+             '{"id": "zero-width", "text": "\\u200b\\u2060\\ufeff"}',
+             '{"id": "surrogate", "text": "\\ud83d"}',
+             '{"id": "\\ude00", "text": "an id that is half a character"}',
+             json.dumps({"id": "pair", "text": "\U0001F600 " + docs[1][1]})]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    report = run_job(engine, tmp_path / "docs.jsonl", tmp_path / "out.jsonl")
+    assert list(rows_by_id(tmp_path / "out.jsonl")) == ["good", "pair"]
+    assert report["rejects_by_reason"] == {"no visible content": 1, "text is not valid Unicode (lone surrogate)": 1,
+                                           "id is not valid Unicode (lone surrogate)": 1}
+    rejects = [json.loads(line) for line in (tmp_path / "out.rejects.jsonl").read_text("utf-8").splitlines()]
+    assert [(r["line"], r.get("id")) for r in rejects] == [(2, "zero-width"), (3, "surrogate"), (4, None)]
+
+
+def test_a_confined_job_fails_on_a_link_swapped_in_while_it_runs_and_reads_none_of_it(engine, docs, tmp_path):
+    root = tmp_path / "scoring"
+    (root / "a").mkdir(parents=True)
+    (root / "b" / "dir").mkdir(parents=True)
+    secret = "tenant a's private text, never to be read for b"
+    write_jsonl(root / "a" / "docs.jsonl", [(f"a-{i}", secret) for i in range(5)])
+    write_jsonl(root / "b" / "dir" / "0.jsonl", docs[:40])
+    write_jsonl(root / "b" / "dir" / "1.jsonl", docs[40:50])
+    out = root / "b" / "scores.jsonl"
+    job = ScoreJob(JobSpec(SourceSpec(str(root / "b" / "dir")), out, TENANT, ("spam",), chunk_rows=20,
+                           root=root / "b"), resolve=engine.registry.resolve)
+
+    def swap(job, chunk):
+        if chunk.key == (0, 0):
+            tmp = root / "b" / "dir" / "1.swap"
+            tmp.symlink_to("../../a/docs.jsonl")
+            os.replace(tmp, root / "b" / "dir" / "1.jsonl")
+
+    with pytest.raises(ForbiddenError) as exc:
+        job.run(engine.classify, on_commit=swap)
+    assert "'dir/1.jsonl' leads outside" in exc.value.message and str(root) not in exc.value.message
+    assert job.counts["documents"] == 40  # file 0 was scored; nothing of file 1
+    written = b"".join(p.read_bytes() for p in (root / "b").rglob("*") if p.is_file() and not p.is_symlink())
+    assert secret.encode() not in written and not out.exists()

@@ -18,6 +18,8 @@ from http_server import running
 EXAMPLES = Path(__file__).resolve().parents[2] / "service" / "example_data"
 ACME = {"Authorization": "Bearer acme-key"}
 GLOBEX = {"Authorization": "Bearer globex-key"}
+INITECH = {"Authorization": "Bearer initech-key"}  # its scoring folder is a symlink to globex's
+SECRET = "globex's data"
 
 
 def wait_for(client: httpx.Client, job_id: str, headers: dict, states=("succeeded", "failed", "cancelled"),
@@ -43,7 +45,9 @@ def server(minilm, tmp_path_factory):
     root = tmp_path_factory.mktemp("scoring-root")
     (root / "acme").mkdir()
     (root / "globex").mkdir()
-    with running(minilm, tmp_path_factory.mktemp("scoring-data"), api_keys="acme:acme-key,globex:globex-key",
+    (root / "initech").symlink_to("globex")
+    with running(minilm, tmp_path_factory.mktemp("scoring-data"),
+                 api_keys="acme:acme-key,globex:globex-key,initech:initech-key",
                  scoring_root=root) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
         with open(EXAMPLES / "spam.csv", newline="", encoding="utf-8") as f:
             examples = [{"text": r["text"], "label": r["label"]} for r in csv.DictReader(f)]
@@ -124,6 +128,129 @@ def test_paths_outside_the_tenants_folder_are_refused(server, source):
     r = client.post("/jobs", json={"source": "few.jsonl", "classifiers": ["spam"], "output": "../globex/o.parquet"},
                     headers=ACME)
     assert r.status_code == 403 and r.json()["error_type"] == "forbidden"
+
+
+def secret_store(root: Path) -> Path:
+    """globex's private store, the target of every link below."""
+    path = root / "globex" / "secret.jsonl"
+    path.write_text(json.dumps({"id": "g1", "text": SECRET}) + "\n")
+    return path
+
+
+def nothing_of_the_secret_in(folder: Path) -> bool:
+    return all(SECRET.encode() not in p.read_bytes() for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+@pytest.mark.parametrize("n, name, target", [(1, "1.jsonl", "../../globex/secret.jsonl"), (2, "1.jsonl", "/etc/passwd"),
+                                             (3, "sub", "../../globex")])
+def test_a_folder_source_with_a_link_out_is_refused(server, n, name, target):
+    """acme's folder source holds a link to globex's store (or /etc/passwd, or globex's folder): 403, no job,
+    and nothing of the target reaches acme's folder (no output, no rejects file)."""
+    _, client, root = server
+    secret_store(root)
+    store = root / "acme" / f"linked-{n}"
+    store.mkdir()
+    (store / "0.jsonl").write_text(json.dumps({"id": "a1", "text": "acme's own ticket"}) + "\n")
+    (store / name).symlink_to(target)
+    before = len(client.get("/jobs", headers=ACME).json()["jobs"])
+    r = client.post("/jobs", json={"source": store.name, "classifiers": ["spam"], "output": f"{store.name}.jsonl"},
+                    headers=ACME)
+    assert r.status_code == 403, r.text
+    body = r.json()
+    assert body["error_type"] == "forbidden"
+    assert f"'{store.name}/{name}' leads outside your scoring folder" in body["error"]
+    assert str(root) not in r.text and "/etc" not in r.text
+    assert len(client.get("/jobs", headers=ACME).json()["jobs"]) == before
+    assert not (root / "acme" / f"{store.name}.jsonl").exists()
+    assert not (root / "acme" / f"{store.name}.rejects.jsonl").exists()
+    assert nothing_of_the_secret_in(root / "acme")
+
+
+def test_outputs_that_lead_outside_are_refused(server):
+    _, client, root = server
+    (root / "acme" / "mine.jsonl").write_text(json.dumps({"id": 1, "text": "Claim your prize"}) + "\n")
+    (root / "acme" / "out-link.parquet").symlink_to("../globex/o.parquet")  # the output itself
+    (root / "acme" / "out-dir").symlink_to("../globex")  # a folder on the way
+    (root / "acme" / "deep").mkdir()
+    (root / "acme" / "deep" / "up").symlink_to("../..")  # a link up, then down into globex
+    for output in ("out-link.parquet", "out-dir/o.parquet", "out-dir/new/o.parquet", "deep/up/globex/o.parquet"):
+        r = client.post("/jobs", json={"source": "mine.jsonl", "classifiers": ["spam"], "output": output},
+                        headers=ACME)
+        assert r.status_code == 403, (output, r.text)
+        assert r.json() == {"error": f"output {output!r} is outside your scoring folder; give a path relative to it",
+                            "error_type": "forbidden"}
+    assert not any(p.name.startswith("o.") for p in (root / "globex").iterdir())
+
+
+def test_a_symlinked_tenant_folder_is_refused(server):
+    _, client, root = server
+    secret_store(root)
+    r = client.post("/jobs", json={"source": "secret.jsonl", "classifiers": ["spam"]}, headers=INITECH)
+    assert r.status_code == 403, r.text
+    assert "your scoring folder is a symbolic link" in r.json()["error"] and str(root) not in r.text
+
+
+@pytest.mark.parametrize("field", ["source", "output"])
+def test_paths_the_filesystem_refuses_are_422_not_500(server, field):
+    _, client, root = server
+    (root / "acme" / "ok.jsonl").write_text(json.dumps({"id": 1, "text": "Claim your prize"}) + "\n")
+    if not (root / "acme" / "loop-a").is_symlink():
+        (root / "acme" / "loop-a").symlink_to("loop-b")
+        (root / "acme" / "loop-b").symlink_to("loop-a")
+    cases = {"x" * 300 + ".jsonl": "too long",  # ENAMETOOLONG: one name over 255 bytes
+             "/".join(["d" * 200] * 25) + "/x.jsonl": "too long",  # over PATH_MAX in all
+             "loop-a/x.jsonl": "too many symbolic links",  # ELOOP
+             "ok.jsonl/x.jsonl": "one of its folders is a file"}  # ENOTDIR
+    if field == "output":  # fits, but <name>.partial and <stem>.rejects.jsonl beside it do not
+        cases["y" * 244 + ".jsonl"] = "too long"
+    for path, says in cases.items():
+        body = {"source": "ok.jsonl", "classifiers": ["spam"], "output": "fine.jsonl", field: path}
+        r = client.post("/jobs", json=body, headers=ACME)
+        assert r.status_code == 422, (path[:40], r.text)
+        assert r.json()["error_type"] == "validation_error" and says in r.json()["error"], r.text
+        assert str(root) not in r.text
+
+
+def test_a_link_swapped_in_after_submit_fails_the_job_and_reads_none_of_it(server):
+    """The store was fine when the job was submitted; one of its files becomes a link to globex's store
+    before the job opens it: the job fails (forbidden), naming the file; nothing of globex's is read."""
+    _, client, root = server
+    secret_store(root)
+    store = root / "acme" / "swapped"
+    store.mkdir()
+    with open(store / "0.jsonl", "w", encoding="utf-8") as f:
+        for i, t in enumerate(sms(1100, offset=6000)):  # three chunks: the swap lands long before file 1
+            f.write(json.dumps({"id": i, "text": t}) + "\n")
+    (store / "1.jsonl").write_text(json.dumps({"id": "late", "text": "acme's last ticket"}) + "\n")
+    r = client.post("/jobs", json={"source": "swapped", "classifiers": ["spam"], "output": "swapped.jsonl"},
+                    headers=ACME)
+    assert r.status_code == 202, r.text
+    (store / "1.swap").symlink_to("../../globex/secret.jsonl")
+    (store / "1.swap").replace(store / "1.jsonl")
+    done = wait_for(client, r.json()["job"]["id"], ACME)
+    assert done["state"] == "failed", done
+    assert done["error"]["error_type"] == "forbidden"
+    assert "'swapped/1.jsonl' leads outside your scoring folder" in done["error"]["error"]
+    assert str(root) not in json.dumps(done)
+    assert not (root / "acme" / "swapped.jsonl").exists() and not (root / "acme" / "swapped.rejects.jsonl").exists()
+    assert not (root / "acme" / "swapped.jsonl.partial").exists()  # a failed job leaves no partial output behind
+    assert nothing_of_the_secret_in(root / "acme")
+
+
+def test_bom_crlf_invisible_and_lone_surrogate_rows_over_http(server):
+    _, client, root = server
+    texts = sms(20, offset=8000)
+    lines = [json.dumps({"id": f"w{i}", "text": t}) for i, t in enumerate(texts)]
+    lines += ['{"id": "zw", "text": "\\u200b\\u200c"}', '{"id": "half", "text": "\\ud83d"}']  # JSON escapes
+    (root / "acme" / "windows.jsonl").write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode("utf-8"))
+    r = client.post("/jobs", json={"source": "windows.jsonl", "classifiers": ["spam"], "output": "windows.jsonl.out",
+                                   "format": "jsonl"}, headers=ACME)
+    assert r.status_code == 202, r.text
+    done = wait_for(client, r.json()["job"]["id"], ACME)
+    assert done["state"] == "succeeded", done["error"]
+    assert done["report"]["scored"] == 20  # the first record too, BOM and all
+    assert done["report"]["rejects_by_reason"] == {"no visible content": 1,
+                                                   "text is not valid Unicode (lone surrogate)": 1}
 
 
 def test_bad_requests_are_refused_before_a_job_exists(server):
