@@ -170,6 +170,7 @@ def train_lora(embedder, texts: Sequence[str], y: np.ndarray, *, multi_label: bo
         W=best["W"].cpu().numpy(), b=best["b"].cpu().numpy(),
         metrics={"holdout_size": int(len(holdout_idx)), "train_size": int(len(train_idx)),
                  "frozen_holdout_accuracy": round(acc0, 4), "holdout_accuracy": round(best_key[0], 4),
+                 "accuracy": round(best_key[0], 4),  # the name head training uses for holdout accuracy
                  "best_epoch": best_epoch, "epochs_run": len(history) - 1, "history": history,
                  "train_seconds": round(time.perf_counter() - t0, 2), "steps": step},
     )

@@ -104,6 +104,11 @@ class Engine:
         self.adapter_load_hooks: list[Callable[[float], None]] = []  # seconds per cold adapter load (metrics)
         self.corrupt_hooks: list[Callable[[str], None]] = []  # "tenant/name@version" refused as corrupt (metrics)
         self._verified_adapters: set[str] = set()  # adapter ids whose file matched its sha256 at first use
+        # Versions a request resolved stay loaded until it completes: resolve(pin=True) counts them
+        # here, release() uncounts; an unload that finds a count > 0 retires the key instead, and the
+        # last release removes it (a publish under live traffic never fails a request in flight).
+        self._inflight: dict[str, int] = {}
+        self._retired: set[str] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------
     @classmethod
@@ -388,11 +393,8 @@ class Engine:
         for item in resolved:
             _, key, manifest = item
             adapter = manifest.get("adapter")
-            if adapter and self.embedder.model is None:
-                from headfleet.errors import BackendError
-
-                raise BackendError(f"classifier {manifest['id']!r} is a LoRA classifier and needs the torch backend; "
-                                   f"this service runs the {self.embedder.backend} backend")
+            if adapter:
+                self.check_lora_backend(creating=False, what=f"classifier {manifest['id']!r}")
             ns = f"{ADAPTER_NS}{key}#{adapter['sha256'][:16]}" if adapter else base
             groups.setdefault(ns, []).append(item)
         return list(groups.items())
@@ -449,16 +451,31 @@ class Engine:
             self._resolved[(tenant, ref)] = (ident, manifest)
         return manifest
 
-    def _fleet_key(self, tenant: str, ref: str) -> tuple[str, dict]:
+    def check_lora_backend(self, *, creating: bool, what: str = "LoRA classifiers") -> None:
+        """LoRA adapters ride inside the torch backbone's forward; ONNX Runtime cannot carry them.
+        One rule: asking to create a LoRA classifier here is the caller's mistake (422
+        ValidationError); a stored one this configuration cannot serve is the service's (503
+        BackendError)."""
+        if self.embedder.model is not None:
+            return
+        from headfleet.errors import BackendError
+
+        message = (f"{what} need(s) the torch backend (HEADFLEET_BACKEND=torch); this service runs the "
+                   f"{self.embedder.backend} backend")
+        raise ValidationError(message) if creating else BackendError(message)
+
+    def _fleet_key(self, tenant: str, ref: str, pin: bool = False) -> tuple[str, dict]:
         manifest = self._manifest(tenant, ref)
         key = f"{tenant}/{manifest['name']}@{manifest['version']}"
         try:
-            if key not in self.fleet:
+            if pin or key not in self.fleet:
                 with self._lock:
                     if key not in self.fleet:
                         _, head = self.registry.load(tenant, f"{manifest['name']}@{manifest['version']}",
                                                      self.embedder.fingerprint)
                         self.fleet.add(key, head)
+                    if pin:
+                        self._inflight[key] = self._inflight.get(key, 0) + 1
             adapter = manifest.get("adapter")
             if adapter and self.embedder.model is not None:
                 aid = f"{key}#{adapter['sha256'][:16]}"
@@ -472,31 +489,52 @@ class Engine:
             raise
         return key, manifest
 
-    def resolve(self, tenant: str, classifiers: Sequence[str],
-                errors: dict[str, dict] | None = None) -> list[tuple[str, str, dict]]:
+    def resolve(self, tenant: str, classifiers: Sequence[str], errors: dict[str, dict] | None = None, *,
+                pin: bool = False) -> list[tuple[str, str, dict]]:
         """``[(ref as asked, fleet key, manifest)]`` for distinct refs, heads loaded into the fleet.
 
         A version whose files fail their sha256 check raises CorruptVersionError; with ``errors``
         given, it is recorded there instead (``ref -> {"error", "error_type"}``) and the other
         classifiers are still served — unless every one of them failed, which raises the first.
+        ``pin``: keep every resolved version loaded until :meth:`release` (a request in flight).
         """
         if not classifiers:
             raise ValidationError("classifiers must name at least one classifier")
         out = []
         first: CorruptVersionError | None = None
-        for ref in dict.fromkeys(classifiers):
-            try:
-                key, manifest = self._fleet_key(tenant, ref)
-            except CorruptVersionError as exc:
-                if errors is None:
-                    raise
-                errors[ref] = {"error": exc.message, "error_type": exc.error_type}
-                first = first or exc
-                continue
-            out.append((ref, key, manifest))
-        if not out and first is not None:
-            raise first
+        try:
+            for ref in dict.fromkeys(classifiers):
+                try:
+                    key, manifest = self._fleet_key(tenant, ref, pin)
+                except CorruptVersionError as exc:
+                    if errors is None:
+                        raise
+                    errors[ref] = {"error": exc.message, "error_type": exc.error_type}
+                    first = first or exc
+                    continue
+                out.append((ref, key, manifest))
+            if not out and first is not None:
+                raise first
+        except BaseException:
+            if pin:
+                self.release(out)
+            raise
         return out
+
+    def release(self, resolved: Sequence[tuple[str, str, dict]]) -> None:
+        """Undo :meth:`resolve`'s ``pin`` for a request that completed (or failed); a version unloaded
+        while the request held it goes now."""
+        with self._lock:
+            for _, key, _ in resolved:
+                n = self._inflight.get(key, 0) - 1
+                if n > 0:
+                    self._inflight[key] = n
+                    continue
+                self._inflight.pop(key, None)
+                if key in self._retired:
+                    self._retired.discard(key)
+                    if key in self.fleet:
+                        self.fleet.remove(key)
 
     def score(self, batch: EmbedBatch, resolved: list[tuple[str, str, dict]]) -> dict:
         """Every row of ``batch`` against every resolved classifier: label, scores, version; the cache report."""
@@ -533,16 +571,19 @@ class Engine:
         if blank is not None:
             raise ValidationError(blank_message(f"texts[{blank}]"))
         errors: dict[str, dict] = {}
-        resolved = self.resolve(tenant, classifiers, errors)
-        groups = self.plan(tenant, resolved, namespace)
-        if len(groups) == 1 and not groups[0][0].startswith(ADAPTER_NS):
-            names = [m["name"] for _, _, m in resolved]
-            batch = self.embed(tenant, texts, namespace=namespace, classifiers=names, progress=progress)
-            out = self.score(batch, resolved)
-        else:
-            batches = self.embed_groups(tenant, texts, [(ns, [m["name"] for _, _, m in items]) for ns, items in groups],
-                                        progress=progress)
-            out = self.score_groups([(b, items) for b, (_, items) in zip(batches, groups)], resolved)
+        resolved = self.resolve(tenant, classifiers, errors, pin=True)
+        try:
+            groups = self.plan(tenant, resolved, namespace)
+            if len(groups) == 1 and not groups[0][0].startswith(ADAPTER_NS):
+                names = [m["name"] for _, _, m in resolved]
+                batch = self.embed(tenant, texts, namespace=namespace, classifiers=names, progress=progress)
+                out = self.score(batch, resolved)
+            else:
+                batches = self.embed_groups(tenant, texts, [(ns, [m["name"] for _, _, m in items])
+                                                            for ns, items in groups], progress=progress)
+                out = self.score_groups([(b, items) for b, (_, items) in zip(batches, groups)], resolved)
+        finally:
+            self.release(resolved)
         if errors:
             out["errors"] = errors
         return out
@@ -627,7 +668,9 @@ class Engine:
             before, after = stale.manifest.get("metrics") or {}, manifest["metrics"]
             out.append({**entry, "status": "retrained", "new_version": new, "new_id": manifest["id"],
                         "new_parent_fingerprint": self.embedder.fingerprint,
-                        "accuracy": {"before": before.get("accuracy"), "after": after.get("accuracy")},
+                        # LoRA versions saved before "accuracy" was recorded name it holdout_accuracy
+                        "accuracy": {"before": before.get("accuracy", before.get("holdout_accuracy")),
+                                     "after": after.get("accuracy")},
                         "macro_f1": {"before": before.get("macro_f1"), "after": after.get("macro_f1")}})
         return out
 
@@ -649,6 +692,7 @@ class Engine:
         from headfleet.heads.types import HeadArrays
 
         check_name(name, "classifier name")
+        self.check_lora_backend(creating=True)
         report = self._validate(examples)
         manager = self.adapter_manager()
         shapes = module_shapes(self.embedder.model)
@@ -768,7 +812,11 @@ class Engine:
         with self._lock:
             for key in self.fleet.keys():
                 if key.startswith(prefix) and key not in keep:
-                    self.fleet.remove(key)
+                    if self._inflight.get(key):
+                        self._retired.add(key)  # a request still holds it: the last release unloads it
+                    else:
+                        self.fleet.remove(key)
+            self._retired -= keep
         if self.adapters is not None:
             self.adapters.forget_matching(lambda aid: aid.startswith(prefix) and aid.partition("#")[0] not in keep)
 

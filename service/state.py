@@ -155,15 +155,19 @@ class Service:
         self.check_classifiers(classifiers)
         self.check_namespace(tenant, namespace)
         errors: dict[str, dict] = {}
-        resolved = self.engine.resolve(tenant, classifiers, errors)
-        groups = self.engine.plan(tenant, resolved, namespace)
-        batches = await self.embed_groups(tenant, texts, [(ns, [m["name"] for _, _, m in items]) for ns, items in groups],
-                                          receive=receive, lane=lane, admit=admit)
-        parts = [(b, items) for b, (_, items) in zip(batches, groups)]
-        if len(texts) * len(resolved) > HEADS_INLINE_CELLS:
-            out = await asyncio.to_thread(self.engine.score_groups, parts, resolved)
-        else:
-            out = self.engine.score_groups(parts, resolved)
+        resolved = self.engine.resolve(tenant, classifiers, errors, pin=True)  # held until scored
+        try:
+            groups = self.engine.plan(tenant, resolved, namespace)
+            batches = await self.embed_groups(tenant, texts, [(ns, [m["name"] for _, _, m in items])
+                                                              for ns, items in groups],
+                                              receive=receive, lane=lane, admit=admit)
+            parts = [(b, items) for b, (_, items) in zip(batches, groups)]
+            if len(texts) * len(resolved) > HEADS_INLINE_CELLS:
+                out = await asyncio.to_thread(self.engine.score_groups, parts, resolved)
+            else:
+                out = self.engine.score_groups(parts, resolved)
+        finally:
+            self.engine.release(resolved)
         self.metrics.heads.observe(out["timing_ms"]["heads"] / 1e3)
         out["timing_ms"]["total"] = round((time.perf_counter() - t0) * 1e3, 3)
         if errors:

@@ -63,9 +63,8 @@ class ClassifiersController(Controller):
         check_name(name, "classifier name")
         if kind not in (*KINDS, "lora"):
             raise ValidationError(f"unknown classifier kind {kind!r}; expected one of {[*KINDS, 'lora']}")
-        if kind == "lora" and service.engine.embedder.model is None:
-            raise ValidationError("LoRA classifiers need the torch backend (HEADFLEET_BACKEND=torch); "
-                                  f"this service runs {service.engine.embedder.backend}")
+        if kind == "lora":
+            service.engine.check_lora_backend(creating=True)
         if len(examples.texts) == 0:
             raise TrainingDataError("no examples given")
         await asyncio.to_thread(validate, examples)  # refusals raise here, before any job exists

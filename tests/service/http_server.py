@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 
+import httpx
 import uvicorn
 
 from headfleet.service.app import create_app
@@ -52,3 +53,8 @@ def running(embedder, data_dir, **overrides):
         yield server
     finally:
         server.stop()
+
+
+def as_(server, key: str | None) -> httpx.Client:
+    """A client of ``server`` that sends ``key`` as a Bearer token (none: no header)."""
+    return httpx.Client(base_url=server.url, timeout=120, headers={"Authorization": f"Bearer {key}"} if key else {})

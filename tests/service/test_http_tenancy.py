@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from headfleet.service.examples import EXAMPLES
-from http_server import running
+from http_server import as_, running
 
 ALICE, BOB, ADMIN = "key-alice", "key-bob", "key-admin"
 
@@ -29,10 +29,6 @@ def multi(minilm, tmp_path_factory):
     with running(minilm, tmp_path_factory.mktemp("multi"), api_keys=f"alice:{ALICE},bob:{BOB}",
                  admin_key=ADMIN) as server:
         yield server
-
-
-def as_(server, key):
-    return httpx.Client(base_url=server.url, timeout=120, headers={"Authorization": f"Bearer {key}"} if key else {})
 
 
 def wait_for_job(c: httpx.Client, job_id: str, timeout: float = 120) -> dict:

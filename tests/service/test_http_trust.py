@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from headfleet.heads.types import HeadArrays
-from http_server import running
+from http_server import as_, running
 
 ALICE, BOB, CAROL, ADMIN = "key-alice", "key-bob", "key-carol", "key-admin"
 BLANKS = ["\u200b\u200c\u200d\ufeff", " \u2060 ", "\u00ad", "\u3164", "\u2800", "\u0301", "\U000e0041"]
@@ -24,10 +24,6 @@ def multi(minilm, tmp_path_factory):
     with running(minilm, tmp_path_factory.mktemp("trust"), api_keys=f"alice:{ALICE},bob:{BOB},carol:{CAROL}",
                  admin_key=ADMIN) as server:
         yield server
-
-
-def as_(server, key):
-    return httpx.Client(base_url=server.url, timeout=120, headers={"Authorization": f"Bearer {key}"} if key else {})
 
 
 def publish(server, tenant: str, name: str, seed: int) -> dict:

@@ -62,6 +62,7 @@ def test_trained_lora_classifier_serves_beside_a_head_and_caches_in_its_own_name
     assert manifest["parent_fingerprint"] == backbone.fingerprint
     metrics = manifest["metrics"]
     assert metrics["holdout_accuracy"] >= metrics["frozen_holdout_accuracy"]  # the kept epoch is the best one
+    assert metrics["accuracy"] == metrics["holdout_accuracy"]  # the name retrain reports, as for heads
 
     out = eng.classify("acme", TEXTS, ["spam-head", "spam-lora"])
     assert out["cache"]["computed"] == 2 * len(TEXTS)  # one embedding per namespace per text
