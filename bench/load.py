@@ -62,7 +62,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
 def train_classifiers(data_dir: Path, n: int) -> list[str]:
     """The same n classifiers for tenants a and b, trained in this process before the server starts."""
     from headfleet.heads import load_examples
-    from headfleet.service.engine import Engine
+    from headfleet.engine import Engine
     from headfleet.settings import Settings
 
     files = sorted((REPO / "service" / "example_data").glob("*.csv"))

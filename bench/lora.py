@@ -135,7 +135,7 @@ def part_a(args, emb, adapters, texts):
 def part_bc(args, emb, shapes):
     from headfleet.heads import examples_from_records
     from headfleet.heads.types import HeadArrays
-    from headfleet.service.engine import Engine
+    from headfleet.engine import Engine
     from headfleet.settings import Settings
 
     n = args.loads

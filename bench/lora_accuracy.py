@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
     from headfleet.embedder.lora_train import LoraTrainConfig
     from headfleet.heads import examples_from_records
-    from headfleet.service.engine import Engine
+    from headfleet.engine import Engine
     from headfleet.settings import Settings
 
     texts, labels = load_reviews(Path(args.cache))

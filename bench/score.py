@@ -30,7 +30,7 @@ from _common import REPO, report, sms_labelled, sms_texts
 from headfleet.embedder import Embedder
 from headfleet.heads import examples_from_records, load_examples
 from headfleet.scoring import JobSpec, ScoreJob, SourceSpec
-from headfleet.service.engine import Engine
+from headfleet.engine import Engine
 from headfleet.settings import Settings
 
 TENANT = "bench"

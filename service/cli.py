@@ -79,7 +79,7 @@ def format_classify(texts: list[str], out: dict) -> str:
 
 def cmd_train(args) -> int:
     from headfleet.heads import load_examples
-    from headfleet.service.engine import Engine
+    from headfleet.engine import Engine
 
     examples = load_examples(args.data, text_col=args.text_col, label_col=args.label_col,
                              multi_label=args.multi_label)
@@ -102,7 +102,7 @@ def cmd_train(args) -> int:
 
 def _train_lora(args, examples) -> int:
     from headfleet.embedder.lora_train import LoraTrainConfig
-    from headfleet.service.engine import Engine
+    from headfleet.engine import Engine
 
     config = LoraTrainConfig(rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
                              use_rslora=args.rslora, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -147,7 +147,7 @@ def _read_texts(args) -> list[str]:
 
 
 def cmd_classify(args) -> int:
-    from headfleet.service.engine import Engine
+    from headfleet.engine import Engine
 
     texts = _read_texts(args)
     with Engine.open(_settings(args)) as engine, progress_bar(len(texts), "embedding") as cb:
@@ -218,7 +218,7 @@ def _retrain_line(r: dict) -> str:
 
 def cmd_retrain(args) -> int:
     from headfleet.heads.retrain import stale_versions
-    from headfleet.service.engine import Engine
+    from headfleet.engine import Engine
 
     settings = _settings(args)
     if args.backend or args.precision:
@@ -262,7 +262,7 @@ def cmd_retrain(args) -> int:
 
 def cmd_demo(args) -> int:
     from headfleet.service.examples import ensure_examples, DEMO_TEXTS
-    from headfleet.service.engine import Engine
+    from headfleet.engine import Engine
 
     with Engine.open(_settings(args)) as engine:
         names = ensure_examples(engine, tenant=args.tenant, log=print)
@@ -300,13 +300,13 @@ def cmd_score(args) -> int:
     if job.state != "done" and args.engine == "ray":
         from headfleet.scoring.ray_engine import run_ray
 
-        from headfleet.service.engine import Engine
+        from headfleet.engine import Engine
 
         with ScoreProgress(job) as bar:
             run_ray(job, settings, Engine.open, address=args.ray_address, actors=args.ray_actors,
                     on_commit=bar.on_commit)
     elif job.state != "done":
-        from headfleet.service.engine import Engine
+        from headfleet.engine import Engine
 
         with Engine.open(settings) as engine, ScoreProgress(job) as bar:
             job.run(bar.classify(engine.classify), forwards=lambda: engine.embedder.forwards,

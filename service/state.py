@@ -16,7 +16,7 @@ from typing import Sequence
 
 from headfleet.errors import TooLargeError, ValidationError
 from headfleet.service.auth import KeyStore
-from headfleet.service.engine import EmbedBatch, Engine
+from headfleet.engine import EmbedBatch, Engine
 from headfleet.service.jobs import JobManager
 from headfleet.service.metrics import Metrics
 from headfleet.service.namespaces import NamespaceStore

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from headfleet.heads import load_examples
-from headfleet.service.engine import Engine
+from headfleet.engine import Engine
 from headfleet.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]

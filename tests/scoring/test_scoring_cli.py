@@ -12,7 +12,7 @@ from scoring_stores import rows_by_id, write_csv
 
 @pytest.fixture
 def run(minilm, data_dir, monkeypatch, capsys):
-    from headfleet.service import engine as engine_mod
+    import headfleet.engine.engine as engine_mod
 
     real_open = engine_mod.Engine.open.__func__
     monkeypatch.setattr(engine_mod.Engine, "open",

@@ -11,7 +11,7 @@ import sys
 import time
 
 from headfleet.settings import Settings
-from headfleet.service.engine import Engine
+from headfleet.engine import Engine
 from scoring_stores import rows_by_id, write_jsonl
 
 TENANT = "acme"

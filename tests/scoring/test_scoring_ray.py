@@ -11,7 +11,7 @@ import pytest
 
 from headfleet.scoring import JobSpec, ScoreJob, SourceSpec
 from headfleet.scoring.ray_engine import run_ray
-from headfleet.service.engine import Engine
+from headfleet.engine import Engine
 from headfleet.settings import Settings
 from scoring_stores import rows_by_id
 

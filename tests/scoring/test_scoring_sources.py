@@ -16,7 +16,7 @@ import pytest
 
 from headfleet.errors import ForbiddenError, NotFoundError, ValidationError
 from headfleet.scoring import JobSpec, ScoreJob, SourceSpec
-from headfleet.service.engine import Engine
+from headfleet.engine import Engine
 from headfleet.settings import Settings
 from scoring_stores import rows_by_id, write_csv, write_jsonl, write_parquet, write_sqlite
 

@@ -17,7 +17,7 @@ EXAMPLES = Path(cli.__file__).parent / "example_data"
 @pytest.fixture
 def run(tmp_path, minilm, monkeypatch, capsys):
     """Run ``headfleet ARGS`` in process, sharing the loaded backbone; returns (code, stdout, stderr)."""
-    from headfleet.service import engine as engine_mod
+    import headfleet.engine.engine as engine_mod
 
     real_open = engine_mod.Engine.open.__func__
     monkeypatch.setattr(engine_mod.Engine, "open",
@@ -83,7 +83,7 @@ def test_the_installed_entry_point_answers_help():
 def test_retrain_after_a_backbone_switch(run, tmp_path, tiny_model_dir):
     from headfleet.embedder import Embedder
     from headfleet.heads import load_examples
-    from headfleet.service.engine import Engine
+    from headfleet.engine import Engine
     from headfleet.settings import Settings
 
     # heads trained on another backbone (a tiny BERT here), one of them saved before training data was kept

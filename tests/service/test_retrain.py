@@ -12,7 +12,7 @@ import pytest
 from headfleet.errors import ParentMismatchError
 from headfleet.heads import load_examples
 from headfleet.heads.retrain import needs_retrain, stored_examples
-from headfleet.service.engine import Engine
+from headfleet.engine import Engine
 from headfleet.service.examples import DEMO_TEXTS, ensure_examples
 from headfleet.settings import Settings
 from http_server import running

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from headfleet.errors import OverloadedError
-from headfleet.service.engine import Engine
+from headfleet.engine import Engine
 from headfleet.service.scheduler import Scheduler, estimate_tokens
 from headfleet.settings import Settings
 

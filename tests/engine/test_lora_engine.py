@@ -18,7 +18,7 @@ from headfleet.errors import AdapterImportError
 from headfleet.heads import examples_from_records, load_examples
 from headfleet.heads.adapters import LoraAdapter
 from headfleet.heads.types import HeadArrays
-from headfleet.service.engine import Engine
+from headfleet.engine import Engine
 from headfleet.settings import Settings
 
 TEXTS = ["Free entry in a weekly competition to win FA Cup final tickets, text FA to 87121",

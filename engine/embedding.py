@@ -1,0 +1,196 @@
+"""The embedding request: in-process tiers, then the remote tier and the backbone for what is
+missing, then complete — one path for the CLI, the HTTP scheduler, training and scoring jobs.
+
+``prepare`` asks memory and the local store; ``fill`` asks Redis and runs the backbone for the
+distinct misses (LoRA rows inside the same forwards); ``write_back`` sends new vectors to Redis;
+``finish`` merges the answers, flags truncation and records the statistics once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from headfleet.cache import content_key, normalise_text
+from headfleet.embedder.embedder import Embedded
+from headfleet.heads.refs import check_name
+from headfleet.engine.types import ADAPTER_NS, _CHARS_PER_TOKEN_FLOOR, EmbedBatch, Filled, Prepared
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddingMixin:
+    # -- embeddings through the cache ---------------------------------------------------------
+    def namespace_for(self, tenant: str, namespace: str | None) -> str:
+        if namespace is None:
+            return f"tenant:{tenant}"
+        check_name(namespace, "namespace")
+        return f"shared:{namespace}"
+
+    def prepare(self, tenant: str, texts: Sequence[str], namespace: str | None = None, *,
+                ns: str | None = None) -> "Prepared":
+        """Normalise and key ``texts`` and ask the in-process tiers (memory, local store).
+
+        ``ns``: the full cache namespace, as :meth:`plan` gives it (a LoRA classifier's
+        ``adapter:<tenant>/<name>@<version>``); default: the tenant's or the shared ``namespace``.
+
+        What is still missing goes to :meth:`fill` — directly (CLI, jobs) or through the
+        service's scheduler, which packs the misses of many requests into one batch.
+        """
+        t0 = time.perf_counter()
+        ns = ns or self.namespace_for(tenant, namespace)
+        norm = [normalise_text(t) for t in texts]
+        fp, max_len = self.embedder.fingerprint, self.embedder.max_length
+        keys = [content_key(fp, ns, max_len, t) for t in norm]
+        found = self.cache.lookup(keys, tenant, namespaces=[ns] * len(keys), stop=self.cache.n_local, record=False)
+        vectors = np.empty((len(texts), self.embedder.dim), dtype=np.float32)
+        todo: dict[bytes, list[int]] = {}  # a text repeated inside one call is looked up and embedded once
+        for i, v in enumerate(found.vectors):
+            if v is None:
+                todo.setdefault(keys[i], []).append(i)
+            else:
+                vectors[i] = v
+        return Prepared(tenant, ns, norm, keys, vectors, list(found.tiers), list(found.corrupt_at), todo,
+                        (time.perf_counter() - t0) * 1e3)
+
+    def fill(self, keys: Sequence[bytes], texts: Sequence[str], namespaces: Sequence[str],
+             progress: Callable[[int], None] | None = None) -> "Filled":
+        """Distinct missing keys: ask the remote tier (Redis), then run the backbone for the rest.
+
+        New vectors go into the in-process tiers at once; the remote write is left to
+        :meth:`write_back`, so the caller can take it off the reply path.
+        """
+        keys, ns = list(keys), list(namespaces)
+        m = len(keys)
+        vectors = np.empty((m, self.embedder.dim), dtype=np.float32)
+        tiers: list[str | None] = [None] * m
+        corrupt = [0] * m
+        n_local = self.cache.n_local
+        missing = list(range(m))
+        if m and n_local < len(self.cache.tiers):
+            far = self.cache.lookup(keys, "", namespaces=ns, start=n_local, record=False)
+            corrupt = far.corrupt_at
+            missing = []
+            for j, v in enumerate(far.vectors):
+                if v is None:
+                    missing.append(j)
+                else:
+                    vectors[j], tiers[j] = v, far.tiers[j]
+            if progress is not None and m > len(missing):
+                progress(m - len(missing))
+        truncated = np.zeros(m, dtype=bool)
+        computed = np.zeros(m, dtype=bool)
+        write = ([], np.empty((0, self.embedder.dim), dtype=np.float32), [])
+        if missing:
+            out = self._embed_rows([texts[j] for j in missing], [ns[j] for j in missing], progress)
+            vectors[missing] = out.vectors
+            truncated[missing] = out.truncated
+            computed[missing] = True
+            write = ([keys[j] for j in missing], out.vectors, [ns[j] for j in missing])
+            self.cache.store(*write, stop=n_local)
+        return Filled(vectors, tiers, truncated, computed, corrupt, write)
+
+    def _embed_rows(self, texts: Sequence[str], namespaces: Sequence[str],
+                    progress: Callable[[int], None] | None) -> Embedded:
+        """The backbone for distinct missing texts; rows in an ``adapter:`` namespace get their
+        adapter's delta inside the same forwards. Adapters are pinned in device slots for the
+        forward; more adapters than half the slots are served in several rounds, so two batches in
+        flight always fit."""
+        aids = [n[len(ADAPTER_NS):] if n.startswith(ADAPTER_NS) else None for n in namespaces]
+        if not any(aids):
+            return self.embedder.embed(texts, progress=progress)
+        manager = self.adapter_manager()
+        distinct = list(dict.fromkeys(a for a in aids if a))
+        per_round = max(1, manager.max_slots // 2)
+        n = len(texts)
+        vectors = np.empty((n, self.embedder.dim), dtype=np.float32)
+        n_tokens = np.zeros(n, dtype=np.int64)
+        truncated = np.zeros(n, dtype=bool)
+        for r in range(0, len(distinct), per_round):
+            chunk = set(distinct[r: r + per_round])
+            rows = [i for i, a in enumerate(aids) if a in chunk or (r == 0 and a is None)]
+            slots = self._acquire_slots(manager, list(chunk))
+            try:
+                out = self.embedder.embed([texts[i] for i in rows], progress=progress,
+                                          slots=[slots[aids[i]] if aids[i] else -1 for i in rows])
+            finally:
+                manager.release(chunk)
+            vectors[rows], n_tokens[rows], truncated[rows] = out.vectors, out.n_tokens, out.truncated
+        return Embedded(vectors, n_tokens, truncated)
+
+
+    def write_back(self, filled: "Filled") -> None:
+        """Write newly computed vectors into the remote tier(s); a no-op without Redis."""
+        keys, vectors, ns = filled.write
+        if keys and self.cache.n_local < len(self.cache.tiers):
+            self.cache.store(keys, vectors, ns, start=self.cache.n_local)
+
+    def finish(self, prep: "Prepared", answers: dict[bytes, tuple[np.ndarray, str | None, bool, bool, int]],
+               classifiers: Sequence[str] = (), extra_ms: dict[str, float] | None = None) -> EmbedBatch:
+        """Merge :meth:`fill`'s answers (key -> vector, tier, truncated, computed here, corrupt)
+        into the prepared request, flag truncation of cached long texts, record the stats once."""
+        max_len = self.embedder.max_length
+        truncated = np.zeros(len(prep.keys), dtype=bool)
+        computed = 0
+        for key, rows in prep.todo.items():
+            vec, tier, trunc, was_computed, corrupt = answers[key]
+            prep.vectors[rows] = vec
+            truncated[rows] = trunc
+            computed += bool(was_computed)
+            prep.corrupt[rows[0]] += corrupt
+            for i in rows:
+                prep.tiers[i] = tier
+        cached_long = [i for i, t in enumerate(prep.tiers) if t is not None
+                       and len(prep.norm[i]) * _CHARS_PER_TOKEN_FLOOR + 2 > max_len]
+        if cached_long:
+            truncated[cached_long] = self.embedder.count_tokens([prep.norm[i] for i in cached_long]).truncated
+        self.stats.record(prep.tenant, classifiers, prep.tiers, sum(prep.corrupt))
+        if computed:
+            self.stats.record_computed(prep.tenant, computed)
+        timing = {"cache": prep.cache_ms, **(extra_ms or {})}
+        return EmbedBatch(prep.vectors, prep.tiers, truncated, computed, timing)
+
+    def embed(self, tenant: str, texts: Sequence[str], *, namespace: str | None = None,
+              classifiers: Sequence[str] = (), progress: Callable[[int], None] | None = None) -> EmbedBatch:
+        """Vectors for ``texts`` in this thread: cache tiers first, the backbone for the distinct misses only."""
+        prep = self.prepare(tenant, texts, namespace)
+        n_miss = sum(map(len, prep.todo.values()))
+        if progress is not None and len(texts) > n_miss:
+            progress(len(texts) - n_miss)
+        t1 = time.perf_counter()
+        keys = list(prep.todo)
+        filled = self.fill(keys, [prep.norm[rows[0]] for rows in prep.todo.values()], [prep.namespace] * len(keys),
+                           progress=progress)
+        if progress is not None and n_miss > len(keys):
+            progress(n_miss - len(keys))  # in-call repeats of texts just computed
+        self.write_back(filled)
+        embed_ms = (time.perf_counter() - t1) * 1e3
+        return self.finish(prep, filled.answers(keys), classifiers, {"embed": embed_ms})
+
+    def embed_groups(self, tenant: str, texts: Sequence[str], groups: Sequence[tuple[str, Sequence[str]]], *,
+                     progress: Callable[[int], None] | None = None) -> list[EmbedBatch]:
+        """One :class:`EmbedBatch` per ``(namespace, classifier names)`` of :meth:`plan`, with the
+        misses of every namespace in the same backbone forwards (LoRA rows beside plain rows)."""
+        preps = [self.prepare(tenant, texts, ns=ns) for ns, _ in groups]
+        keys, todo_texts, spaces = self.misses(preps)
+        t1 = time.perf_counter()
+        filled = self.fill(keys, todo_texts, spaces, progress=progress)
+        self.write_back(filled)
+        extra = {"embed": (time.perf_counter() - t1) * 1e3}
+        answers = filled.answers(keys)
+        return [self.finish(prep, answers, names, extra) for prep, (_, names) in zip(preps, groups)]
+
+    @staticmethod
+    def misses(preps: Sequence["Prepared"]) -> tuple[list[bytes], list[str], list[str]]:
+        """The distinct missing keys of several prepared requests, with the text and namespace of each."""
+        keys, texts, spaces = [], [], []
+        for prep in preps:
+            for key, rows in prep.todo.items():
+                keys.append(key)
+                texts.append(prep.norm[rows[0]])
+                spaces.append(prep.namespace)
+        return keys, texts, spaces
+

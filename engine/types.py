@@ -1,0 +1,75 @@
+"""What crosses a boundary of the engine, as named types.
+
+``EmbedBatch`` (a request's vectors with where each came from), ``Prepared`` (a request after the
+in-process tiers), ``Filled`` (what the remote tier and the backbone gave for the misses),
+``Resolved`` (a classifier reference resolved to a loaded version).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+# A WordPiece or byte-level BPE token spans at least a quarter of a character, so a text of at
+# most (max_length - 2) // 4 characters cannot be truncated and needs no tokenising on a cache hit.
+_CHARS_PER_TOKEN_FLOOR = 4
+ADAPTER_NS = "adapter:"  # cache namespace prefix of a LoRA classifier's embeddings: adapter:<id>
+
+
+@dataclasses.dataclass
+class EmbedBatch:
+    vectors: np.ndarray  # [n, dim] float32
+    tiers: list[str | None]  # per text: the tier that answered, None when the backbone computed it
+    truncated: np.ndarray  # [n] bool
+    computed: int  # distinct texts the backbone embedded
+    timing_ms: dict[str, float]
+
+    def cache_report(self) -> dict:
+        hits = {"memory": 0, "local": 0, "redis": 0}
+        for t in self.tiers:
+            if t is not None:
+                hits[t] = hits.get(t, 0) + 1
+        return {"hits": hits, "misses": sum(t is None for t in self.tiers), "computed": self.computed}
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A request after the in-process tiers: rows still missing are grouped by key in ``todo``."""
+
+    tenant: str
+    namespace: str  # the cache namespace ("tenant:<t>" or "shared:<ns>")
+    norm: list[str]  # normalised texts (what is embedded and keyed)
+    keys: list[bytes]
+    vectors: np.ndarray  # [n, dim] float32; rows in ``todo`` not yet filled
+    tiers: list[str | None]
+    corrupt: list[int]
+    todo: dict[bytes, list[int]]  # distinct missing key -> its rows
+    cache_ms: float
+
+
+@dataclasses.dataclass
+class Filled:
+    """What :meth:`Engine.fill` found or computed for a list of distinct keys."""
+
+    vectors: np.ndarray  # [m, dim] float32
+    tiers: list[str | None]  # "redis" or None (computed)
+    truncated: np.ndarray  # [m] bool, for computed rows
+    computed: np.ndarray  # [m] bool
+    corrupt: list[int]
+    write: tuple[list[bytes], np.ndarray, list[str]]  # what the remote tier still has to receive
+
+    def answers(self, keys: Sequence[bytes]) -> dict[bytes, tuple]:
+        return {k: (self.vectors[j], self.tiers[j], bool(self.truncated[j]), bool(self.computed[j]), self.corrupt[j])
+                for j, k in enumerate(keys)}
+
+
+
+
+class Resolved(NamedTuple):
+    """A classifier reference as the request named it, resolved to one loaded version."""
+
+    ref: str  # as asked: "spam", "spam@3", "spam@prod"
+    key: str  # the fleet key "<tenant>/<name>@<version>"
+    manifest: dict  # the version's manifest
