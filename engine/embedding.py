@@ -17,7 +17,8 @@ import numpy as np
 from headfleet.cache import content_key, normalise_text
 from headfleet.embedder.embedder import Embedded
 from headfleet.heads.refs import check_name
-from headfleet.engine.types import ADAPTER_NS, _CHARS_PER_TOKEN_FLOOR, EmbedBatch, Filled, Prepared
+from headfleet.engine.types import (ADAPTER_NS, _CHARS_PER_TOKEN_FLOOR, Answer, Compute, EmbedBatch, EmbedRequest,
+                                    Filled, Prepared)
 
 log = logging.getLogger(__name__)
 
@@ -153,44 +154,81 @@ class EmbeddingMixin:
         timing = {"cache": prep.cache_ms, **(extra_ms or {})}
         return EmbedBatch(prep.vectors, prep.tiers, truncated, computed, timing)
 
-    def embed(self, tenant: str, texts: Sequence[str], *, namespace: str | None = None,
-              classifiers: Sequence[str] = (), progress: Callable[[int], None] | None = None) -> EmbedBatch:
-        """Vectors for ``texts`` in this thread: cache tiers first, the backbone for the distinct misses only."""
-        prep = self.prepare(tenant, texts, namespace)
-        n_miss = sum(map(len, prep.todo.values()))
-        if progress is not None and len(texts) > n_miss:
-            progress(len(texts) - n_miss)
+    # -- the request driver: begin (in-process tiers) -> compute (injected) -> complete ----------
+    def begin(self, tenant: str, texts: Sequence[str], groups: Sequence[tuple[str, Sequence[str]]]) -> EmbedRequest:
+        """Key ``texts`` once per group ``(cache namespace, classifier names)`` and ask the in-process
+        tiers; what is still missing, distinct over all groups, is the request's ``keys``."""
+        preps = [self.prepare(tenant, texts, ns=ns) for ns, _ in groups]
+        keys, todo, spaces = self.misses(preps)
+        return EmbedRequest(tenant, preps, [list(names) for _, names in groups], keys, todo, spaces)
+
+    def compute_here(self, keys: Sequence[bytes], texts: Sequence[str], namespaces: Sequence[str],
+                     progress: Callable[[int], None] | None = None) -> tuple[dict[bytes, Answer], dict[str, float]]:
+        """The default compute step, in this thread: Redis, then the backbone, then the Redis write.
+        Returns ``(key -> Answer, {"embed": ms})``; ``progress(n)`` counts keys answered."""
         t1 = time.perf_counter()
-        keys = list(prep.todo)
-        filled = self.fill(keys, [prep.norm[rows[0]] for rows in prep.todo.values()], [prep.namespace] * len(keys),
-                           progress=progress)
-        if progress is not None and n_miss > len(keys):
-            progress(n_miss - len(keys))  # in-call repeats of texts just computed
+        filled = self.fill(keys, texts, namespaces, progress=progress)
         self.write_back(filled)
-        embed_ms = (time.perf_counter() - t1) * 1e3
-        return self.finish(prep, filled.answers(keys), classifiers, {"embed": embed_ms})
+        return filled.answers(keys), {"embed": (time.perf_counter() - t1) * 1e3}
+
+    def complete(self, request: EmbedRequest, answers: dict[bytes, Answer],
+                 extra_ms: dict[str, float] | None = None) -> list[EmbedBatch]:
+        """One :class:`EmbedBatch` per group, statistics recorded once each; then every observer in
+        ``embedded_hooks`` is called with ``(tenant, classifier names per group, batches)``."""
+        batches = [self.finish(prep, answers, names, extra_ms) for prep, names in zip(request.preps, request.names)]
+        for hook in self.embedded_hooks:
+            try:
+                hook(request.tenant, request.names, batches)
+            except Exception:  # an observer's bug must not cost a tenant its answer
+                log.exception("embedded hook %r failed", hook)
+        return batches
+
+    def embed_request(self, tenant: str, texts: Sequence[str], groups: Sequence[tuple[str, Sequence[str]]], *,
+                      compute: Compute | None = None,
+                      progress: Callable[[int], None] | None = None) -> list[EmbedBatch]:
+        """The one embedding request path: :meth:`begin`, ``compute(keys, texts, namespaces, progress)``
+        for the distinct misses (default :meth:`compute_here`; the service's training jobs pass one
+        that goes through the scheduler), :meth:`complete`. ``progress(n)`` counts the request's
+        rows as they are answered (with one group: hits first, then computed texts, then repeats)."""
+        request = self.begin(tenant, texts, groups)
+        single = len(groups) == 1
+        n_miss = sum(map(len, request.preps[0].todo.values())) if single else 0
+        if progress is not None and single and len(texts) > n_miss:
+            progress(len(texts) - n_miss)
+        answers: dict[bytes, Answer] = {}
+        extra: dict[str, float] = {"embed": 0.0}
+        if request.keys:
+            answers, extra = (compute or self.compute_here)(request.keys, request.texts, request.namespaces,
+                                                            progress)
+        if progress is not None and single and n_miss > len(request.keys):
+            progress(n_miss - len(request.keys))  # in-call repeats of texts just computed
+        return self.complete(request, answers, extra)
+
+    def embed(self, tenant: str, texts: Sequence[str], *, namespace: str | None = None,
+              classifiers: Sequence[str] = (), progress: Callable[[int], None] | None = None,
+              compute: Compute | None = None) -> EmbedBatch:
+        """Vectors for ``texts`` ``[n, dim]`` in the tenant's (or the shared ``namespace``'s) cache:
+        :meth:`embed_request` with one group."""
+        ns = self.namespace_for(tenant, namespace)
+        return self.embed_request(tenant, texts, [(ns, classifiers)], compute=compute, progress=progress)[0]
 
     def embed_groups(self, tenant: str, texts: Sequence[str], groups: Sequence[tuple[str, Sequence[str]]], *,
                      progress: Callable[[int], None] | None = None) -> list[EmbedBatch]:
         """One :class:`EmbedBatch` per ``(namespace, classifier names)`` of :meth:`plan`, with the
         misses of every namespace in the same backbone forwards (LoRA rows beside plain rows)."""
-        preps = [self.prepare(tenant, texts, ns=ns) for ns, _ in groups]
-        keys, todo_texts, spaces = self.misses(preps)
-        t1 = time.perf_counter()
-        filled = self.fill(keys, todo_texts, spaces, progress=progress)
-        self.write_back(filled)
-        extra = {"embed": (time.perf_counter() - t1) * 1e3}
-        answers = filled.answers(keys)
-        return [self.finish(prep, answers, names, extra) for prep, (_, names) in zip(preps, groups)]
+        return self.embed_request(tenant, texts, groups, progress=progress)
 
     @staticmethod
     def misses(preps: Sequence["Prepared"]) -> tuple[list[bytes], list[str], list[str]]:
         """The distinct missing keys of several prepared requests, with the text and namespace of each."""
         keys, texts, spaces = [], [], []
+        seen: set[bytes] = set()
         for prep in preps:
             for key, rows in prep.todo.items():
+                if key in seen:
+                    continue
+                seen.add(key)
                 keys.append(key)
                 texts.append(prep.norm[rows[0]])
                 spaces.append(prep.namespace)
         return keys, texts, spaces
-

@@ -49,6 +49,11 @@ class Engine(EmbeddingMixin, LoraRuntimeMixin, ResolutionMixin, ResultsMixin, Tr
         self._lock = threading.Lock()
         self.adapters = None  # the AdapterManager, created at the first LoRA classifier (adapter_manager)
         self.adapter_load_hooks: list[Callable[[float], None]] = []  # seconds per cold adapter load (metrics)
+        # observers (lifecycle subscribes here; the engine never imports it): every completed embedding
+        # request -> (tenant, classifier names per group, batches); every classify request -> (tenant,
+        # resolved versions, its answer, source: "classify" for live traffic, "job" for a scoring job)
+        self.embedded_hooks: list[Callable[[str, list, list], None]] = []
+        self.scored_hooks: list[Callable[[str, list, dict, str], None]] = []
         self.corrupt_hooks: list[Callable[[str], None]] = []  # "tenant/name@version" refused as corrupt (metrics)
         self._verified_adapters: set[str] = set()  # adapter ids whose file matched its sha256 at first use
         # Versions a request resolved stay loaded until it completes: resolve(pin=True) counts them
@@ -120,12 +125,20 @@ class Engine(EmbeddingMixin, LoraRuntimeMixin, ResolutionMixin, ResultsMixin, Tr
                 batches = self.embed_groups(tenant, texts, [(ns, [m["name"] for _, _, m in items])
                                                             for ns, items in groups], progress=progress)
                 out = self.score_groups([(b, items) for b, (_, items) in zip(batches, groups)], resolved)
+            self.observe_scores(tenant, resolved, out, "classify")
         finally:
             self.release(resolved)
         if errors:
             out["errors"] = errors
         return out
 
+    def observe_scores(self, tenant: str, resolved: Sequence, out: dict, source: str) -> None:
+        """Call every ``scored_hooks`` observer; one that raises is logged and never fails the request."""
+        for hook in self.scored_hooks:
+            try:
+                hook(tenant, list(resolved), out, source)
+            except Exception:  # an observer's bug must not cost a tenant its answer
+                log.exception("scored hook %r failed", hook)
 
     def tenant_stats(self, tenant: str) -> dict:
         return self.stats.snapshot(tenant)

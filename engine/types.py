@@ -8,7 +8,7 @@ in-process tiers), ``Filled`` (what the remote tier and the backbone gave for th
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -60,9 +60,37 @@ class Filled:
     corrupt: list[int]
     write: tuple[list[bytes], np.ndarray, list[str]]  # what the remote tier still has to receive
 
-    def answers(self, keys: Sequence[bytes]) -> dict[bytes, tuple]:
-        return {k: (self.vectors[j], self.tiers[j], bool(self.truncated[j]), bool(self.computed[j]), self.corrupt[j])
-                for j, k in enumerate(keys)}
+    def answers(self, keys: Sequence[bytes]) -> dict[bytes, "Answer"]:
+        return {k: Answer(self.vectors[j], self.tiers[j], bool(self.truncated[j]), bool(self.computed[j]),
+                          self.corrupt[j]) for j, k in enumerate(keys)}
+
+
+class Answer(NamedTuple):
+    """What the compute step found for one distinct missing key."""
+
+    vector: np.ndarray  # [dim] float32
+    tier: str | None  # "redis", or None when the backbone computed it
+    truncated: bool  # the text was longer than the backbone's max length
+    computed: bool  # the backbone embedded it for this request
+    corrupt: int  # undecodable entries met on the way (counted misses)
+
+
+@dataclasses.dataclass
+class EmbedRequest:
+    """A request after the in-process tiers (:meth:`Engine.begin`): one ``Prepared`` per group, and
+    the distinct keys still missing over all groups, each with its text and cache namespace."""
+
+    tenant: str
+    preps: list[Prepared]
+    names: list[list[str]]  # classifier names per group (statistics)
+    keys: list[bytes]
+    texts: list[str]
+    namespaces: list[str]
+
+
+# compute(keys, texts, namespaces, progress) -> (key -> Answer, extra timings in ms)
+Compute = Callable[[Sequence[bytes], Sequence[str], Sequence[str], "Callable[[int], None] | None"],
+                   "tuple[dict[bytes, Answer], dict[str, float]]"]
 
 
 

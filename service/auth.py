@@ -79,6 +79,9 @@ class KeyStore:
             entry = self._file.get(d)
             tenant = entry["tenant"] if entry else None
         if tenant is None:
+            if self.is_admin(key):
+                raise UnauthorizedError("the admin key is not a tenant's key: tenant endpoints take a tenant key "
+                                        "(create one with POST /admin/tenants/<tenant>/keys)")
             raise UnauthorizedError("unknown API key")
         return tenant
 

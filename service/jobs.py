@@ -105,22 +105,21 @@ class JobManager:
                      progress={"embedded": total, "total": total})
 
     def _embed(self, tenant: str, texts: list[str], progress=None):
-        """Engine.embed's contract, with the misses computed by the scheduler in the tenant's training lane."""
-        t0 = time.perf_counter()
-        prep = self.engine.prepare(tenant, texts)
-        n_miss = sum(map(len, prep.todo.values()))
-        if progress is not None and len(texts) > n_miss:
-            progress(len(texts) - n_miss)
-        keys = list(prep.todo)
-        answers: dict[bytes, tuple] = {}
-        for i in range(0, len(keys), CHUNK):
-            part = keys[i:i + CHUNK]
-            answers.update(self.scheduler.run_from_thread(
-                tenant, part, [prep.norm[prep.todo[k][0]] for k in part], [prep.namespace] * len(part),
-                lane=f"{tenant}#train"))
-            if progress is not None:
-                progress(sum(len(prep.todo[k]) for k in part))
-        return self.engine.finish(prep, answers, (), {"embed": (time.perf_counter() - t0) * 1e3})
+        """``Engine.embed`` with the scheduler as the compute step, in the tenant's training lane (so
+        training shares the backbone fairly with live traffic), a chunk of misses at a time."""
+
+        def compute(keys, todo, spaces, progress_):
+            t0 = time.perf_counter()
+            answers: dict = {}
+            for i in range(0, len(keys), CHUNK):
+                part = slice(i, i + CHUNK)
+                answers.update(self.scheduler.run_from_thread(tenant, keys[part], todo[part], spaces[part],
+                                                              lane=f"{tenant}#train"))
+                if progress_ is not None:
+                    progress_(len(keys[part]))
+            return answers, {"embed": (time.perf_counter() - t0) * 1e3}
+
+        return self.engine.embed(tenant, texts, compute=compute, progress=progress)
 
     # -- records --------------------------------------------------------------------------------
     def _save(self, tenant: str, job: dict[str, Any]) -> None:

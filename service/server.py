@@ -9,7 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
-from headfleet.errors import ValidationError
+from headfleet.errors import ConflictError, ValidationError
 from headfleet.service.auth import KeyStore
 from headfleet.settings import Settings
 
@@ -29,18 +29,18 @@ def serve(settings: Settings, *, log_level: str = "info", access_log: bool = Fal
     from headfleet.service.app import create_app
 
     keys = KeyStore(settings.keys_file or Path(settings.data_dir) / "keys.json", settings.api_keys, settings.admin_key)
+    if keys.single_tenant and not is_loopback(settings.host):
+        raise ValidationError(
+            f"no API keys are configured, so headfleet runs single-tenant without authentication and binds to "
+            f"loopback only; refusing host {settings.host!r}. Set HEADFLEET_ADMIN_KEY (then create keys with "
+            "POST /admin/tenants/<tenant>/keys) or HEADFLEET_API_KEYS='tenant:key,...' to serve other machines")
+    sock = bind(settings.host, settings.port)  # before the model loads: a busy port fails in milliseconds
     if keys.single_tenant:
-        if not is_loopback(settings.host):
-            raise ValidationError(
-                f"no API keys are configured, so headfleet runs single-tenant without authentication and binds to "
-                f"loopback only; refusing host {settings.host!r}. Set HEADFLEET_ADMIN_KEY (then create keys with "
-                "POST /admin/tenants/<tenant>/keys) or HEADFLEET_API_KEYS='tenant:key,...' to serve other machines")
         print(f"headfleet: single-tenant mode (no API keys configured): every request is tenant 'default'; "
               f"listening on loopback only, http://{settings.host}:{settings.port}", file=sys.stderr)
     else:
         print(f"headfleet: multi-tenant mode ({len(keys.tenants())} tenant(s) with keys); "
               f"listening on http://{settings.host}:{settings.port}", file=sys.stderr)
-    sock = bind(settings.host, settings.port)  # before the model loads: a busy port fails in milliseconds
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = uvicorn.Config(create_app(settings), log_level=log_level, access_log=access_log, http="httptools",
                             loop="uvloop", timeout_graceful_shutdown=10)
@@ -48,8 +48,8 @@ def serve(settings: Settings, *, log_level: str = "info", access_log: bool = Fal
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port``; ValidationError (the CLI's exit 2) when the port is taken
-    or the address is not this machine's, so a second ``serve`` never loads the model or opens the
+    """A listening socket on ``host:port``; ConflictError when the port is taken, ValidationError when
+    the address cannot be bound (both the CLI's exit 2), so a second ``serve`` never loads the model or opens the
     data folder's stores."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -60,8 +60,8 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise ValidationError(f"port {port} on {host} is already in use (another headfleet serve?); "
-                                  "stop it or pass --port") from None
+            raise ConflictError(f"port {port} on {host} is already in use (another headfleet serve?); "
+                                "stop it or pass --port") from None
         raise ValidationError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
     return sock

@@ -114,33 +114,26 @@ class Service:
     async def embed(self, tenant: str, texts: Sequence[str], *, namespace: str | None = None,
                     classifiers: Sequence[str] = (), receive=None, lane: str | None = None,
                     admit: bool = True) -> EmbedBatch:
-        """In-process tiers inline; the distinct misses through the scheduler; stats recorded once."""
+        """Vectors for ``texts`` in the tenant's (or a granted shared) namespace: :meth:`embed_groups`
+        with one group."""
         self.check_namespace(tenant, namespace)
-        prep = self.engine.prepare(tenant, texts, namespace)
-        answers: dict[bytes, tuple] = {}
-        extra = {"queue": 0.0, "embed": 0.0}
-        if prep.todo:
-            keys = list(prep.todo)
-            answers, extra = await self.scheduler.run(
-                tenant, keys, [prep.norm[prep.todo[k][0]] for k in keys], [prep.namespace] * len(keys),
-                disconnected=receive, lane=lane, admit=admit)
-        batch = self.engine.finish(prep, answers, classifiers, extra)
-        self.metrics.cache(batch.tiers, batch.computed)
-        return batch
+        ns = self.engine.namespace_for(tenant, namespace)
+        return (await self.embed_groups(tenant, texts, [(ns, classifiers)], receive=receive, lane=lane,
+                                        admit=admit))[0]
 
     async def embed_groups(self, tenant: str, texts: Sequence[str], groups: Sequence[tuple[str, Sequence[str]]], *,
                            receive=None, lane: str | None = None, admit: bool = True) -> list[EmbedBatch]:
-        """:meth:`embed` for every embedding a request needs (the shared one, each LoRA classifier's
-        own): the misses of all of them go to the scheduler together, so adapter rows ride in the
-        same backbone batches as plain rows."""
-        preps = [self.engine.prepare(tenant, texts, ns=ns) for ns, _ in groups]
-        keys, todo, spaces = self.engine.misses(preps)
-        answers: dict[bytes, tuple] = {}
+        """The engine's request driver with the scheduler as its compute step: in-process tiers
+        inline (:meth:`Engine.begin`), the distinct misses of every group through the scheduler
+        together (so adapter rows ride in the same backbone batches as plain rows), then
+        :meth:`Engine.complete`; cache metrics recorded once per group."""
+        request = self.engine.begin(tenant, texts, groups)
+        answers: dict = {}
         extra = {"queue": 0.0, "embed": 0.0}
-        if keys:
-            answers, extra = await self.scheduler.run(tenant, keys, todo, spaces, disconnected=receive, lane=lane,
-                                                      admit=admit)
-        batches = [self.engine.finish(prep, answers, names, extra) for prep, (_, names) in zip(preps, groups)]
+        if request.keys:
+            answers, extra = await self.scheduler.run(tenant, request.keys, request.texts, request.namespaces,
+                                                      disconnected=receive, lane=lane, admit=admit)
+        batches = self.engine.complete(request, answers, extra)
         for batch in batches:
             self.metrics.cache(batch.tiers, batch.computed)
         return batches
@@ -166,6 +159,7 @@ class Service:
                 out = await asyncio.to_thread(self.engine.score_groups, parts, resolved)
             else:
                 out = self.engine.score_groups(parts, resolved)
+            self.engine.observe_scores(tenant, resolved, out, "classify" if lane is None else "job")
         finally:
             self.engine.release(resolved)
         self.metrics.heads.observe(out["timing_ms"]["heads"] / 1e3)

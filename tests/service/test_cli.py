@@ -131,5 +131,6 @@ def test_a_second_serve_on_a_busy_port_fails_before_loading_anything(tmp_path):
         out = subprocess.run([sys.executable, "-m", "headfleet.service.cli", "serve", "--port", str(port),
                               "--no-examples"], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 2, out.stderr
-    assert f"port {port} on 127.0.0.1 is already in use" in out.stderr
+    assert f"error (conflict): port {port} on 127.0.0.1 is already in use" in out.stderr
+    assert "listening on" not in out.stderr  # it never claims to listen
     assert not (tmp_path / "data").exists()  # nothing loaded or opened: no local store, no registry sweep
