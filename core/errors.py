@@ -111,3 +111,15 @@ class CorruptVersionError(BackendError):
     """
 
     error_type = "corrupt_version"
+
+
+class ClientGoneError(HeadfleetError):
+    """The client disconnected while its texts were waiting; nobody is left to answer."""
+
+    error_type = "client_gone"
+
+
+class Cancelled(HeadfleetError):
+    """A scoring job was cancelled between two chunks; committed chunks stay committed."""
+
+    error_type = "cancelled"

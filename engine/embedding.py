@@ -16,8 +16,8 @@ import numpy as np
 
 from headfleet.cache import content_key, normalise_text
 from headfleet.embedder.embedder import Embedded
-from headfleet.heads.refs import check_name
-from headfleet.engine.types import (ADAPTER_NS, _CHARS_PER_TOKEN_FLOOR, Answer, Compute, EmbedBatch, EmbedRequest,
+from headfleet.names import check_name
+from headfleet.engine.types import (_CHARS_PER_TOKEN_FLOOR, adapter_of_namespace, Answer, Compute, EmbedBatch, EmbedRequest,
                                     Filled, Prepared)
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class EmbeddingMixin:
         adapter's delta inside the same forwards. Adapters are pinned in device slots for the
         forward; more adapters than half the slots are served in several rounds, so two batches in
         flight always fit."""
-        aids = [n[len(ADAPTER_NS):] if n.startswith(ADAPTER_NS) else None for n in namespaces]
+        aids = [adapter_of_namespace(n) for n in namespaces]
         if not any(aids):
             return self.embedder.embed(texts, progress=progress)
         manager = self.adapter_manager()

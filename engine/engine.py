@@ -72,12 +72,12 @@ class Engine(EmbeddingMixin, LoraRuntimeMixin, ResolutionMixin, ResultsMixin, Tr
         embedder = embedder or Embedder.load(settings.model_path, max_length=settings.max_length,
                                              batch_size=settings.batch_size, device=settings.device,
                                              threads=settings.threads, backend=settings.backend,
-                                             precision=settings.precision, cache_dir=data / "onnx")
+                                             precision=settings.precision, cache_dir=settings.layout.onnx)
         fp = embedder.fingerprint
         tiers: list = [MemoryLRU(int(settings.memory_cache_mb * 2**20))]
         local = None
         if settings.faiss_store:
-            local = FaissStore(embedder.dim, fp, data / "cache" / f"local-{fp[:16]}.faiss.npz",
+            local = FaissStore(embedder.dim, fp, settings.layout.local_store(fp),
                                flush_interval_s=settings.local_flush_s)
             tiers.append(local)
         redis = None
@@ -89,7 +89,7 @@ class Engine(EmbeddingMixin, LoraRuntimeMixin, ResolutionMixin, ResultsMixin, Tr
                             settings.redis_url)
             tiers.append(redis)
         stats = CacheStats()
-        registry = Registry(data / "registry")
+        registry = Registry(settings.layout.registry)
         swept = registry.sweep()
         if swept:
             log.info("removed %d leftover(s) of interrupted registry writes", swept)

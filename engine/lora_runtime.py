@@ -16,6 +16,7 @@ from headfleet.cache import normalise_text
 from headfleet.embedder.lora import module_shapes
 from headfleet.errors import CorruptVersionError, NoAdapterSlotError, NotFoundError, ValidationError
 from headfleet.heads.adapters import LoraAdapter, manager_for
+from headfleet.engine.types import parse_adapter_id
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,7 @@ class LoraRuntimeMixin:
 
     def _load_adapter(self, aid: str) -> LoraAdapter:
         """``<tenant>/<name>@<version>#<sha prefix>`` -> the adapter stored with that version."""
-        key, _, sha = aid.partition("#")
-        tenant, _, ref = key.partition("/")
+        tenant, ref, sha = parse_adapter_id(aid)
         manifest = self.registry.resolve(tenant, ref)
         info = manifest.get("adapter") or {}
         if not str(info.get("sha256", "")).startswith(sha):

@@ -9,8 +9,8 @@ import os
 from typing import Sequence
 
 from headfleet.errors import CorruptVersionError, NotFoundError, ValidationError
-from headfleet.heads.refs import NAME_RE, check_name
-from headfleet.engine.types import ADAPTER_NS
+from headfleet.names import NAME_RE, check_name
+from headfleet.engine.types import ADAPTER_NS, adapter_id, parse_adapter_id
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class ResolutionMixin:
             adapter = manifest.get("adapter")
             if adapter:
                 self.check_lora_backend(creating=False, what=f"classifier {manifest['id']!r}")
-            ns = f"{ADAPTER_NS}{key}#{adapter['sha256'][:16]}" if adapter else base
+            ns = ADAPTER_NS + adapter_id(key, manifest) if adapter else base
             groups.setdefault(ns, []).append(item)
         return list(groups.items())
 
@@ -71,7 +71,7 @@ class ResolutionMixin:
                         self._inflight[key] = self._inflight.get(key, 0) + 1
             adapter = manifest.get("adapter")
             if adapter and self.embedder.model is not None:
-                aid = f"{key}#{adapter['sha256'][:16]}"
+                aid = adapter_id(key, manifest)
                 if aid not in self._verified_adapters:  # refuse a damaged adapter here, not inside a shared batch
                     self._read_adapter(tenant, manifest)
                     self._verified_adapters.add(aid)
@@ -147,7 +147,8 @@ class ResolutionMixin:
                         self.fleet.remove(key)
             self._retired -= keep
         if self.adapters is not None:
-            self.adapters.forget_matching(lambda aid: aid.startswith(prefix) and aid.partition("#")[0] not in keep)
+            self.adapters.forget_matching(lambda aid: aid.startswith(prefix)
+                                          and "/".join(parse_adapter_id(aid)[:2]) not in keep)
 
     def delete(self, tenant: str, name: str) -> None:
         """Remove a classifier with all its versions, and unload its heads."""

@@ -17,7 +17,7 @@ from headfleet.embedder.lora import module_shapes
 from headfleet.errors import ValidationError
 from headfleet.heads.adapters import LoraAdapter
 from headfleet.heads import Examples, TokenStats, train_head, validate
-from headfleet.heads.refs import check_name
+from headfleet.names import check_name
 from headfleet.heads.retrain import stale_versions, stored_examples, training_data_files
 from headfleet.engine.provenance import git_commit, library_versions
 from headfleet.engine.types import EmbedBatch
@@ -43,22 +43,8 @@ class TrainingMixin:
         report = self._validate(examples)
         batch = (embed or self.embed)(tenant, examples.texts, progress=progress)
         trained = train_head(batch.vectors, examples, kind=kind, seed=seed, report=report, refit=True)
-        data_files, data_entry = training_data_files(examples)
-        manifest = self.registry.save(tenant, name, trained.head, {
-            "parent_fingerprint": self.embedder.fingerprint,
-            "tokenizer_hash": self.embedder.tokenizer_hash,
-            "max_length": self.embedder.max_length,
-            "training_data_hash": examples.source_hash,
-            "metrics": trained.metrics,
-            "validation": report.to_dict(),
-            "training_cache": batch.cache_report(),
-            "library_versions": library_versions(),
-            "git_commit": git_commit(),
-            "training_data": data_entry,
-            **(provenance or {}),
-        }, files=data_files)
-        self._unload_unaliased(tenant, name)
-        return manifest
+        return self._publish(tenant, name, trained.head, examples, metrics=trained.metrics, report=report,
+                             extra={"training_cache": batch.cache_report(), **(provenance or {})})
 
     def retrain(self, tenant: str, names: Sequence[str] | None = None, *, dry_run: bool = False,
                 progress: Callable[[int], None] | None = None,
@@ -178,11 +164,21 @@ class TrainingMixin:
                   metrics: dict | None = None, report=None, source: str = "imported", train_config: dict | None = None,
                   seconds: float | None = None, provenance: dict | None = None) -> dict:
         """Publish adapter (PEFT files) + head + training data as the next version of ``tenant/name``."""
-        from headfleet.heads.retrain import training_data_files
-
         files = adapter.to_files()
-        data_files, data_entry = training_data_files(examples)
         weights = files["adapter_model.safetensors"]
+        entry = {"format": "peft-lora", "source": source, "rank": adapter.rank, "alpha": adapter.alpha,
+                 "use_rslora": adapter.use_rslora, "scale": adapter.scale, "targets": adapter.targets,
+                 "sha256": hashlib.sha256(weights).hexdigest(), "bytes": sum(map(len, files.values())),
+                 "train_config": train_config, "seconds": None if seconds is None else round(seconds, 2)}
+        return self._publish(tenant, name, head, examples, metrics=metrics, report=report,
+                             extra={"adapter": entry, **(provenance or {})}, files=files)
+
+    def _publish(self, tenant: str, name: str, head, examples: Examples, *, metrics: dict | None, report,
+                 extra: dict, files: dict[str, bytes] | None = None) -> dict:
+        """The one manifest builder: the parent backbone, tokenizer and max length, the training
+        data (stored beside the version) and its hash, metrics, validation report, library versions
+        and git commit, plus ``extra``; publishes the version and unloads versions no alias names."""
+        data_files, data_entry = training_data_files(examples)
         manifest = self.registry.save(tenant, name, head, {
             "parent_fingerprint": self.embedder.fingerprint,
             "tokenizer_hash": self.embedder.tokenizer_hash,
@@ -190,19 +186,13 @@ class TrainingMixin:
             "training_data_hash": examples.source_hash,
             "metrics": metrics,
             "validation": report.to_dict() if report is not None else None,
-            "adapter": {"format": "peft-lora", "source": source, "rank": adapter.rank, "alpha": adapter.alpha,
-                        "use_rslora": adapter.use_rslora, "scale": adapter.scale, "targets": adapter.targets,
-                        "sha256": hashlib.sha256(weights).hexdigest(), "bytes": sum(map(len, files.values())),
-                        "train_config": train_config,
-                        "seconds": None if seconds is None else round(seconds, 2)},
             "library_versions": library_versions(),
             "git_commit": git_commit(),
             "training_data": data_entry,
-            **(provenance or {}),
-        }, files={**files, **data_files})
+            **extra,
+        }, files={**(files or {}), **data_files})
         self._unload_unaliased(tenant, name)
         return manifest
-
 
     def _validate(self, examples: Examples):
         counts = self.embedder.count_tokens([normalise_text(t) for t in examples.texts]) if examples.texts else None

@@ -101,3 +101,22 @@ class Resolved(NamedTuple):
     ref: str  # as asked: "spam", "spam@3", "spam@prod"
     key: str  # the fleet key "<tenant>/<name>@<version>"
     manifest: dict  # the version's manifest
+
+
+def adapter_id(key: str, manifest: dict) -> str:
+    """A LoRA classifier version's adapter id, ``<tenant>/<name>@<version>#<adapter sha256[:16]>``:
+    the adapter manager's key, and (behind :data:`ADAPTER_NS`) its embeddings' cache namespace, so a
+    version whose adapter changed can never read another's vectors."""
+    return f"{key}#{manifest['adapter']['sha256'][:16]}"
+
+
+def parse_adapter_id(aid: str) -> tuple[str, str, str]:
+    """``adapter_id``'s inverse: ``(tenant, "<name>@<version>", sha256 prefix)``."""
+    key, _, sha = aid.partition("#")
+    tenant, _, ref = key.partition("/")
+    return tenant, ref, sha
+
+
+def adapter_of_namespace(namespace: str) -> str | None:
+    """The adapter id a cache namespace belongs to, or None for a shared-embedding namespace."""
+    return namespace[len(ADAPTER_NS):] if namespace.startswith(ADAPTER_NS) else None

@@ -1,37 +1,15 @@
-"""Names and references: what a tenant, a classifier, an alias and a ref may look like.
-
-Names become directory names, so the patterns are strict (lower-case, no path separators, no
-leading dot — hidden names are the registry's own temp and trash entries). A ref is
-"name" (alias "latest"), "name@3" (version 3) or "name@prod" (alias).
+"""References to classifier versions: "name" (alias "latest"), "name@3" (version 3) or
+"name@prod" (alias). The name rules themselves are ``headfleet.names``'.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from headfleet.errors import ValidationError
+from headfleet.names import check_alias, check_name
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 LATEST = "latest"
-
-
-def check_name(value: str, what: str) -> str:
-    """A tenant or classifier name; ValidationError otherwise."""
-    if not isinstance(value, str) or not NAME_RE.match(value):
-        raise ValidationError(
-            f"invalid {what} {value!r}: use 1-64 of a-z 0-9 _ . - starting with a letter or digit"
-        )
-    return value
-
-
-def check_alias(value: str) -> str:
-    if not isinstance(value, str) or not ALIAS_RE.match(value) or value.isdigit():
-        raise ValidationError(
-            f"invalid alias {value!r}: use 1-32 of a-z 0-9 _ - starting with a letter"
-        )
-    return value
 
 
 @dataclass(frozen=True)

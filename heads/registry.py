@@ -46,8 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from headfleet.errors import ConflictError, CorruptVersionError, NotFoundError, ParentMismatchError, ValidationError
-from headfleet.heads.atomic import dump_json, fsync_dir, locked, write_json_atomic
-from headfleet.heads.refs import LATEST, NAME_RE, Ref, check_alias, check_name, parse_ref
+from headfleet.atomic import dump_json, fsync_dir, locked, write_json_atomic
+from headfleet.heads.refs import LATEST, Ref, parse_ref
+from headfleet.names import NAME_RE, check_alias, check_name
 from headfleet.heads.types import WEIGHTS_FILE, HeadArrays
 
 MANIFEST_FILE = "manifest.json"

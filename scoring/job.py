@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from headfleet.errors import ConflictError, HeadfleetError, ValidationError
+from headfleet.errors import Cancelled, ConflictError, ValidationError
 from headfleet.scoring import output
 from headfleet.scoring.confined import Root, refusing
 from headfleet.scoring.sources import Source, SourceSpec, printable
@@ -43,12 +43,6 @@ CHECKPOINT_VERSION = 1
 
 Classify = Callable[..., dict]  # (tenant, texts, classifiers, namespace=None) -> Engine.classify's answer
 Resolve = Callable[[str, str], dict]  # (tenant, ref) -> the version's manifest
-
-
-class Cancelled(HeadfleetError):
-    """The job was cancelled between two chunks; committed chunks stay committed."""
-
-    error_type = "cancelled"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,7 @@ from typing import Any, BinaryIO, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from headfleet.heads.atomic import json_default
+from headfleet.atomic import json_default
 from headfleet.scoring.confined import Root
 
 FORMATS = ("parquet", "jsonl")
@@ -87,7 +87,7 @@ def _jsonl_bytes(rows: Iterable[dict]) -> bytes:
 
 
 def json_bytes(data: Any) -> bytes:
-    """A report or checkpoint as ``heads.atomic.write_json_atomic`` writes one."""
+    """A report or checkpoint as ``headfleet.atomic.write_json_atomic`` writes one."""
     return (json.dumps(data, indent=2, ensure_ascii=False, default=json_default) + "\n").encode("utf-8",
                                                                                                "backslashreplace")
 

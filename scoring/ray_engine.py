@@ -93,11 +93,11 @@ class _Scorer:
     def __init__(self, engine_factory: Callable[[Any], Any], settings: Any, tenant: str, pins: dict,
                  namespace: str | None, heads: dict[str, bytes]):
         self.folder = Path(tempfile.mkdtemp(prefix="headfleet-ray-"))
+        settings = dataclasses.replace(settings, data_dir=self.folder, faiss_store=False)
         for rel, data in heads.items():
-            path = self.folder / "registry" / rel
+            path = settings.layout.registry / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
-        settings = dataclasses.replace(settings, data_dir=self.folder, faiss_store=False)
         self.engine = engine_factory(settings)
         self.tenant, self.pins, self.namespace = tenant, pins, namespace
 
@@ -196,7 +196,7 @@ def run_ray(job: ScoreJob, settings: Any, engine_factory: Callable[[Any], Any], 
             n_actors = actors or max(1, int(cpus) - 1)  # a CPU left for the reads
             # every actor holds its CPUs for the whole job: leave room for the read tasks or they never start
             actor_cpus = max(0.1, min(1.0, (cpus - READ_CPUS * 2) / n_actors))
-            heads = pack_heads(Registry(Path(settings.data_dir) / "registry"), job.spec.tenant, job.pins)
+            heads = pack_heads(Registry(settings.layout.registry), job.spec.tenant, job.pins)
             ds = ray.data.read_datasource(_datasource(job.source, job.cursor, job.spec.chunk_rows),
                                           num_cpus=READ_CPUS)
             ds = ds.map_batches(

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from headfleet.errors import ConflictError, ForbiddenError, NotFoundError, UnauthorizedError, ValidationError
-from headfleet.heads.atomic import write_json_atomic
-from headfleet.heads.refs import check_name
+from headfleet.atomic import write_json_atomic
+from headfleet.names import check_name
 
 SINGLE_TENANT = "default"
 KEY_PREFIX = "hf_"

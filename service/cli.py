@@ -160,7 +160,7 @@ def cmd_classifiers(args) -> int:
     from headfleet.heads import Registry
 
     settings = _settings(args)
-    registry = Registry(Path(settings.data_dir) / "registry")
+    registry = Registry(settings.layout.registry)
     if args.action == "list":
         items = _mark_stale(registry, args.tenant, registry.list(args.tenant), settings)
         if args.json:
@@ -289,7 +289,7 @@ def cmd_score(args) -> int:
                    Path(args.out), args.tenant, tuple(args.classifier), format=args.format,
                    rejects=Path(args.rejects) if args.rejects else None, namespace=args.namespace,
                    chunk_rows=args.chunk_rows)
-    registry = Registry(Path(settings.data_dir) / "registry")
+    registry = Registry(settings.layout.registry)
     job = ScoreJob(spec, resolve=registry.resolve, batch_size=settings.batch_size, engine=args.engine,
                    restart=args.restart, overwrite=args.overwrite)
     if job.state == "done":

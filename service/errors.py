@@ -16,6 +16,7 @@ from litestar.exceptions import HTTPException, ValidationException
 
 from headfleet.errors import (
     BackendError,
+    ClientGoneError,
     ConflictError,
     CorruptVersionError,
     ForbiddenError,
@@ -29,7 +30,6 @@ from headfleet.errors import (
     UnauthorizedError,
     ValidationError,
 )
-from headfleet.service.scheduler import ClientGoneError
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,7 @@ from typing import Any
 
 from headfleet.errors import HeadfleetError, NotFoundError
 from headfleet.heads import Examples
-from headfleet.heads.atomic import write_json_atomic
-from headfleet.heads.refs import check_name
+from headfleet.service.job_records import JobRecords
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ class JobManager:
     def __init__(self, engine, scheduler, root: Path, workers: int = 1):
         self.engine = engine
         self.scheduler = scheduler
-        self.root = Path(root)
+        self.records = JobRecords(root)
         self._lock = threading.Lock()
         self._jobs: dict[tuple[str, str], dict[str, Any]] = {}
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="headfleet-train")
@@ -123,27 +122,13 @@ class JobManager:
 
     # -- records --------------------------------------------------------------------------------
     def _save(self, tenant: str, job: dict[str, Any]) -> None:
-        folder = self.root / tenant
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(folder / f"{job['id']}.json", job)
+        self.records.save(tenant, job)
 
     def _recover(self) -> None:
-        if not self.root.is_dir():
-            return
-        for tdir in self.root.iterdir():
-            try:
-                tenant = check_name(tdir.name, "tenant")
-            except HeadfleetError:
-                continue
-            for path in tdir.glob("job_*.json"):
-                try:
-                    job = json.loads(path.read_text())
-                except (OSError, ValueError):
-                    log.warning("ignoring unreadable job record %s", path)
-                    continue
-                if job.get("state") in ("queued", "running"):
-                    job.update(state="failed", finished=_now(),
-                               error={"error": "the service restarted before this job finished; submit it again",
-                                      "error_type": "interrupted"})
-                    self._save(tenant, job)
-                self._jobs[(tenant, job["id"])] = job
+        for tenant, job in self.records.load("job_"):
+            if job.get("state") in ("queued", "running"):
+                job.update(state="failed", finished=_now(),
+                           error={"error": "the service restarted before this job finished; submit it again",
+                                  "error_type": "interrupted"})
+                self._save(tenant, job)
+            self._jobs[(tenant, job["id"])] = job

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from headfleet.errors import ForbiddenError, NotFoundError, ValidationError
-from headfleet.heads.atomic import locked, write_json_atomic
-from headfleet.heads.refs import check_name
+from headfleet.atomic import locked, write_json_atomic
+from headfleet.names import check_name
 
 
 class NamespaceStore:

@@ -20,7 +20,7 @@ from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
 from headfleet import __version__
-from headfleet.heads.refs import NAME_RE
+from headfleet.names import NAME_RE
 from headfleet.text import visible_pattern
 
 

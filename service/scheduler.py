@@ -33,15 +33,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable
 
-from headfleet.errors import BackendError, HeadfleetError, OverloadedError
+from headfleet.errors import BackendError, ClientGoneError, OverloadedError
+from headfleet.engine.types import Answer, Filled
 
 log = logging.getLogger(__name__)
-
-
-class ClientGoneError(HeadfleetError):
-    """The client disconnected while its texts were waiting; nobody is left to answer."""
-
-    error_type = "client_gone"
 
 
 def estimate_tokens(text: str, max_length: int) -> int:
@@ -90,10 +85,17 @@ class SchedulerMetrics:
 
 
 class Scheduler:
-    def __init__(self, engine, *, batch_texts: int, batch_tokens: int, tenant_queue_texts: int, queue_texts: int,
-                 metrics: SchedulerMetrics | None = None, workers: int = 2):
-        self.engine = engine
-        self.max_length = engine.embedder.max_length
+    def __init__(self, fill: Callable[[list[bytes], list[str], list[str]], Filled],
+                 write_back: Callable[[Filled], None], *, max_length: int, batch_texts: int, batch_tokens: int,
+                 tenant_queue_texts: int, queue_texts: int, metrics: SchedulerMetrics | None = None,
+                 workers: int = 2):
+        """``fill(keys, texts, namespaces) -> Filled``: the compute step for one batch of distinct keys
+        (the engine's Redis lookup and backbone forward), run in a worker thread; ``write_back(Filled)``:
+        the remote-tier write, run on its own thread off the reply path; ``max_length``: the
+        backbone's token limit (for cost estimates). The queue knows nothing else of its backend."""
+        self._fill = fill
+        self._write_back_fn = write_back
+        self.max_length = int(max_length)
         self.batch_texts = int(batch_texts)
         self.batch_tokens = max(int(batch_tokens), self.max_length)
         # A small quantum (about 1/64 of a batch: a handful of short texts) lets many lanes share one
@@ -342,7 +344,7 @@ class Scheduler:
                 self.metrics.queued(t0 - work.enqueued)
         self.in_flight += len(keys)
         try:
-            filled = await loop.run_in_executor(self._compute, self.engine.fill, keys,
+            filled = await loop.run_in_executor(self._compute, self._fill, keys,
                                                 [unique[k][0] for k in keys], [unique[k][1] for k in keys])
         except Exception as exc:  # the backbone failed: every request in the batch gets the error
             log.exception("backbone batch of %d texts failed", len(keys))
@@ -367,14 +369,14 @@ class Scheduler:
             if key in claimed:  # computed once for the first asker; a batch-mate sees it as a miss filled
                 computed, corrupt = False, 0
             claimed.add(key)
-            work.answers[key] = (vec, tier, trunc, computed, corrupt)
+            work.answers[key] = Answer(vec, tier, trunc, computed, corrupt)
             work.answered += 1
             if work.answered == len(work.keys) and not work.future.done():
                 work.future.set_result(work.answers)
 
     def _write_back(self, filled) -> None:
         try:
-            self.engine.write_back(filled)
+            self._write_back_fn(filled)
         except Exception:  # the tiers count their own failures; never let the writer thread die
             log.exception("write-back to the remote tier failed")
 

@@ -38,8 +38,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from headfleet.errors import ConflictError, ForbiddenError, HeadfleetError, NotFoundError, ValidationError
-from headfleet.heads.atomic import write_json_atomic
-from headfleet.heads.refs import check_name
+from headfleet.service.job_records import JobRecords
+from headfleet.names import check_name
 from headfleet.scoring import Cancelled, JobSpec, ScoreJob, SourceSpec
 from headfleet.scoring.confined import Escape, Root, path_error
 from headfleet.scoring.output import Workdir
@@ -66,7 +66,7 @@ class ScoringJobs:
         self.engine = engine
         self.classify = classify
         self.root = Path(root).resolve() if root is not None else None
-        self.records = Path(records)
+        self.records = JobRecords(records)
         self.batch_size = batch_size
         self._lock = threading.Lock()
         self._jobs: dict[tuple[str, str], dict[str, Any]] = {}
@@ -352,38 +352,24 @@ class ScoringJobs:
 
     # -- records ------------------------------------------------------------------------------------------
     def _save(self, tenant: str, record: dict[str, Any]) -> None:
-        folder = self.records / tenant
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(folder / f"{record['id']}.json", record)
+        self.records.save(tenant, record)
 
     def _recover(self) -> None:
-        if not self.records.is_dir():
-            return
-        for tdir in sorted(self.records.iterdir()):
-            try:
-                tenant = check_name(tdir.name, "tenant")
-            except HeadfleetError:
-                continue
-            for path in sorted(tdir.glob("score_*.json")):
+        for tenant, record in self.records.load("score_"):
+            key = (tenant, record["id"])
+            self._jobs[key] = record
+            self._cancel[key] = threading.Event()
+            if record.get("state") == "cancelling":
                 try:
-                    record = json.loads(path.read_text())
-                except (OSError, ValueError):
-                    log.warning("ignoring unreadable job record %s", path)
-                    continue
-                key = (tenant, record["id"])
-                self._jobs[key] = record
-                self._cancel[key] = threading.Event()
-                if record.get("state") == "cancelling":
-                    try:
-                        self._remove_partial(tenant, record)
-                    except (HeadfleetError, OSError):
-                        log.warning("could not remove the partial output of cancelled job %s", record["id"])
-                    record.update(state="cancelled", finished=_now())
-                    self._save(tenant, record)
-                elif record.get("state") in ("queued", "running"):
-                    log.info("resuming scoring job %s of tenant %s", record["id"], tenant)
-                    record["state"] = "queued"
-                    self._futures.append(self._pool.submit(self._run, tenant, record["id"]))
+                    self._remove_partial(tenant, record)
+                except (HeadfleetError, OSError):
+                    log.warning("could not remove the partial output of cancelled job %s", record["id"])
+                record.update(state="cancelled", finished=_now())
+                self._save(tenant, record)
+            elif record.get("state") in ("queued", "running"):
+                log.info("resuming scoring job %s of tenant %s", record["id"], tenant)
+                record["state"] = "queued"
+                self._futures.append(self._pool.submit(self._run, tenant, record["id"]))
 
 
 def scheduler_classify(service, loop) -> Callable[..., dict]:

@@ -7,7 +7,6 @@ import ipaddress
 import logging
 import socket
 import sys
-from pathlib import Path
 
 from headfleet.errors import ConflictError, ValidationError
 from headfleet.service.auth import KeyStore
@@ -28,7 +27,7 @@ def serve(settings: Settings, *, log_level: str = "info", access_log: bool = Fal
 
     from headfleet.service.app import create_app
 
-    keys = KeyStore(settings.keys_file or Path(settings.data_dir) / "keys.json", settings.api_keys, settings.admin_key)
+    keys = KeyStore(settings.layout.keys, settings.api_keys, settings.admin_key)
     if keys.single_tenant and not is_loopback(settings.host):
         raise ValidationError(
             f"no API keys are configured, so headfleet runs single-tenant without authentication and binds to "

@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-from pathlib import Path
 from typing import Sequence
 
 from headfleet.errors import TooLargeError, ValidationError
@@ -53,21 +52,22 @@ class Service:
 
     @classmethod
     async def start(cls, settings: Settings, embedder=None) -> "Service":
-        keys = KeyStore(settings.keys_file or Path(settings.data_dir) / "keys.json", settings.api_keys,
+        keys = KeyStore(settings.layout.keys, settings.api_keys,
                         settings.admin_key)
         engine = await asyncio.to_thread(Engine.open, settings, embedder)
         metrics = Metrics(redis=engine.redis is not None)
         engine.corrupt_hooks.append(lambda _key: metrics.corrupt_versions.inc())
         engine.adapter_load_hooks.append(metrics.adapter_load.observe)
-        scheduler = Scheduler(engine, batch_texts=settings.batch_size, batch_tokens=batch_tokens(settings, engine),
+        scheduler = Scheduler(engine.fill, engine.write_back, max_length=engine.embedder.max_length,
+                              batch_texts=settings.batch_size, batch_tokens=batch_tokens(settings, engine),
                               tenant_queue_texts=settings.tenant_queue_texts, queue_texts=settings.queue_texts,
                               metrics=metrics.scheduler_hooks())
         await scheduler.start()
-        jobs = JobManager(engine, scheduler, Path(settings.data_dir) / "jobs", settings.jobs_workers)
+        jobs = JobManager(engine, scheduler, settings.layout.jobs, settings.jobs_workers)
         service = cls(settings, engine, scheduler, jobs, keys, metrics,
-                      namespaces=NamespaceStore(Path(settings.data_dir) / "namespaces.json"))
+                      namespaces=NamespaceStore(settings.layout.namespaces))
         service.scoring = ScoringJobs(engine, scheduler_classify(service, asyncio.get_running_loop()),
-                                      settings.scoring_root, Path(settings.data_dir) / "jobs",
+                                      settings.scoring_root, settings.layout.jobs,
                                       batch_size=settings.batch_size)
         if keys.single_tenant:
             log.warning("no API keys configured: single-tenant mode, every request is tenant 'default'; "

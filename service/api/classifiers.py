@@ -13,7 +13,7 @@ from litestar.datastructures import UploadFile
 from headfleet.errors import ConflictError, TrainingDataError, ValidationError
 from headfleet.heads import examples_from_records, validate
 from headfleet.heads.loaders import parse_examples
-from headfleet.heads.refs import check_name
+from headfleet.names import check_name
 from headfleet.heads.retrain import mark_stale, needs_retrain
 from headfleet.heads.types import KINDS
 from headfleet.service.request import convert, decode_json_body

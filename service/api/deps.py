@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from litestar import Request
+from litestar.connection import ASGIConnection
+from litestar.handlers import BaseRouteHandler
 
 from headfleet.service.auth import key_from_headers
 from headfleet.service.state import Service
@@ -17,7 +19,12 @@ async def provide_tenant(request: Request) -> str:
     return request.app.state.service.keys.tenant_for(key_from_headers(request.headers))
 
 
-def require_admin(request: Request) -> Service:
-    service: Service = request.app.state.service
-    service.keys.require_admin(key_from_headers(request.headers))
-    return service
+def admin_guard(connection: ASGIConnection, _handler: BaseRouteHandler) -> None:
+    """Litestar guard: the admin key, or 401/403 (``KeyStore.require_admin`` says which and why)."""
+    connection.app.state.service.keys.require_admin(key_from_headers(connection.headers))
+
+
+def metrics_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    """``/metrics``: open in single-tenant mode, the admin key's once keys are configured."""
+    if not connection.app.state.service.keys.single_tenant:
+        admin_guard(connection, handler)

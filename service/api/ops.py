@@ -9,6 +9,7 @@ from litestar.di import NamedDependency
 from litestar import Controller, MediaType, Request, Response, get
 
 from headfleet import __version__
+from headfleet.service.api.deps import metrics_guard
 from headfleet.service.api.embeddings import backbone_name
 from headfleet.service.auth import key_from_headers
 from headfleet.service.state import Service
@@ -34,10 +35,9 @@ class OpsController(Controller):
             "queue": {"texts_waiting": service.scheduler.waiting_for(tenant)},
         }
 
-    @get("/metrics", summary="Prometheus metrics (admin key when keys are configured)", media_type=MediaType.TEXT)
-    async def metrics(self, request: Request, service: NamedDependency[Service]) -> Response:
-        if not service.keys.single_tenant:
-            service.keys.require_admin(key_from_headers(request.headers))
+    @get("/metrics", summary="Prometheus metrics (admin key when keys are configured)", media_type=MediaType.TEXT,
+         guards=[metrics_guard])
+    async def metrics(self, service: NamedDependency[Service]) -> Response:
         if service.engine.redis is not None:
             await asyncio.to_thread(service.engine.redis.probe)
         _refresh_gauges(service)

@@ -27,7 +27,8 @@ def submit(sched: Scheduler, tenant: str, n: int, **kw):
 
 async def packer(engine, **limits) -> Scheduler:
     """A started scheduler whose own loop is stopped, so the test drives ``pack()`` by hand."""
-    sched = Scheduler(engine, batch_texts=64, **limits)
+    sched = Scheduler(engine.fill, engine.write_back, max_length=engine.embedder.max_length, batch_texts=64,
+                      **limits)
     await sched.start()
     sched._task.cancel()
     return sched

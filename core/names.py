@@ -1,0 +1,31 @@
+"""Names: what a tenant, a classifier, a namespace and an alias may look like — one rule, owned here.
+
+Names become directory names and cache-key parts, so the patterns are strict (lower-case, no path
+separators, no leading dot — hidden names are the registry's own temp and trash entries).
+"""
+
+from __future__ import annotations
+
+import re
+
+from headfleet.errors import ValidationError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+def check_name(value: str, what: str) -> str:
+    """A tenant or classifier name; ValidationError otherwise."""
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ValidationError(
+            f"invalid {what} {value!r}: use 1-64 of a-z 0-9 _ . - starting with a letter or digit"
+        )
+    return value
+
+
+def check_alias(value: str) -> str:
+    if not isinstance(value, str) or not ALIAS_RE.match(value) or value.isdigit():
+        raise ValidationError(
+            f"invalid alias {value!r}: use 1-32 of a-z 0-9 _ - starting with a letter"
+        )
+    return value
