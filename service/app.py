@@ -62,11 +62,11 @@ def timing_middleware(app):
 def options_middleware(app):
     """Answer ``OPTIONS`` with every method the path serves. Litestar builds each path's OPTIONS
     handler from the first handler registered for it, so a controller with GET and POST on one path
-    announced only one of them; the complete set is taken from the built routes (``_ALLOW``)."""
+    announced only one of them; the complete set is taken from the built routes (``app.state.allow``)."""
 
     async def middleware(scope, receive, send):
         if scope["type"] == "http" and scope["method"] == "OPTIONS":
-            allow = _ALLOW.get(id(scope.get("route_handler")))
+            allow = scope["app"].state.allow.get(id(scope.get("route_handler")))
             if allow is not None:
                 await send({"type": "http.response.start", "status": 204,
                             "headers": [(b"allow", ", ".join(sorted(allow)).encode())]})
@@ -77,15 +77,15 @@ def options_middleware(app):
     return middleware
 
 
-_ALLOW: dict[int, frozenset[str]] = {}  # id(OPTIONS handler) -> methods of its path
-
-
 def _index_options(app: Litestar) -> None:
+    """``app.state.allow``: id(OPTIONS handler) -> every method of its path."""
+    allow: dict[int, frozenset[str]] = {}
     for route in app.routes:
         methods = frozenset(getattr(route, "methods", ()) or ())
         for handler in getattr(route, "route_handlers", ()):
             if "OPTIONS" in getattr(handler, "http_methods", ()):
-                _ALLOW[id(handler)] = methods
+                allow[id(handler)] = methods
+    app.state.allow = allow
 
 
 def create_app(settings: Settings | None = None, *, embedder=None) -> Litestar:
