@@ -1,0 +1,86 @@
+"""What the ``headfleet`` command prints: progress bars, tables, reports, retrain lines."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+
+PROGRESS_THRESHOLD = 300  # texts; below this a progress bar is noise
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str):
+    """A tqdm bar on stderr for long work, or a no-op callback for short work."""
+    if total <= PROGRESS_THRESHOLD:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="text", file=sys.stderr, dynamic_ncols=True) as bar:
+        yield bar.update
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_report(report: dict) -> str:
+    lines = [f"examples: {report['n_examples']}   per class: "
+             + ", ".join(f"{k}={v}" for k, v in report["per_class"].items()),
+             f"duplicates: {report['duplicates']}   conflicting labels: {report['conflicting']}   "
+             f"[UNK] share: {report.get('unk_share') or 0:.2%}   truncated: {report.get('truncated_share') or 0:.2%}"]
+    lines += [f"warning: {w}" for w in report.get("warnings", [])]
+    return "\n".join(lines)
+
+
+def format_classify(texts: list[str], out: dict) -> str:
+    refs = list(out["results"][0]["classifications"]) if out["results"] else []
+    header = ["text"] + refs + ["cache"]
+    rows = []
+    for text, r in zip(texts, out["results"]):
+        cells = [_clip(text, 40) + (" [truncated]" if r["truncated"] else "")]
+        for ref in refs:
+            c = r["classifications"][ref]
+            if "label" in c:
+                cells.append(f"{c['label']} {c['scores'][c['label']]:.2f}")
+            else:
+                cells.append(",".join(c["labels"]) or "-")
+        cells.append(r["cache"])
+        rows.append(cells)
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    cache = out["cache"]
+    hits = ", ".join(f"{k} {v}" for k, v in cache["hits"].items())
+    lines = [fmt(header)] + [fmt(r) for r in rows]
+    lines.append(f"cache: hits {hits}; misses {cache['misses']}; embeddings computed {cache['computed']}"
+                 f"   time ms: " + ", ".join(f"{k} {v:.1f}" for k, v in out["timing_ms"].items()))
+    return "\n".join(lines)
+
+
+_RETRAIN_NOTES = {
+    "would_retrain": "would retrain from {n_examples} stored examples",
+    "no_training_data": "cannot retrain: no stored training data (saved before it was kept); "
+                        "train it again with `headfleet train`",
+    "bad_training_data": "cannot retrain: {error}",
+}
+
+
+def _retrain_line(r: dict) -> str:
+    head = f"{r['tenant']}/{r['classifier']}@{r['version']} ({', '.join(r['aliases'])})"
+    if r["status"] == "retrained":
+        acc = r["accuracy"]
+        fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+        note = (f"retrained as {r['new_id']} from {r['n_examples']} stored examples ({r['kind']}, seed {r['seed']}); "
+                f"holdout accuracy {fmt(acc['before'])} -> {fmt(acc['after'])}")
+    elif r["status"] == "stale":
+        note = "trained on backbone " + str(r["parent_fingerprint"] or "unknown")[:12] + (
+            "; training data stored" if r["has_training_data"] else "; NO stored training data")
+    else:
+        note = _RETRAIN_NOTES[r["status"]].format(**r)
+    return f"{head:<40} {note}"
