@@ -9,7 +9,6 @@ a body that does not decode) get the same body shape.
 from __future__ import annotations
 
 import logging
-import re
 
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
@@ -30,6 +29,7 @@ from headfleet.errors import (
     UnauthorizedError,
     ValidationError,
 )
+from headfleet.service.request import param_of
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,7 @@ def on_validation(request: Request, exc: ValidationException) -> Response:
             msg = str(item.get("message", ""))
             key = item.get("key")
             messages.append(f"{key}: {msg}" if key and key != "data" and key not in msg else msg)
-            m = re.search(r"at `\$\.([A-Za-z_]\w*)", msg)
-            param = param or (m.group(1) if m else None)
+            param = param or param_of(msg)
     text = "; ".join(m for m in messages if m) or detail
     if "malformed" in text.lower() or "json is malformed" in detail.lower():
         return error_response(request, 400, f"request body is not valid JSON: {text}", "invalid_json")

@@ -8,6 +8,7 @@ seeing its own.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from headfleet.service.scheduler import SchedulerMetrics
@@ -19,9 +20,9 @@ ENDPOINTS = ("/classify", "/embed", "/v1/embeddings", "/classifiers", "/stats", 
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, *, redis: bool = False) -> None:
-        """``redis``: a Redis tier is configured (only then are ``headfleet_redis_up`` and
-        ``headfleet_redis_outages_total`` exported)."""
+    def __init__(self, *, redis=None) -> None:
+        """``redis``: the Redis tier when one is configured (only then are ``headfleet_redis_up`` and
+        ``headfleet_redis_outages_total`` exported, read from the tier at each scrape)."""
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.request = Histogram("headfleet_request_seconds", "Request latency by endpoint and status class",
                                  ["endpoint", "status"], buckets=_MS_BUCKETS, registry=r)
@@ -53,13 +54,8 @@ class Metrics:
         self.adapter_events = Gauge("headfleet_adapter_events", "LoRA adapter manager counters since start "
                                     "(disk_loads, slot_loads, slot_hits, slot_evictions, host_evictions)", ["event"],
                                     registry=r)
-        self.redis_up = self.redis_outages = None
-        self.redis_outages_seen = 0
-        if redis:
-            self.redis_up = Gauge("headfleet_redis_up", "1 when the Redis tier answers (probed at most once a "
-                                  "second), 0 when it does not", registry=r)
-            self.redis_outages = Counter("headfleet_redis_outages", "Times the Redis tier went from answering to "
-                                         "not answering", registry=r)
+        if redis is not None:
+            r.register(_RedisCollector(redis))
         self.corrupt_versions = Counter("headfleet_corrupt_versions", "Classifier versions refused at load because "
                                         "their files did not match the manifest's sha256 or could not be read",
                                         registry=r)
@@ -92,3 +88,20 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _RedisCollector:
+    """The Redis tier's health as the tier itself counts it, read at scrape time (no copy to keep)."""
+
+    def __init__(self, tier) -> None:
+        self.tier = tier
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        status = self.tier.status()
+        yield GaugeMetricFamily("headfleet_redis_up", "1 when the Redis tier answers (probed at most once a "
+                                "second), 0 when it does not", value=1 if status["healthy"] else 0)
+        yield CounterMetricFamily("headfleet_redis_outages", "Times the Redis tier went from answering to not "
+                                  "answering", value=status["outages"])

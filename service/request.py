@@ -54,12 +54,19 @@ def _lone_surrogate(body: bytes) -> bool:
     return True
 
 
+def param_of(message: str) -> str | None:
+    """The top-level field a msgspec validation message names (``... - at `$.texts[0]``` -> ``texts``)."""
+    m = re.search(r"at `\$\.([A-Za-z_]\w*)", message)
+    return m.group(1) if m else None
+
+
 def convert(value: Any, typ: type[T]) -> T:
-    """``value`` (decoded JSON) as the msgspec Struct ``typ``; ValidationError (422) naming the field."""
+    """``value`` (decoded JSON) as the msgspec Struct ``typ``, types as written (strict);
+    ValidationError (422) naming the field."""
     try:
-        return msgspec.convert(value, typ)
+        return msgspec.convert(value, typ, strict=True)
     except msgspec.ValidationError as exc:
-        raise ValidationError(str(exc)) from None
+        raise ValidationError(str(exc), param=param_of(str(exc))) from None
 
 
 class HeadfleetRequest(Request):
@@ -82,11 +89,7 @@ def _check_strict(handler, value: Any) -> None:
     field = handler.parsed_fn_signature.parameters.get("data") if handler is not None else None
     typ = getattr(field, "annotation", None)
     if isinstance(typ, type) and issubclass(typ, msgspec.Struct):
-        try:
-            msgspec.convert(value, typ, strict=True)
-        except msgspec.ValidationError as exc:
-            m = re.search(r"at `\$\.([A-Za-z_]\w*)", str(exc))
-            raise ValidationError(str(exc), param=m.group(1) if m else None) from None
+        convert(value, typ)
 
 
 def _integral(value: Any) -> Any:

@@ -55,7 +55,7 @@ class Service:
         keys = KeyStore(settings.layout.keys, settings.api_keys,
                         settings.admin_key)
         engine = await asyncio.to_thread(Engine.open, settings, embedder)
-        metrics = Metrics(redis=engine.redis is not None)
+        metrics = Metrics(redis=engine.redis)
         engine.corrupt_hooks.append(lambda _key: metrics.corrupt_versions.inc())
         engine.adapter_load_hooks.append(metrics.adapter_load.observe)
         scheduler = Scheduler(engine.fill, engine.write_back, max_length=engine.embedder.max_length,

@@ -82,11 +82,6 @@ def _refresh_gauges(service: NamedDependency[Service]) -> None:
     m, e = service.metrics, service.engine
     m.heads_loaded.set(len(e.fleet))
     m.queue_depth.set(service.scheduler.waiting)
-    if e.redis is not None and m.redis_up is not None:
-        status = e.redis.status()
-        m.redis_up.set(1 if status["healthy"] else 0)
-        m.redis_outages.inc(max(0, status["outages"] - m.redis_outages_seen))
-        m.redis_outages_seen = max(m.redis_outages_seen, status["outages"])
     if e.adapters is not None:
         snap = e.adapters.snapshot()
         m.adapters.labels("slots").set(snap["slots"])
