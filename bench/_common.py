@@ -20,7 +20,7 @@ def sms_texts(n: int | None = None) -> list[str]:
         with open(SMS_SPAM, newline="", encoding="utf-8") as f:
             texts = [row["text"] for row in csv.DictReader(f)]
     else:
-        folder = REPO / "service" / "example_data"
+        folder = REPO / "engine" / "example_data"
         texts = [row["text"] for p in sorted(folder.glob("*.csv")) for row in csv.DictReader(open(p))]
     if n is not None:
         texts = (texts * (n // len(texts) + 1))[:n]

@@ -34,7 +34,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         engine = Engine.open(Settings(data_dir=Path(tmp), threads=args.threads, device="cpu"))
-        files = sorted((REPO / "service" / "example_data").glob("*.csv"))
+        files = sorted((REPO / "engine" / "example_data").glob("*.csv"))
         names, sk_models = [], []
         for i in range(args.classifiers):
             ex = load_examples(files[i % len(files)])

@@ -65,7 +65,7 @@ def train_classifiers(data_dir: Path, n: int) -> list[str]:
     from headfleet.engine import Engine
     from headfleet.settings import Settings
 
-    files = sorted((REPO / "service" / "example_data").glob("*.csv"))
+    files = sorted((REPO / "engine" / "example_data").glob("*.csv"))
     names = []
     with Engine.open(Settings(data_dir=data_dir, device="cpu")) as engine:
         for i in range(n):

@@ -36,7 +36,7 @@ def build(n_classifiers: int):
     from headfleet.heads import load_examples
 
     model = SentenceTransformer(str(default_model_path()), device="cpu")
-    files = sorted((REPO / "service" / "example_data").glob("*.csv"))
+    files = sorted((REPO / "engine" / "example_data").glob("*.csv"))
     heads = {}
     for i in range(n_classifiers):
         path = files[i % len(files)]

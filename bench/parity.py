@@ -11,7 +11,7 @@ backend's vectors, and the labels are compared with torch fp32's:
   words), so the head must recover surface features from the embedding;
 - ``length``: 3 classes by character count (<= 30, 31-90, > 90): a deliberately hard, borderline-heavy
   head (length is weakly encoded), a stress test for label flips;
-- the three example classifiers (``service/example_data``: spam, urgency, sentiment; 30 examples
+- the three example classifiers (``engine/example_data``: spam, urgency, sentiment; 30 examples
   each) applied out of domain to the SMS holdout, where many texts sit near their boundaries.
 
 A multi-label head agrees on a text when the whole label set is equal. "texts unchanged" is the
@@ -114,7 +114,7 @@ def main() -> None:
     }
     tch = backends["torch fp32"]
     for name in ("spam", "urgency", "sentiment"):
-        ex = load_examples(REPO / "service" / "example_data" / f"{name}.csv")
+        ex = load_examples(REPO / "engine" / "example_data" / f"{name}.csv")
         heads[f"example {name}"] = train_head(tch.embed(ex.texts).vectors, ex, seed=0, holdout=0).head
 
     def labels_of(head, X):

@@ -95,8 +95,8 @@ def main() -> None:
         st = SentenceTransformer(str(embedder.folder), device="cpu")
         data = tmp / "data"
         examples = {"spam": examples_from_records([{"text": t, "label": lab} for t, lab in zip(*sms_labelled(1500))]),
-                    "sentiment": load_examples(REPO / "service" / "example_data" / "sentiment.csv"),
-                    "urgency": load_examples(REPO / "service" / "example_data" / "urgency.csv")}
+                    "sentiment": load_examples(REPO / "engine" / "example_data" / "sentiment.csv"),
+                    "urgency": load_examples(REPO / "engine" / "example_data" / "urgency.csv")}
         peer_models = {}
         with Engine.open(Settings(data_dir=data, device="cpu"), embedder) as engine:
             for name, ex in examples.items():

@@ -4,7 +4,7 @@ The cache knows nothing of what a vector means; it maps a content key (backbone 
 namespace, max length, normalised text) to a float32 vector, and counts who hit what.
 """
 
-from .base import CORRUPT, Tier
+from .base import CORRUPT, MISS, TIER_NAMES, Tier
 from .faiss_store import FaissStore
 from .keys import content_key, normalise_text
 from .memory import MemoryLRU
@@ -15,6 +15,8 @@ from .tiered import Lookup, TieredCache
 __all__ = [
     "CORRUPT",
     "CacheStats",
+    "MISS",
+    "TIER_NAMES",
     "FaissStore",
     "Lookup",
     "MemoryLRU",

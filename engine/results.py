@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 
+from headfleet.cache.base import MISS, TIER_NAMES
 from headfleet.engine.types import EmbedBatch
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ class ResultsMixin:
             return self.score(*parts[0])
         outs = [self.score(batch, items) for batch, items in parts]
         order = [ref for ref, _, _ in resolved]
-        rank = {"memory": 0, "local": 1, "redis": 2, "miss": 3}
+        rank = {tier: i for i, tier in enumerate((*TIER_NAMES, MISS))}
         results = []
         for i in range(len(outs[0]["results"])):
             rows = [o["results"][i] for o in outs]
@@ -63,7 +64,7 @@ class ResultsMixin:
                 else:
                     entry["label"] = labels[max(range(len(p)), key=p.__getitem__)]
                 per[ref] = entry
-            results.append({"index": i, "truncated": bool(batch.truncated[i]), "cache": batch.tiers[i] or "miss",
+            results.append({"index": i, "truncated": bool(batch.truncated[i]), "cache": batch.tiers[i] or MISS,
                             "classifications": per})
         timing = dict(batch.timing_ms, heads=(time.perf_counter() - t0) * 1e3)
         return {"results": results, "cache": batch.cache_report(),

@@ -12,6 +12,8 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from headfleet.cache.base import TIER_NAMES
+
 # A WordPiece or byte-level BPE token spans at least a quarter of a character, so a text of at
 # most (max_length - 2) // 4 characters cannot be truncated and needs no tokenising on a cache hit.
 _CHARS_PER_TOKEN_FLOOR = 4
@@ -27,7 +29,7 @@ class EmbedBatch:
     timing_ms: dict[str, float]
 
     def cache_report(self) -> dict:
-        hits = {"memory": 0, "local": 0, "redis": 0}
+        hits = dict.fromkeys(TIER_NAMES, 0)
         for t in self.tiers:
             if t is not None:
                 hits[t] = hits.get(t, 0) + 1

@@ -32,12 +32,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from headfleet.cache.base import TIER_NAMES as TIERS
 from headfleet.errors import Cancelled, ConflictError, ValidationError
 from headfleet.scoring import output
 from headfleet.scoring.confined import Root, refusing
 from headfleet.scoring.sources import Source, SourceSpec, printable
 
-TIERS = ("memory", "local", "redis")
 PERSIST_EVERY_S = 300.0  # how often a long job saves the local vector store (a kill -9 loses at most this)
 CHECKPOINT_VERSION = 1
 

@@ -184,7 +184,7 @@ def cmd_retrain(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from headfleet.service.examples import ensure_examples, DEMO_TEXTS
+    from headfleet.engine.examples import ensure_examples, DEMO_TEXTS
     from headfleet.engine import Engine
 
     with Engine.open(_settings(args)) as engine:

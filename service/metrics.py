@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from headfleet.cache.base import MISS, TIER_NAMES
 from headfleet.service.scheduler import SchedulerMetrics
 
 _MS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -59,7 +60,7 @@ class Metrics:
         self.corrupt_versions = Counter("headfleet_corrupt_versions", "Classifier versions refused at load because "
                                         "their files did not match the manifest's sha256 or could not be read",
                                         registry=r)
-        for tier in ("memory", "local", "redis", "miss"):
+        for tier in (*TIER_NAMES, MISS):
             self.cache_lookups.labels(tier)
         for scope in ("tenant", "global"):
             self.rejected.labels(scope)
@@ -80,7 +81,7 @@ class Metrics:
     def cache(self, tiers: list[str | None], computed: int) -> None:
         counts: dict[str, int] = {}
         for t in tiers:
-            counts[t or "miss"] = counts.get(t or "miss", 0) + 1
+            counts[t or MISS] = counts.get(t or MISS, 0) + 1
         for t, n in counts.items():
             self.cache_lookups.labels(t).inc(n)
         if computed:

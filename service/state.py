@@ -73,7 +73,7 @@ class Service:
             log.warning("no API keys configured: single-tenant mode, every request is tenant 'default'; "
                         "configure HEADFLEET_API_KEYS or HEADFLEET_ADMIN_KEY before exposing the service")
             if settings.examples:
-                from headfleet.service.examples import ensure_examples
+                from headfleet.engine.examples import ensure_examples
                 await asyncio.to_thread(ensure_examples, engine, "default", log.info)
         return service
 

@@ -9,7 +9,7 @@ import pytest
 from headfleet.errors import NotFoundError, ParentMismatchError, TrainingDataError
 from headfleet.heads import examples_from_records, load_examples
 from headfleet.engine import Engine
-from headfleet.service.examples import DEMO_TEXTS, ensure_examples
+from headfleet.engine.examples import DEMO_TEXTS, ensure_examples
 from headfleet.settings import Settings
 
 

@@ -13,7 +13,7 @@ from headfleet.engine import Engine
 from headfleet.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = REPO / "service" / "example_data"
+EXAMPLES = REPO / "engine" / "example_data"
 TENANT = "acme"
 
 

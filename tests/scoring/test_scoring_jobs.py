@@ -16,7 +16,7 @@ from headfleet.scoring import JobSpec, ScoreJob, SourceSpec
 from scoring_stores import rows_by_id, write_jsonl
 
 TENANT = "acme"
-EXAMPLES = Path(__file__).resolve().parents[2] / "service" / "example_data"
+EXAMPLES = Path(__file__).resolve().parents[2] / "engine" / "example_data"
 
 
 class Crash(Exception):

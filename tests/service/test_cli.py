@@ -11,7 +11,7 @@ import pytest
 
 from headfleet.service import cli
 
-EXAMPLES = Path(cli.__file__).parent / "example_data"
+EXAMPLES = Path(__file__).resolve().parents[2] / "engine" / "example_data"
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from headfleet.service.examples import DEMO_TEXTS
+from headfleet.engine.examples import DEMO_TEXTS
 
 CLASSIFIERS = ["spam", "urgency@1", "sentiment@latest"]
 

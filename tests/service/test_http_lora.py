@@ -12,7 +12,7 @@ import pytest
 from http_server import running
 
 ALICE, BOB, ADMIN = "alice-key-lora", "bob-key-lora", "admin-key-lora"
-SPAM_CSV = Path(__file__).resolve().parents[2] / "service" / "example_data" / "spam.csv"
+SPAM_CSV = Path(__file__).resolve().parents[2] / "engine" / "example_data" / "spam.csv"
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 
 from http_server import running
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "service" / "example_data"
+EXAMPLES = Path(__file__).resolve().parents[2] / "engine" / "example_data"
 ACME = {"Authorization": "Bearer acme-key"}
 GLOBEX = {"Authorization": "Bearer globex-key"}
 INITECH = {"Authorization": "Bearer initech-key"}  # its scoring folder is a symlink to globex's

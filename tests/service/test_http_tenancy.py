@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from headfleet.service.examples import EXAMPLES
+from headfleet.engine.examples import EXAMPLES
 from http_server import as_, running
 
 ALICE, BOB, ADMIN = "key-alice", "key-bob", "key-admin"

@@ -13,11 +13,11 @@ from headfleet.errors import ParentMismatchError
 from headfleet.heads import load_examples
 from headfleet.heads.retrain import needs_retrain, stored_examples
 from headfleet.engine import Engine
-from headfleet.service.examples import DEMO_TEXTS, ensure_examples
+from headfleet.engine.examples import DEMO_TEXTS, ensure_examples
 from headfleet.settings import Settings
 from http_server import running
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "service" / "example_data"
+EXAMPLES = Path(__file__).resolve().parents[2] / "engine" / "example_data"
 ASKED = ["spam", "urgency", "urgency@prod", "sentiment"]
 
 

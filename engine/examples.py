@@ -31,7 +31,7 @@ def ensure_examples(engine, tenant: str, log: Callable[[str], None] = lambda _: 
             continue
         except NotFoundError:
             pass
-        with resources.as_file(resources.files("headfleet.service") / "example_data" / filename) as path:
+        with resources.as_file(resources.files("headfleet.engine") / "example_data" / filename) as path:
             manifest = engine.train(tenant, name, load_examples(path))
         m = manifest["metrics"]
         log(f"trained example classifier {tenant}/{manifest['id']} from {filename}: "
