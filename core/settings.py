@@ -42,6 +42,10 @@ class DataLayout:
         return self.root / "namespaces.json"  # shared cache namespace grants
 
     @property
+    def monitor(self) -> Path:
+        return self.root / "monitor"  # lifecycle state: monitor settings, windows, feedback, canaries, per tenant
+
+    @property
     def onnx(self) -> Path:
         return self.root / "onnx"  # ONNX exports of the backbone, per backend and precision
 
