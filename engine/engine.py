@@ -17,7 +17,7 @@ from headfleet.cache import CacheStats, FaissStore, MemoryLRU, RedisTier, Tiered
 from headfleet.embedder import Embedder
 from headfleet.errors import ValidationError
 from headfleet.heads import HeadFleet, Registry
-from headfleet.engine.types import ADAPTER_NS
+from headfleet.engine.types import ADAPTER_NS, Scored
 from headfleet.settings import Settings
 from headfleet.text import blank_message, is_blank
 
@@ -50,10 +50,10 @@ class Engine(EmbeddingMixin, LoraRuntimeMixin, ResolutionMixin, ResultsMixin, Tr
         self.adapters = None  # the AdapterManager, created at the first LoRA classifier (adapter_manager)
         self.adapter_load_hooks: list[Callable[[float], None]] = []  # seconds per cold adapter load (metrics)
         # observers (lifecycle subscribes here; the engine never imports it): every completed embedding
-        # request -> (tenant, classifier names per group, batches); every classify request -> (tenant,
-        # resolved versions, its answer, source: "classify" for live traffic, "job" for a scoring job)
+        # request -> (tenant, classifier names per group, batches); every classify request -> one
+        # ``Scored`` (resolved versions, answer, source "classify"/"job", the vectors each group scored)
         self.embedded_hooks: list[Callable[[str, list, list], None]] = []
-        self.scored_hooks: list[Callable[[str, list, dict, str], None]] = []
+        self.scored_hooks: list[Callable[[Scored], None]] = []
         self.corrupt_hooks: list[Callable[[str], None]] = []  # "tenant/name@version" refused as corrupt (metrics)
         self._verified_adapters: set[str] = set()  # adapter ids whose file matched its sha256 at first use
         # Versions a request resolved stay loaded until it completes: resolve(pin=True) counts them
@@ -121,22 +121,25 @@ class Engine(EmbeddingMixin, LoraRuntimeMixin, ResolutionMixin, ResultsMixin, Tr
                 names = [m["name"] for _, _, m in resolved]
                 batch = self.embed(tenant, texts, namespace=namespace, classifiers=names, progress=progress)
                 out = self.score(batch, resolved)
+                parts = [(batch, list(resolved))]
             else:
                 batches = self.embed_groups(tenant, texts, [(ns, [m["name"] for _, _, m in items])
                                                             for ns, items in groups], progress=progress)
-                out = self.score_groups([(b, items) for b, (_, items) in zip(batches, groups)], resolved)
-            self.observe_scores(tenant, resolved, out, "classify")
+                parts = [(b, items) for b, (_, items) in zip(batches, groups)]
+                out = self.score_groups(parts, resolved)
+            self.observe_scores(Scored(tenant, list(resolved), out, "classify", parts))
         finally:
             self.release(resolved)
         if errors:
             out["errors"] = errors
         return out
 
-    def observe_scores(self, tenant: str, resolved: Sequence, out: dict, source: str) -> None:
-        """Call every ``scored_hooks`` observer; one that raises is logged and never fails the request."""
+    def observe_scores(self, scored: Scored) -> None:
+        """Call every ``scored_hooks`` observer with ``scored``; one that raises is logged and never
+        fails the request. Observers run on the request's thread: they must only enqueue."""
         for hook in self.scored_hooks:
             try:
-                hook(tenant, list(resolved), out, source)
+                hook(scored)
             except Exception:  # an observer's bug must not cost a tenant its answer
                 log.exception("scored hook %r failed", hook)
 

@@ -105,6 +105,16 @@ class Resolved(NamedTuple):
     manifest: dict  # the version's manifest
 
 
+class Scored(NamedTuple):
+    """One classify request after its heads ran, as ``scored_hooks`` observers see it."""
+
+    tenant: str
+    resolved: list[Resolved]  # every version the request resolved, in the order asked
+    answer: dict  # the reply being built: results[i]["classifications"][ref] = {label(s), scores, version}
+    source: str  # "classify" for live traffic, "job" for a scoring job's chunk
+    parts: list[tuple[EmbedBatch, list[Resolved]]]  # per embedding group: its vectors [n, dim] and its classifiers
+
+
 def adapter_id(key: str, manifest: dict) -> str:
     """A LoRA classifier version's adapter id, ``<tenant>/<name>@<version>#<adapter sha256[:16]>``:
     the adapter manager's key, and (behind :data:`ADAPTER_NS`) its embeddings' cache namespace, so a

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from headfleet.errors import TooLargeError, ValidationError
 from headfleet.service.auth import KeyStore
-from headfleet.engine import EmbedBatch, Engine
+from headfleet.engine import EmbedBatch, Engine, Scored
 from headfleet.service.jobs import JobManager
 from headfleet.service.metrics import Metrics
 from headfleet.service.namespaces import NamespaceStore
@@ -159,7 +159,8 @@ class Service:
                 out = await asyncio.to_thread(self.engine.score_groups, parts, resolved)
             else:
                 out = self.engine.score_groups(parts, resolved)
-            self.engine.observe_scores(tenant, resolved, out, "classify" if lane is None else "job")
+            self.engine.observe_scores(Scored(tenant, list(resolved), out, "classify" if lane is None else "job",
+                                              parts))
         finally:
             self.engine.release(resolved)
         self.metrics.heads.observe(out["timing_ms"]["heads"] / 1e3)

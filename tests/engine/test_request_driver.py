@@ -43,10 +43,11 @@ def test_an_injected_compute_gets_each_distinct_miss_once_and_progress_counts_ev
 def test_observers_see_each_request_once_and_cannot_break_it(engine):
     embedded, scored = [], []
     engine.embedded_hooks.append(lambda tenant, names, batches: embedded.append((tenant, names, len(batches))))
-    engine.scored_hooks.append(lambda tenant, resolved, out, source: scored.append(
-        (tenant, [r.key if hasattr(r, "key") else r[1] for r in resolved], len(out["results"]), source)))
+    engine.scored_hooks.append(lambda s: scored.append(
+        (s.tenant, [r.key if hasattr(r, "key") else r[1] for r in s.resolved], len(s.answer["results"]), s.source,
+         [len(batch.vectors) for batch, _ in s.parts])))
     engine.scored_hooks.append(lambda *a: 1 / 0)  # a broken observer
     out = engine.classify("acme", ["claim your prize", "lunch?"], ["spam"])
     assert [r["classifications"]["spam"]["label"] for r in out["results"]] == ["spam", "ham"]
     assert embedded == [("acme", [["spam"]], 1)]
-    assert scored == [("acme", ["acme/spam@1"], 2, "classify")]
+    assert scored == [("acme", ["acme/spam@1"], 2, "classify", [2])]
