@@ -8,7 +8,7 @@ import dataclasses
 import hashlib
 import logging
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -18,6 +18,7 @@ from headfleet.errors import ValidationError
 from headfleet.heads.adapters import LoraAdapter
 from headfleet.heads import Examples, TokenStats, train_head, validate
 from headfleet.names import check_name
+from headfleet.heads.refs import CANDIDATE, LATEST
 from headfleet.heads.retrain import stale_versions, stored_examples, training_data_files
 from headfleet.engine.provenance import git_commit, library_versions
 from headfleet.engine.types import EmbedBatch
@@ -28,8 +29,14 @@ log = logging.getLogger(__name__)
 class TrainingMixin:
     def train(self, tenant: str, name: str, examples: Examples, *, kind: str = "logreg", seed: int = 0,
               progress: Callable[[int], None] | None = None,
-              embed: Callable[..., EmbedBatch] | None = None, provenance: dict | None = None) -> dict:
+              embed: Callable[..., EmbedBatch] | None = None, provenance: dict | None = None,
+              candidate: bool = False, review: Callable[[Any], dict] | None = None) -> dict:
         """Validate, embed through the cache, fit, save a new immutable version; returns its manifest.
+
+        ``candidate``: publish without moving "latest" (bare-name requests keep the live version)
+        and move the "candidate" alias to the new version instead. ``review(head) -> dict``: called
+        with the fitted head before it is published; its fields join the manifest (head kinds
+        only; a LoRA classifier with ``review`` is a ValidationError).
 
         ``embed(tenant, texts, progress=...)`` replaces :meth:`embed` (the service passes one
         that goes through its scheduler, so training shares the backbone fairly). The examples
@@ -37,14 +44,18 @@ class TrainingMixin:
         on another backbone; ``provenance``: further manifest fields (e.g. ``retrained_from``).
         """
         if kind == "lora":
+            if candidate or review is not None:
+                raise ValidationError("LoRA classifiers are not published as reviewed candidates")
             return self.train_lora(tenant, name, examples, seed=seed, progress=progress, embed=embed,
                                    provenance=provenance)
         check_name(name, "classifier name")
         report = self._validate(examples)
         batch = (embed or self.embed)(tenant, examples.texts, progress=progress)
         trained = train_head(batch.vectors, examples, kind=kind, seed=seed, report=report, refit=True)
+        extra = {"training_cache": batch.cache_report(), **(provenance or {}),
+                 **(review(trained.head) if review is not None else {})}
         return self._publish(tenant, name, trained.head, examples, metrics=trained.metrics, report=report,
-                             extra={"training_cache": batch.cache_report(), **(provenance or {})})
+                             extra=extra, alias=CANDIDATE if candidate else LATEST)
 
     def retrain(self, tenant: str, names: Sequence[str] | None = None, *, dry_run: bool = False,
                 progress: Callable[[int], None] | None = None,
@@ -174,7 +185,7 @@ class TrainingMixin:
                              extra={"adapter": entry, **(provenance or {})}, files=files)
 
     def _publish(self, tenant: str, name: str, head, examples: Examples, *, metrics: dict | None, report,
-                 extra: dict, files: dict[str, bytes] | None = None) -> dict:
+                 extra: dict, files: dict[str, bytes] | None = None, alias: str = LATEST) -> dict:
         """The one manifest builder: the parent backbone, tokenizer and max length, the training
         data (stored beside the version) and its hash, metrics, validation report, library versions
         and git commit, plus ``extra``; publishes the version and unloads versions no alias names."""
@@ -190,7 +201,7 @@ class TrainingMixin:
             "git_commit": git_commit(),
             "training_data": data_entry,
             **extra,
-        }, files={**(files or {}), **data_files})
+        }, files={**(files or {}), **data_files}, alias=alias)
         self._unload_unaliased(tenant, name)
         return manifest
 

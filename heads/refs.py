@@ -10,6 +10,7 @@ from headfleet.errors import ValidationError
 from headfleet.names import check_alias, check_name
 
 LATEST = "latest"
+CANDIDATE = "candidate"  # the alias a monitor's retrain moves to its candidate (latest stays)
 
 
 @dataclass(frozen=True)

@@ -67,8 +67,12 @@ class Registry:
 
     # --- writing ------------------------------------------------------------------------------
     def save(self, tenant: str, name: str, head: HeadArrays, manifest: dict[str, Any] | None = None,
-             files: dict[str, bytes] | None = None) -> dict[str, Any]:
-        """Store ``head`` as the next version of ``tenant/name`` and point "latest" at it.
+             files: dict[str, bytes] | None = None, alias: str = LATEST) -> dict[str, Any]:
+        """Store ``head`` as the next version of ``tenant/name`` and point ``alias`` at it.
+
+        ``alias`` is "latest" for an ordinary save. Another alias (a monitor's retrain publishes
+        with "candidate") moves that alias only: "latest", and so every bare-name request, keeps
+        the version it had (a classifier's first version becomes "latest" whatever ``alias`` says).
 
         ``files``: further artefacts of the version (a LoRA adapter, the training data), written
         into the same temp dir and published by the same rename, so they appear with the head or
@@ -133,7 +137,13 @@ class Registry:
             os.close(held)
         with contextlib.suppress(FileNotFoundError):  # deleted right after publishing: nothing to persist
             fsync_dir(versions)
-        self._update_aliases(cdir, name, lambda a: a.__setitem__(LATEST, max(int(a.get(LATEST, 0)), version)))
+        def point(aliases: dict[str, int]) -> None:
+            if alias == LATEST or LATEST not in aliases:
+                aliases[LATEST] = max(int(aliases.get(LATEST, 0)), version)
+            if alias != LATEST:
+                aliases[check_alias(alias)] = version
+
+        self._update_aliases(cdir, name, point)
         return full
 
     def set_alias(self, tenant: str, name: str, alias: str, version: int) -> dict[str, int]:
