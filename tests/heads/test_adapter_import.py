@@ -177,7 +177,7 @@ def test_every_field_of_the_installed_peft_loraconfig_is_decided():
     then an adapter that sets it is refused as unknown, see ``a_newer_peft_option`` below)."""
     import dataclasses
 
-    from headfleet.heads import adapters
+    from headfleet.heads import peft_config as adapters
 
     decided = adapters._READ | set(adapters._NO_EFFECT) | set(adapters._REFUSED)
     assert {f.name for f in dataclasses.fields(LoraConfig)} - decided == set()
