@@ -85,6 +85,7 @@ class Settings:
     tenant_queue_texts: int = 2048  # texts one tenant may have waiting; beyond: 429
     queue_texts: int = 8192  # texts waiting over all tenants; beyond: 429
     jobs_workers: int = 1  # training jobs run one at a time by default
+    monitor_interval_s: float = 1.0  # how often the monitor folds observed traffic into windows
     scoring_root: Path | None = None  # scoring jobs read and write under <scoring_root>/<tenant>/ only; None: off
     # -- LoRA tenants -------------------------------------------------------------------------
     lora_slots: int = 32  # adapters resident on the device at once (stacked per target layer)
@@ -112,6 +113,7 @@ class Settings:
             memory_cache_mb=float(_env("MEMORY_CACHE_MB", str(d.memory_cache_mb))),
             faiss_store=_env("FAISS_STORE", "1") not in ("0", "false", "no"),
             local_flush_s=float(_env("LOCAL_FLUSH_S", str(d.local_flush_s))),
+            monitor_interval_s=float(_env("MONITOR_INTERVAL_S", str(d.monitor_interval_s))),
             redis_url=_env("REDIS_URL", None) or None,
             redis_ttl_s=int(_env("REDIS_TTL_S", str(d.redis_ttl_s))) or None,
             redis_prefix=_env("REDIS_PREFIX", d.redis_prefix),

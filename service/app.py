@@ -14,6 +14,7 @@ from headfleet.service.api.classifiers import ClassifiersController, JobsControl
 from headfleet.service.api.classify import ClassifyController
 from headfleet.service.api.deps import provide_service, provide_tenant
 from headfleet.service.api.embeddings import EmbeddingsController
+from headfleet.service.api.monitoring import FeedbackController, MonitorController
 from headfleet.service.api.ops import OpsController
 from headfleet.service.errors import HANDLERS
 from headfleet.service.metrics import ENDPOINTS
@@ -103,7 +104,7 @@ def create_app(settings: Settings | None = None, *, embedder=None) -> Litestar:
 
     app = Litestar(
         route_handlers=[ClassifyController, ClassifiersController, JobsController, EmbeddingsController,
-                        OpsController, AdminController],
+                        OpsController, AdminController, FeedbackController, MonitorController],
         dependencies={"service": Provide(provide_service), "tenant": Provide(provide_tenant)},
         exception_handlers=HANDLERS,
         lifespan=[lifespan],

@@ -15,7 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from headfleet.errors import HeadfleetError, NotFoundError
 from headfleet.heads import Examples
@@ -52,6 +52,21 @@ class JobManager:
         self._pool.submit(self._run, tenant, job_id, name, examples, kind, seed)
         return dict(job)
 
+    def submit_run(self, tenant: str, name: str, run: Callable[..., dict], total: int, *, kind: str = "retrain",
+                   reason: str | None = None) -> dict[str, Any]:
+        """A job that calls ``run(embed, progress)`` (``embed`` goes through the scheduler on the
+        tenant's training lane) and records the manifest it returns; the monitor's retrains."""
+        job_id = "job_" + secrets.token_hex(8)
+        job = {"id": job_id, "type": kind, "classifier": name, "kind": kind, "state": "queued", "reason": reason,
+               "created": _now(), "started": None, "finished": None,
+               "progress": {"embedded": 0, "total": total}, "result": None, "error": None}
+        with self._lock:
+            self._jobs[(tenant, job_id)] = job
+        self._save(tenant, job)
+        self._pool.submit(self._execute, tenant, job_id, total,
+                          lambda progress: run(self._embed, progress))
+        return dict(job)
+
     def get(self, tenant: str, job_id: str) -> dict[str, Any]:
         with self._lock:
             job = self._jobs.get((tenant, job_id))
@@ -76,8 +91,12 @@ class JobManager:
         self._save(tenant, snapshot)
 
     def _run(self, tenant: str, job_id: str, name: str, examples: Examples, kind: str, seed: int) -> None:
+        self._execute(tenant, job_id, len(examples.texts), lambda progress: self.engine.train(
+            tenant, name, examples, kind=kind, seed=seed, progress=progress, embed=self._embed))
+
+    def _execute(self, tenant: str, job_id: str, total: int, train: Callable[[Callable[[int], None]], dict]) -> None:
+        """Run ``train(progress) -> manifest`` as the job: state, progress, result or error."""
         self._update(tenant, job_id, state="running", started=_now())
-        total = len(examples.texts)
         done = [0]
 
         def progress(n: int) -> None:
@@ -86,8 +105,7 @@ class JobManager:
                 self._jobs[(tenant, job_id)]["progress"] = {"embedded": min(done[0], total), "total": total}
 
         try:
-            manifest = self.engine.train(tenant, name, examples, kind=kind, seed=seed, progress=progress,
-                                         embed=self._embed)
+            manifest = train(progress)
         except HeadfleetError as exc:
             self._update(tenant, job_id, state="failed", finished=_now(),
                          error={"error": exc.message, "error_type": exc.error_type})
@@ -100,12 +118,20 @@ class JobManager:
         result = {"id": manifest["id"], "version": manifest["version"], "metrics": manifest.get("metrics"),
                   "warnings": manifest.get("validation", {}).get("warnings", []),
                   "training_cache": manifest.get("training_cache")}
+        if "retrain" in manifest:  # a monitor's candidate: why it was made and how it compares
+            result["candidate"] = True
+            result["retrain"] = manifest["retrain"]
         self._update(tenant, job_id, state="succeeded", finished=_now(), result=result,
                      progress={"embedded": total, "total": total})
 
     def _embed(self, tenant: str, texts: list[str], progress=None):
         """``Engine.embed`` with the scheduler as the compute step, in the tenant's training lane (so
         training shares the backbone fairly with live traffic), a chunk of misses at a time."""
+        return self.engine.embed(tenant, texts, compute=self.compute(tenant, f"{tenant}#train"), progress=progress)
+
+    def compute(self, tenant: str, lane: str):
+        """A ``Compute`` (see ``headfleet.engine.types``) that embeds misses through the scheduler on
+        ``lane``, a chunk at a time; call it from a worker thread, never the event loop."""
 
         def compute(keys, todo, spaces, progress_):
             t0 = time.perf_counter()
@@ -113,12 +139,12 @@ class JobManager:
             for i in range(0, len(keys), CHUNK):
                 part = slice(i, i + CHUNK)
                 answers.update(self.scheduler.run_from_thread(tenant, keys[part], todo[part], spaces[part],
-                                                              lane=f"{tenant}#train"))
+                                                              lane=lane))
                 if progress_ is not None:
                     progress_(len(keys[part]))
             return answers, {"embed": (time.perf_counter() - t0) * 1e3}
 
-        return self.engine.embed(tenant, texts, compute=compute, progress=progress)
+        return compute
 
     # -- records --------------------------------------------------------------------------------
     def _save(self, tenant: str, job: dict[str, Any]) -> None:

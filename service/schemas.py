@@ -120,3 +120,38 @@ class OpenAIEmbeddingsResponse(msgspec.Struct):
     model: str
     usage: OpenAIUsage
     object: str = "list"
+
+
+class FeedbackRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /feedback``: labels for texts a classifier scored (every version: ``@N`` is ignored)."""
+
+    classifier: str
+    items: list[dict[str, Any]]  # {"text", "label"}; multi-label classifiers: {"text", "labels": [...]}
+
+
+class CanaryRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """``PUT /classifiers/{name}/canary``: the frozen core of the canary set (replaces the last one)."""
+
+    examples: list[dict[str, Any]]  # {"text", "label"} or {"text", "labels": [...]}
+
+
+class MonitorSettingsRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """``PUT /classifiers/{name}/monitor``: any subset; the rest keep their values (defaults at first)."""
+
+    window_texts: int | None | msgspec.UnsetType = msgspec.UNSET
+    window_seconds: float | msgspec.UnsetType = msgspec.UNSET
+    psi: float | msgspec.UnsetType = msgspec.UNSET
+    domain_auc: float | msgspec.UnsetType = msgspec.UNSET
+    accuracy_slo: float | None | msgspec.UnsetType = msgspec.UNSET
+    accuracy_drop: float | msgspec.UnsetType = msgspec.UNSET
+    consecutive: int | msgspec.UnsetType = msgspec.UNSET
+    auto_retrain: bool | msgspec.UnsetType = msgspec.UNSET
+    webhook: str | None | msgspec.UnsetType = msgspec.UNSET
+    cooldown_seconds: float | msgspec.UnsetType = msgspec.UNSET
+    retention_windows: int | msgspec.UnsetType = msgspec.UNSET
+    feedback_max: int | msgspec.UnsetType = msgspec.UNSET
+    rolling_canary: int | msgspec.UnsetType = msgspec.UNSET
+    reservoir: int | msgspec.UnsetType = msgspec.UNSET
+
+    def patch(self) -> dict[str, Any]:
+        return {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not msgspec.UNSET}

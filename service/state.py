@@ -1,7 +1,7 @@
 """Everything one running service holds, created in the app's lifespan and torn down in reverse.
 
 Order up: backbone -> local store -> Redis (``Engine.open``), then the scheduler, then the
-training-job workers. Down: jobs, scheduler (its Redis write-back queue is flushed), engine
+training-job workers, then the monitor (its state store, its drain thread). Down: monitor, jobs, scheduler (its Redis write-back queue is flushed), engine
 (the local store is saved).
 """
 
@@ -16,6 +16,8 @@ from typing import Sequence
 from headfleet.errors import TooLargeError, ValidationError
 from headfleet.service.auth import KeyStore
 from headfleet.engine import EmbedBatch, Engine, Scored
+from headfleet.lifecycle.monitor import Monitor
+from headfleet.lifecycle.store import open_store
 from headfleet.service.jobs import JobManager
 from headfleet.service.metrics import Metrics
 from headfleet.service.namespaces import NamespaceStore
@@ -48,6 +50,7 @@ class Service:
     metrics: Metrics
     scoring: ScoringJobs | None = None
     namespaces: NamespaceStore | None = None
+    monitor: Monitor | None = None
     started: float = dataclasses.field(default_factory=time.time)
 
     @classmethod
@@ -66,6 +69,11 @@ class Service:
         jobs = JobManager(engine, scheduler, settings.layout.jobs, settings.jobs_workers)
         service = cls(settings, engine, scheduler, jobs, keys, metrics,
                       namespaces=NamespaceStore(settings.layout.namespaces))
+        service.monitor = Monitor(engine, open_store(settings),
+                                  compute_for=lambda tenant: jobs.compute(tenant, f"{tenant}#monitor"),
+                                  start_retrain=lambda tenant, name, run, total: jobs.submit_run(
+                                      tenant, name, run, total, kind="retrain"),
+                                  interval_s=settings.monitor_interval_s).attach().start()
         service.scoring = ScoringJobs(engine, scheduler_classify(service, asyncio.get_running_loop()),
                                       settings.scoring_root, settings.layout.jobs,
                                       batch_size=settings.batch_size)
@@ -78,6 +86,7 @@ class Service:
         return service
 
     async def stop(self) -> None:
+        await asyncio.to_thread(self.monitor.close)
         self.jobs.close()
         self.scoring.close()  # jobs stop between chunks and resume at the next start
         await self.scheduler.stop()
