@@ -6,6 +6,7 @@ Layout, for the store path ``P`` a caller passes (``cache/local-<fp>.faiss.npz``
                     (SQLite keeps ``-wal`` and ``-shm`` files beside it while it is open)
     P.sqlite.lock   flock target while a process opens, checks and migrates the store
     P               a format-1 ``.npz`` snapshot written before this format: migrated, then removed
+                    (read by ``faiss_legacy``)
 
 The folder must be on a local filesystem: SQLite's WAL index is shared memory, and it and
 ``flock`` do not work across machines over NFS.
@@ -43,25 +44,24 @@ Guarantees and how they are kept:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import fcntl
-import json
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-import faiss
 import numpy as np
+
+from headfleet import atomic
+
+from .faiss_legacy import legacy_rows, read_snapshot
+from .keys import key_id
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
-LEGACY_FORMAT_VERSION = 1
 MIGRATE_BATCH_ROWS = 8192
 
 _SCHEMA = """
@@ -74,11 +74,6 @@ CREATE TABLE IF NOT EXISTS entries (
     vector BLOB NOT NULL
 );
 """
-
-
-def key_id(key: bytes) -> int:
-    """The faiss id of a content key: its first 8 bytes as a little-endian signed int64."""
-    return int.from_bytes(key[:8], "little", signed=True)
 
 
 class StorePaths(NamedTuple):
@@ -149,7 +144,7 @@ class StoreFile:
         self = cls(paths, dim, fingerprint, busy_timeout_s)
         try:
             paths.db.parent.mkdir(parents=True, exist_ok=True)
-            with _flocked(paths.lock):
+            with atomic.locked(paths.lock):
                 try:
                     self._connect()
                 except UnusableFile as exc:
@@ -306,17 +301,6 @@ def _last_seq(conn: sqlite3.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-@contextlib.contextmanager
-def _flocked(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on ``path`` (created if missing) for the block."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
 def _set_aside(path: Path, *, with_sidecars: bool = False) -> Path:
     """Rename ``path`` to ``<stem>.discarded-<ns><suffix>`` (with its SQLite ``-wal`` / ``-shm``
     files, so a moved database still opens as one); returns the new path."""
@@ -331,78 +315,7 @@ def _set_aside(path: Path, *, with_sidecars: bool = False) -> Path:
 
 
 def fsync_dir(folder: Path) -> None:
-    """Make renames and unlinks in ``folder`` durable; best effort where directories cannot be opened."""
-    try:
-        dfd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-
-
-# -- format 1: the single-file snapshot this format replaces --------------------------------------
-
-
-@dataclasses.dataclass
-class Snapshot:
-    """A format-1 file: an ``.npz`` with the serialised index and its key table."""
-
-    dim: int
-    fingerprint: str
-    index_bytes: np.ndarray  # [nbytes] uint8, from faiss.serialize_index of an IndexIDMap2
-    ids: np.ndarray  # [n] int64, the faiss ids
-    keys: np.ndarray  # [n, 16] uint8, the full content keys
-    namespaces: np.ndarray  # [n] unicode
-
-
-def read_snapshot(path: Path) -> Snapshot:
-    """Read and shape-check a format-1 snapshot; raises ``ValueError`` (or numpy's errors) when unusable."""
-    with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(str(z["meta"]))
-        if meta.get("format") != LEGACY_FORMAT_VERSION:
-            raise ValueError(f"unknown store format {meta.get('format')!r}")
-        snap = Snapshot(
-            dim=int(meta["dim"]),
-            fingerprint=str(meta["fingerprint"]),
-            index_bytes=z["index"],
-            ids=z["ids"],
-            keys=z["keys"],
-            namespaces=z["namespaces"],
-        )
-    n = snap.ids.shape[0]
-    if snap.ids.dtype != np.int64 or snap.ids.ndim != 1:
-        raise ValueError("ids must be a 1-D int64 array")
-    if snap.keys.dtype != np.uint8 or snap.keys.shape != (n, 16):
-        raise ValueError("keys must be [n, 16] uint8")
-    if snap.namespaces.shape != (n,) or (n and snap.namespaces.dtype.kind != "U"):
-        raise ValueError("namespaces must be [n] strings")
-    if snap.index_bytes.dtype != np.uint8 or snap.index_bytes.ndim != 1:
-        raise ValueError("index must be serialised bytes")
-    return snap
-
-
-def legacy_rows(snap: Snapshot, dim: int, fingerprint: str) -> tuple[np.ndarray, list[bytes], list[str], np.ndarray]:
-    """The rows of a format-1 snapshot: ``(ids [n] int64, keys, namespaces, vectors [n, dim] float32)``.
-
-    Raises ``ValueError`` when it holds another width or backbone, or its index and key table
-    disagree.
-    """
-    if snap.dim != dim or snap.fingerprint != fingerprint:
-        raise ValueError(f"file holds dim={snap.dim} fingerprint={snap.fingerprint!r}, "
-                         f"expected dim={dim} fingerprint={fingerprint!r}")
-    index = faiss.deserialize_index(snap.index_bytes)
-    if not isinstance(index, faiss.IndexIDMap2) or index.d != dim:
-        raise ValueError("serialised index is not an IndexIDMap2 of the right width")
-    keys = [bytes(row) for row in snap.keys]
-    index_ids = faiss.vector_to_array(index.id_map)
-    if index.ntotal != len(keys) or set(index_ids.tolist()) != set(snap.ids.tolist()):
-        raise ValueError("index ids and key table disagree")
-    if any(key_id(k) != int(f) for k, f in zip(keys, snap.ids)):
-        raise ValueError("ids do not match their keys")
-    ids = snap.ids.astype(np.int64)
-    vectors = index.reconstruct_batch(ids) if len(ids) else np.empty((0, dim), dtype=np.float32)
-    return ids, keys, [str(ns) for ns in snap.namespaces.tolist()], np.asarray(vectors, dtype=np.float32)
+    """Make renames and unlinks in ``folder`` durable; best effort (never raises) where directories
+    cannot be opened or synced."""
+    with contextlib.suppress(OSError):
+        atomic.fsync_dir(folder)

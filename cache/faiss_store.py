@@ -1,10 +1,8 @@
 """The local tier: a FAISS index of cached vectors, durable and shared by every process on the folder.
 
-Vectors live in ``IndexIDMap2(IndexFlatIP(dim))`` so they can be read back exactly by id
-(``reconstruct``) and searched by similarity within one namespace. The faiss id is only 64
-bits of the 128-bit content key, so the store keeps id -> (full key, namespace) beside the
-index: a lookup whose full key differs from the stored one is a miss, never another text's
-vector.
+The vectors and their key table live in memory (``faiss_index.KeyedIndex``: an exact-by-key,
+namespace-restricted FAISS index, where a lookup whose full key differs from the stored one is
+a miss, never another text's vector); this module keeps that copy in step with the file.
 
 With a ``path``, the index is the in-memory copy of a store file (``faiss_file``: SQLite in
 WAL mode) that any number of processes — the server, a CLI beside it — open together.
@@ -41,11 +39,12 @@ import weakref
 from pathlib import Path
 from typing import NamedTuple
 
-import faiss
 import numpy as np
 
 from .base import Entry, check_batch
-from .faiss_file import StoreFile, key_id
+from .faiss_file import StoreFile
+from .faiss_index import KEY_TABLE_BYTES, KeyedIndex
+from .keys import key_id
 
 __all__ = ["FaissStore", "key_id"]
 
@@ -99,9 +98,7 @@ class FaissStore:
         self._lock = threading.RLock()  # the index, the key table, the queue, the read position
         self._flush_lock = threading.Lock()  # one commit at a time; also guards opening / closing the file
         self._thread_lock = threading.Lock()  # starting the flusher (never held across disk I/O)
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-        self._entries: dict[int, tuple[bytes, str]] = {}
-        self._by_namespace: dict[str, set[int]] = {}
+        self._index = KeyedIndex(self.dim)
         self._queue: dict[int, _Queued] = {}  # faiss id -> put not yet committed
         self._tickets = 0
         self._seen_seq = 0  # every file row with seq <= this is loaded (or is our own)
@@ -138,20 +135,7 @@ class FaissStore:
 
     def _fill(self, keys: list[bytes], positions, out: list[Entry]) -> None:
         with self._lock:
-            found: list[int] = []
-            ids: list[int] = []
-            for i in positions:
-                key = keys[i]
-                fid = key_id(key)
-                held = self._entries.get(fid)
-                if held is not None and held[0] == key:
-                    found.append(i)
-                    ids.append(fid)
-            if not ids:
-                return
-            rows = self._index.reconstruct_batch(np.asarray(ids, dtype=np.int64))
-        for pos, row in zip(found, rows):
-            out[pos] = row
+            self._index.fill(keys, positions, out)
 
     def search(self, query: np.ndarray, k: int, namespace: str) -> list[tuple[bytes, float]]:
         """Top-``k`` keys of ``namespace`` by inner product with ``query`` ([dim] float32), best first.
@@ -168,21 +152,7 @@ class FaissStore:
             return []
         self.refresh()
         with self._lock:
-            ns_ids = self._by_namespace.get(namespace)
-            if not ns_ids:
-                return []
-            sel = faiss.IDSelectorBatch(np.fromiter(ns_ids, dtype=np.int64, count=len(ns_ids)))
-            k_eff = min(int(k), len(ns_ids))
-            scores, found = self._index.search(
-                q.reshape(1, -1), k_eff, params=faiss.SearchParameters(sel=sel)
-            )
-            out: list[tuple[bytes, float]] = []
-            for fid, score in zip(found[0].tolist(), scores[0].tolist()):
-                held = self._entries.get(fid)
-                if fid == -1 or held is None or held[1] != namespace:
-                    continue
-                out.append((held[0], float(score)))
-        return out
+            return self._index.search(q.reshape(1, -1), k, namespace)
 
     def refresh(self) -> int:
         """Load the rows other processes committed since the last look; returns how many changed
@@ -218,19 +188,14 @@ class FaissStore:
             if fid in self._queue or any(lo < seq <= hi for lo, hi in self._own):
                 continue
             take[fid] = j
-        same = [(fid, j) for fid, j in take.items() if self._entries.get(fid) == (rows.keys[j], rows.namespaces[j])]
-        if same:
-            held = self._index.reconstruct_batch(np.asarray([fid for fid, _ in same], dtype=np.int64))
-            equal = np.all(held == rows.vectors[[j for _, j in same]], axis=1)
-            for (fid, _), eq in zip(same, equal.tolist()):
-                if eq:
-                    del take[fid]
-        if not take:
+        fids, pos = list(take.keys()), list(take.values())
+        keys, namespaces, vectors = [rows.keys[j] for j in pos], [rows.namespaces[j] for j in pos], rows.vectors[pos]
+        new = [i for i, same in enumerate(self._index.identical(fids, keys, namespaces, vectors)) if not same]
+        if not new:
             return 0
-        pos = list(take.values())
-        self._apply(list(take.keys()), [rows.keys[j] for j in pos], [rows.namespaces[j] for j in pos],
-                    rows.vectors[pos], count_collisions=False)
-        return len(take)
+        self._apply([fids[i] for i in new], [keys[i] for i in new], [namespaces[i] for i in new], vectors[new],
+                    count_collisions=False)
+        return len(new)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -266,27 +231,11 @@ class FaissStore:
     def _apply(self, fids: list[int], keys: list[bytes], namespaces: list[str], vectors: np.ndarray,
                *, count_collisions: bool) -> None:
         """Insert or replace distinct ids in the index and the key table; the caller holds the lock."""
-        replaced = [fid for fid in fids if fid in self._entries]
-        if replaced:
-            self._index.remove_ids(faiss.IDSelectorBatch(np.asarray(replaced, dtype=np.int64)))
-        for fid, key, ns in zip(fids, keys, namespaces):
-            old = self._entries.get(fid)
-            if old is not None:
-                if count_collisions and old[0] != key:
-                    self.collisions += 1
-                    log.debug("faiss id %d: key %s displaced by %s", fid, old[0].hex(), key.hex())
-                self._forget_namespace(fid, old[1])
-            self._entries[fid] = (key, ns)
-            self._by_namespace.setdefault(ns, set()).add(fid)
-        self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
-                                 np.asarray(fids, dtype=np.int64))
-
-    def _forget_namespace(self, fid: int, namespace: str) -> None:
-        members = self._by_namespace.get(namespace)
-        if members is not None:
-            members.discard(fid)
-            if not members:
-                del self._by_namespace[namespace]
+        displaced = self._index.put(fids, keys, namespaces, vectors)
+        if count_collisions:
+            for fid, old, key in displaced:
+                self.collisions += 1
+                log.debug("faiss id %d: key %s displaced by %s", fid, old.hex(), key.hex())
 
     # -- persistence -----------------------------------------------------------------------
 
@@ -364,17 +313,17 @@ class FaissStore:
     def nbytes(self) -> int:
         """Vector bytes plus key-table bytes (16-byte key + 8-byte id per entry)."""
         with self._lock:
-            return int(self._index.ntotal) * (self.dim * 4 + 24)
+            return self._index.nbytes()
 
     def __len__(self) -> int:
         with self._lock:
-            return int(self._index.ntotal)
+            return len(self._index)
 
     def held(self, namespace: str) -> tuple[int, int]:
         """(entries, bytes) of one namespace, counted as ``nbytes`` counts them."""
         with self._lock:
-            n = len(self._by_namespace.get(namespace, ()))
-        return n, n * (self.dim * 4 + 24)
+            n = self._index.count(namespace)
+        return n, n * (self.dim * 4 + KEY_TABLE_BYTES)
 
     def close(self) -> None:
         """Stop the flusher, commit what is queued and close the file (raises what ``flush``

@@ -40,3 +40,8 @@ def content_key(fingerprint: str, namespace: str, max_length: int, normalised_te
         _field(v) for v in (fingerprint, namespace, str(max_length), normalised_text)
     )
     return xxhash.xxh3_128_digest(payload)
+
+
+def key_id(key: bytes) -> int:
+    """The faiss id of a content key (16 bytes): its first 8 bytes as a little-endian signed int64."""
+    return int.from_bytes(key[:8], "little", signed=True)
