@@ -295,22 +295,10 @@ class Monitor(TriggerMixin):
 
     # -- reading -----------------------------------------------------------------------------------
     def report(self, tenant: str, name: str) -> dict:
-        """``{"classifier", "version", "enabled", "settings", "windows", "alerts", "retrain"}``: closed
-        windows of the version ``latest`` points at, oldest first; 404 for an unknown classifier."""
-        manifest = self.engine.registry.resolve(tenant, name.partition("@")[0])
-        name = manifest["name"]
+        """:func:`read_report` after :meth:`drain` (every completed request is in the windows)."""
+        self.engine.registry.resolve(tenant, name.partition("@")[0])  # 404 before any work
         self.drain()
-        settings = self.settings(tenant, name)
-        windows = json.loads(self.store.get(f"{tenant}/{name}/v{manifest['version']}/windows") or b"[]")
-        return {"classifier": name, "version": int(manifest["version"]), "enabled": settings is not None,
-                "settings": (settings or MonitorSettings()).to_dict(), "windows": windows,
-                "alerts": json.loads(self.store.get(f"{tenant}/{name}/alerts") or b"[]"),
-                "retrain": self.retrain_state(tenant, name)}
-
-    def monitored(self, tenant: str) -> list[str]:
-        """Names of the tenant's monitored classifiers, sorted."""
-        self._refresh_enabled(force=True)
-        return sorted(n for t, n in self._enabled if t == tenant)
+        return read_report(self.engine.registry, self.store, tenant, name)
 
     def summary(self) -> dict[str, int]:
         """Bounded-cardinality figures for /metrics (no series per classifier)."""
@@ -329,3 +317,26 @@ class Monitor(TriggerMixin):
         self._profiles = {k: v for k, v in self._profiles.items()
                           if not (k[0] == tenant and (name is None or k[1] == name))}
         return n
+
+
+def read_report(registry, store, tenant: str, name: str) -> dict:
+    """``{"classifier", "version", "enabled", "settings", "windows", "alerts", "retrain"}`` as stored:
+    the closed windows of the version ``latest`` points at, oldest first; alerts oldest first.
+    Reads only (the CLI uses it without a backbone); NotFoundError (404) for an unknown classifier."""
+    from headfleet.lifecycle.trigger import NO_RETRAIN
+
+    manifest = registry.resolve(tenant, name.partition("@")[0])
+    name = manifest["name"]
+    raw = store.get(f"{tenant}/{name}/settings")
+    settings = None if raw is None else settings_from_dict(json.loads(raw))
+    windows = json.loads(store.get(f"{tenant}/{name}/v{manifest['version']}/windows") or b"[]")
+    retrain = store.get(f"{tenant}/{name}/retrain")
+    return {"classifier": name, "version": int(manifest["version"]), "enabled": settings is not None,
+            "settings": (settings or MonitorSettings()).to_dict(), "windows": windows,
+            "alerts": json.loads(store.get(f"{tenant}/{name}/alerts") or b"[]"),
+            "retrain": json.loads(retrain) if retrain is not None else dict(NO_RETRAIN)}
+
+
+def monitored(store, tenant: str) -> list[str]:
+    """Names of the tenant's classifiers with monitoring enabled, sorted."""
+    return sorted(k.split("/")[1] for k in store.keys(tenant) if k.count("/") == 2 and k.endswith("/settings"))

@@ -29,6 +29,7 @@ from headfleet.engine import Compute, Engine
 from headfleet.heads.retrain import stored_examples
 from headfleet.lifecycle.probe import confidences, score_version
 
+TRAIN_HOLDOUT = 0.2  # the share train_head holds out by default (heads.train.train_head's ``holdout``)
 CALIBRATION_TOLERANCE = 0.05  # |mean confidence - accuracy| on the holdout that still counts as calibrated
 
 
@@ -68,11 +69,13 @@ def label_distribution(labels: Sequence) -> dict[str, float]:
 
 def holdout_rows(examples, seed: int) -> np.ndarray:
     """The rows training held out for ``examples`` with ``seed`` (the same split ``train_head`` made)."""
-    from headfleet.heads.train import _split, _targets
+    from headfleet.heads.split import holdout_split
 
-    classes = examples.classes()
-    y = _targets(examples, classes)
-    return _split(y if not examples.multi_label else y, len(classes), examples.multi_label, 0.2, seed)[1]
+    if examples.multi_label:  # a plain random split: only the shape [n, labels] matters
+        y = np.zeros((len(examples), len(examples.classes())), dtype=np.int8)
+    else:  # class indices in sorted-label order, as train_head numbers them
+        y = np.unique(np.asarray(examples.labels), return_inverse=True)[1]
+    return holdout_split(y, examples.multi_label, TRAIN_HOLDOUT, seed).holdout
 
 
 def build_profile(engine: Engine, tenant: str, manifest: dict, *, size: int = 256, seed: int = 0,

@@ -25,6 +25,7 @@ from headfleet.lifecycle.windows import iso
 
 log = logging.getLogger(__name__)
 
+NO_RETRAIN = {"triggered": False, "reason": None, "job": None, "candidate": None, "state": None, "at": None}
 _SIGNALS = ("start", "end", "texts", "label_psi", "domain_auc", "mmd2", "canary_accuracy", "estimated_accuracy")
 
 
@@ -109,9 +110,7 @@ class TriggerMixin:
     # -- state -------------------------------------------------------------------------------------
     def retrain_state(self, tenant: str, name: str) -> dict[str, Any]:
         raw = self.store.get(f"{tenant}/{name}/retrain")
-        if raw is None:
-            return {"triggered": False, "reason": None, "job": None, "candidate": None, "state": None, "at": None}
-        return json.loads(raw)
+        return dict(NO_RETRAIN) if raw is None else json.loads(raw)
 
     def _put_retrain(self, tenant: str, name: str, state: dict) -> None:
         with self.store.lock(f"{tenant}/{name}"):

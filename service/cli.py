@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from headfleet.errors import HeadfleetError
-from headfleet.service.cli_output import (_print_json, _retrain_line, format_classify, format_report,
+from headfleet.service.cli_output import (_print_json, _retrain_line, format_classify, format_monitor, format_report,
                                           progress_bar)
 from headfleet.text import is_blank
 
@@ -238,6 +238,24 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_monitor(args) -> int:
+    from headfleet.heads import Registry
+    from headfleet.lifecycle.monitor import monitored, read_report
+    from headfleet.lifecycle.store import open_store
+
+    settings = _settings(args)
+    registry, store = Registry(settings.layout.registry), open_store(settings)
+    names = [args.name] if args.name else monitored(store, args.tenant)
+    reports = [read_report(registry, store, args.tenant, n) for n in names]
+    if args.json:
+        _print_json(reports[0] if args.name else reports)
+    elif not reports:
+        print(f"tenant {args.tenant!r} monitors no classifier (PUT /classifiers/NAME/monitor enables it)")
+    else:
+        print("\n\n".join(format_monitor(r) for r in reports))
+    return 0
+
+
 def cmd_serve(args) -> int:
     from headfleet.service.server import serve
     from headfleet.settings import Settings
@@ -334,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--restart", action="store_true", help="discard a partial output of a different job and start over")
     sc.add_argument("--overwrite", action="store_true", help="replace a finished output")
     sc.set_defaults(func=cmd_score)
+
+    mo = sub.add_parser("monitor", parents=[common], help="monitor windows, alerts and retrains of classifiers")
+    mo.add_argument("name", nargs="?", help="one classifier (default: every monitored one of the tenant)")
+    mo.set_defaults(func=cmd_monitor)
 
     s = sub.add_parser("serve", parents=[common], help="run the HTTP service")
     s.add_argument("--host", help="bind address (env HEADFLEET_HOST, default 127.0.0.1; loopback only without keys)")

@@ -84,3 +84,30 @@ def _retrain_line(r: dict) -> str:
     else:
         note = _RETRAIN_NOTES[r["status"]].format(**r)
     return f"{head:<40} {note}"
+
+
+def _fig(x, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def format_monitor(report: dict) -> str:
+    """One classifier's monitor report as a table: a row per closed window, then alerts and the retrain."""
+    s = report["settings"]
+    size = f"{s['window_texts']} texts" if s["window_texts"] else f"{s['window_seconds']:g} s"
+    head = (f"{report['classifier']} v{report['version']}  monitoring {'on' if report['enabled'] else 'off'}  "
+            f"window {size}  drift: PSI > {s['psi']:g} or domain AUC > {s['domain_auc']:g}  "
+            f"accuracy drop: canary < {s['accuracy_slo'] if s['accuracy_slo'] is not None else '-'} "
+            f"or {s['accuracy_drop']:g} under holdout")
+    cols = ["end", "texts", "psi", "js", "ks", "auc", "mmd2", "canary", "est.acc", "drift", "acc.drop"]
+    rows = [[w["end"], str(w["texts"]), _fig(w["label_psi"]), _fig(w["label_js"]), _fig(w["confidence_ks"]),
+             _fig(w["domain_auc"]), _fig(w["mmd2"], 4), _fig(w["canary_accuracy"]), _fig(w["estimated_accuracy"]),
+             "DRIFT" if w["drift"] else "-", "DROP" if w["accuracy_drop"] else "-"] for w in report["windows"]]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    lines = [head, "  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows] or ["(no closed window yet)"]
+    for a in report["alerts"][-10:]:
+        lines.append(f"alert {a['at']} {a['kind']}: {json.dumps(a['detail'], ensure_ascii=False)}")
+    r = report["retrain"]
+    if r["triggered"]:
+        lines.append(f"retrain {r.get('state')}: job {r['job']}, candidate {r['candidate'] or '-'} ({r['reason']})")
+    return "\n".join(lines)

@@ -106,3 +106,28 @@ class _RedisCollector:
                                 "second), 0 when it does not", value=1 if status["healthy"] else 0)
         yield CounterMetricFamily("headfleet_redis_outages", "Times the Redis tier went from answering to not "
                                   "answering", value=status["outages"])
+
+
+class MonitorCollector:
+    """The monitor's fleet-wide figures, read at scrape time: counts, never a series per classifier
+    (a thousand tenants' classifiers must not become a thousand label values)."""
+
+    def __init__(self, monitor) -> None:
+        self.monitor = monitor
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        s = self.monitor.summary()
+        yield GaugeMetricFamily("headfleet_monitor_classifiers", "Classifiers with monitoring enabled",
+                                value=s["monitored"])
+        yield GaugeMetricFamily("headfleet_monitor_drifting_classifiers", "Monitored classifiers whose last "
+                                "closed window (in this process) had drift", value=s["drifting"])
+        yield CounterMetricFamily("headfleet_monitor_retrains", "Retraining jobs the monitor started",
+                                  value=s["retrains"])
+        yield CounterMetricFamily("headfleet_monitor_windows_closed", "Monitor windows closed", value=s["windows_closed"])
+        yield CounterMetricFamily("headfleet_monitor_observations_dropped", "Classify requests left out of the "
+                                  "windows because the monitor's queue was full", value=s["observations_dropped"])
+        yield CounterMetricFamily("headfleet_monitor_webhook_failures", "Alert webhooks given up after every "
+                                  "retry, or dropped on a full queue", value=s["webhook_failures"])

@@ -19,7 +19,7 @@ from headfleet.engine import EmbedBatch, Engine, Scored
 from headfleet.lifecycle.monitor import Monitor
 from headfleet.lifecycle.store import open_store
 from headfleet.service.jobs import JobManager
-from headfleet.service.metrics import Metrics
+from headfleet.service.metrics import Metrics, MonitorCollector
 from headfleet.service.namespaces import NamespaceStore
 from headfleet.service.scheduler import Scheduler
 from headfleet.service.scoring_jobs import ScoringJobs, scheduler_classify
@@ -74,6 +74,7 @@ class Service:
                                   start_retrain=lambda tenant, name, run, total: jobs.submit_run(
                                       tenant, name, run, total, kind="retrain"),
                                   interval_s=settings.monitor_interval_s).attach().start()
+        metrics.registry.register(MonitorCollector(service.monitor))
         service.scoring = ScoringJobs(engine, scheduler_classify(service, asyncio.get_running_loop()),
                                       settings.scoring_root, settings.layout.jobs,
                                       batch_size=settings.batch_size)

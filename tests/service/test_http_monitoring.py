@@ -105,7 +105,7 @@ def send(http: httpx.Client, name: str, texts: list[str], labels: list[str]) -> 
     return agree / len(texts)
 
 
-def test_only_drift_and_an_accuracy_drop_together_make_a_candidate(http, sms):
+def test_only_drift_and_an_accuracy_drop_together_make_a_candidate(http, sms, server, capsys):
     train(http, "spam", sms[:400])
     r = http.put("/classifiers/spam/canary", json={"examples": [{"text": t, "label": lab} for t, lab in sms[400:550]]})
     assert r.status_code == 200, r.text
@@ -162,6 +162,17 @@ def test_only_drift_and_an_accuracy_drop_together_make_a_candidate(http, sms):
     # the candidate learned the new kind of text
     r = http.post("/classify", json={"texts": fraud()[:20], "classifiers": ["spam@candidate"]}).json()
     assert sum(row["classifications"]["spam@candidate"]["label"] == "spam" for row in r["results"]) >= 15
+
+    # the same report on the command line and a fleet-level count on /metrics
+    from headfleet.service import cli
+
+    assert cli.main(["monitor", "--data-dir", str(server.service.settings.data_dir), "spam"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    rows = [line for line in table if line.startswith("20")]
+    assert len(rows) == 3 and "DRIFT" not in rows[0] and "DRIFT" in rows[1] and "DROP" in rows[2], table
+    assert any(line.startswith("retrain succeeded") and "spam@2" in line for line in table), table
+    metrics = http.get("/metrics").text
+    assert "headfleet_monitor_retrains_total 1.0" in metrics and "headfleet_monitor_classifiers 1.0" in metrics
 
 
 def test_feedback_and_canary_refuse_bad_input_whole(http, sms):
