@@ -10,13 +10,13 @@ import re
 
 from headfleet.errors import ValidationError
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}\Z")  # \Z, not $ (which also matches before a final "\n")
+ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 
 
 def check_name(value: str, what: str) -> str:
     """A tenant or classifier name; ValidationError otherwise."""
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise ValidationError(
             f"invalid {what} {value!r}: use 1-64 of a-z 0-9 _ . - starting with a letter or digit"
         )
@@ -24,7 +24,7 @@ def check_name(value: str, what: str) -> str:
 
 
 def check_alias(value: str) -> str:
-    if not isinstance(value, str) or not ALIAS_RE.match(value) or value.isdigit():
+    if not isinstance(value, str) or not ALIAS_RE.fullmatch(value) or value.isdigit():
         raise ValidationError(
             f"invalid alias {value!r}: use 1-32 of a-z 0-9 _ - starting with a letter"
         )
