@@ -12,7 +12,8 @@ import pytest
 from headfleet.engine import Engine
 from headfleet.heads import examples_from_records
 from headfleet.lifecycle.monitor import Monitor
-from headfleet.lifecycle.store import FileStore, RedisStore
+from headfleet.lifecycle.store_file import FileStore
+from headfleet.lifecycle.store_redis import RedisStore
 from headfleet.settings import Settings
 
 TRAIN = [("win a free prize now, text CLAIM", "spam"), ("urgent! your account won cash, call now", "spam"),

@@ -15,7 +15,9 @@ import pytest
 import redis
 
 from headfleet.errors import BackendError, ValidationError
-from headfleet.lifecycle.store import FileStore, RedisStore, StateStore, check_key, make_key, open_store
+from headfleet.lifecycle.store import StateStore, check_key, make_key, open_store
+from headfleet.lifecycle.store_file import FileStore
+from headfleet.lifecycle.store_redis import RedisStore
 from headfleet.settings import Settings
 
 # A child process opening the same store. "count": wait for the go file, then 50 locked
@@ -24,7 +26,8 @@ from headfleet.settings import Settings
 CHILD = r"""
 import json, os, sys, time
 from pathlib import Path
-from headfleet.lifecycle.store import FileStore, RedisStore
+from headfleet.lifecycle.store_file import FileStore
+from headfleet.lifecycle.store_redis import RedisStore
 spec = json.loads(sys.argv[1])
 if spec["kind"] == "file":
     store = FileStore(spec["root"])
