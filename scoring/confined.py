@@ -14,6 +14,9 @@ How it is kept:
         else                        -> openat(dir, part, O_NOFOLLOW): the next dir, or the file
         an escape -> Escape (a ForbiddenError: 403 in the service, naming the path as the tenant gave it)
 
+(:func:`open_beneath` here chooses; the syscall is :mod:`headfleet.scoring.openat2`, the walk
+:mod:`headfleet.scoring.walk`, the checks and domain errors they share :mod:`headfleet.scoring.paths`.)
+
 So every component of the path counts (not only the last one, which is all ``O_NOFOLLOW`` guards),
 no check-then-open race is left (a symlink swapped in after a job was submitted is refused when
 the job opens the file), and the bytes of a file outside the folder are never read. Symlinks that
@@ -42,9 +45,7 @@ is that file (the operator's ``fs.protected_hardlinks`` is what stops a tenant m
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import functools
 import os
 import secrets
 import shutil
@@ -53,180 +54,58 @@ import threading
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterator
 
-from headfleet.errors import ForbiddenError, HeadfleetError, NotFoundError, ValidationError
+from headfleet.errors import ValidationError
+from headfleet.scoring import openat2
+from headfleet.scoring.paths import (NAME_MAX, O_CLOEXEC, O_DIRECTORY, O_NOFOLLOW, O_PATH, Escape, encode, escape,
+                                     path_error, refusing)
+from headfleet.scoring.walk import walk
 
-O_PATH = getattr(os, "O_PATH", 0)
-O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+__all__ = ["Escape", "Root", "open_beneath", "path_error", "refusing", "resolve_beneath"]
+
 READ = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
-MAX_LINKS = 40  # symlinks followed in one path, as the kernel does
-PATH_MAX, NAME_MAX = 4096, 255
 
-_SYS_OPENAT2 = 437  # the same number on every architecture Linux added it to (5.6)
-_RESOLVE_NO_MAGICLINKS, _RESOLVE_BENEATH = 0x02, 0x08
 _openat2_works: bool | None = None  # None: not probed yet; tests set False to run the walk
 _probe_lock = threading.Lock()
 _sqlite_lock = threading.Lock()
 
 
-class Escape(ForbiddenError):
-    """A path that leads outside the folder a job is confined to (``path``: as the caller gave it, relative
-    to the folder), or the folder itself is a symlink (``path`` None)."""
-
-    def __init__(self, message: str, path: str | None = None):
-        super().__init__(message)
-        self.path = path
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-class _NoOpenat2(Exception):
-    pass
-
-
-def _escape(rel: str) -> Escape:
-    return Escape(f"{rel!r} leads outside the job's folder (through '..' or a symbolic link); "
-                  "only links that stay inside it are followed", rel)
-
-
-def _encode(rel: str) -> bytes:
-    try:
-        raw = os.fsencode(rel)
-    except UnicodeEncodeError:
-        raise ValidationError(f"the path {rel.encode('utf-8', 'backslashreplace').decode()!r} is not valid "
-                              "Unicode (a lone surrogate)") from None
-    if b"\0" in raw:
-        raise ValidationError(f"the path {rel!r} holds a NUL character")
-    if len(raw) >= PATH_MAX or any(len(part) > NAME_MAX for part in raw.split(b"/")):
-        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), rel)
-    return raw
-
-
-# -- the two resolvers -----------------------------------------------------------------------------------
-@functools.cache
-def _libc_syscall():
-    fn = ctypes.CDLL(None, use_errno=True).syscall
-    fn.restype = ctypes.c_long
-    return fn
-
-
-def _openat2(root_fd: int, raw: bytes, flags: int, mode: int) -> int:
-    tmpfile = getattr(os, "O_TMPFILE", 0)
-    creates = flags & os.O_CREAT or (tmpfile and flags & tmpfile == tmpfile)
-    how = _OpenHow(flags, mode if creates else 0, _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)  # openat2: no stray mode
-    syscall = _libc_syscall()
-    for _ in range(16):  # EAGAIN: a rename raced a '..' in the walk; the kernel asks us to retry
-        fd = syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(root_fd), ctypes.c_char_p(raw or b"."),
-                     ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
-        if fd >= 0:
-            return int(fd)
-        err = ctypes.get_errno()
-        if err == errno.EAGAIN:
-            continue
-        if err in (errno.ENOSYS, errno.EPERM) and not _openat2_probe(root_fd):
-            raise _NoOpenat2
-        raise OSError(err, os.strerror(err), os.fsdecode(raw))
-    raise _NoOpenat2
-
-
+# -- choosing the resolver -------------------------------------------------------------------------------
 def _openat2_probe(root_fd: int) -> bool:
-    """Does openat2 work here at all (an old kernel says ENOSYS, a seccomp filter often EPERM)?"""
+    """Does openat2 work here at all? Asked once per process (:func:`headfleet.scoring.openat2.probe`),
+    then remembered in ``_openat2_works``."""
     global _openat2_works
     with _probe_lock:
         if _openat2_works is None:
-            how = _OpenHow(O_PATH | O_CLOEXEC, 0, _RESOLVE_BENEATH)
-            fd = _libc_syscall()(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(root_fd), ctypes.c_char_p(b"."),
-                                 ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
-            _openat2_works = fd >= 0
-            if fd >= 0:
-                os.close(fd)
+            _openat2_works = openat2.probe(root_fd)
         return _openat2_works
 
 
-def _walk(root_fd: int, rel: str, flags: int, mode: int, *, resolve_only: bool = False):
-    """The fallback resolver (and :func:`resolve_beneath`): ``rel`` beneath ``root_fd``, one component
-    at a time, every symlink spliced in here. Returns the opened fd, or with ``resolve_only`` the
-    canonical components (those that exist, then the rest as given)."""
-    todo = list(reversed(rel.split("/")))
-    stack = [os.dup(root_fd)]  # the directories of the path so far; stack[0] is the folder
-    names: list[str] = []
-    links = 0
-    try:
-        while True:
-            if not todo:
-                if resolve_only:
-                    return names
-                return os.open(".", flags, mode, dir_fd=stack[-1])
-            part = todo.pop()
-            if part in ("", "."):
-                continue
-            if part == "..":
-                if len(stack) == 1:
-                    raise _escape(rel)
-                os.close(stack.pop())
-                names.pop()
-                continue
-            try:
-                st = os.stat(part, dir_fd=stack[-1], follow_symlinks=False)
-            except FileNotFoundError:
-                if resolve_only:
-                    rest = [p for p in reversed(todo) if p not in ("", ".")]
-                    if ".." in rest:
-                        raise
-                    return names + [part] + rest
-                if todo or not flags & os.O_CREAT:
-                    raise
-                st = None
-            if st is not None and stat.S_ISLNK(st.st_mode):
-                links += 1
-                if links > MAX_LINKS:
-                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), rel)
-                target = os.readlink(part, dir_fd=stack[-1])
-                if target.startswith("/"):
-                    raise _escape(rel)
-                todo.extend(reversed(target.split("/")))
-                continue
-            if todo:
-                stack.append(os.open(part, (O_PATH or os.O_RDONLY) | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC,
-                                     dir_fd=stack[-1]))
-                names.append(part)
-                continue
-            if resolve_only:
-                return names + [part]
-            fd = os.open(part, flags | O_NOFOLLOW, mode, dir_fd=stack[-1])
-            if stat.S_ISLNK(os.fstat(fd).st_mode):  # O_PATH | O_NOFOLLOW opens a link swapped in meanwhile
-                os.close(fd)
-                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), rel)
-            return fd
-    finally:
-        for fd in stack:
-            os.close(fd)
-
-
 def open_beneath(root_fd: int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
-    """``rel`` opened beneath the directory ``root_fd``: every component, symlinks included, must resolve
-    inside it (:class:`Escape` otherwise); other failures are the ``OSError`` the kernel gave."""
-    raw = _encode(rel)
+    """``rel`` opened beneath the directory ``root_fd`` with ``flags`` (and ``mode`` when they create):
+    the new descriptor. Every component, symlinks included, must resolve inside it (:class:`Escape`
+    otherwise); other failures are the ``OSError`` the kernel gave. ``openat2`` where it works, else the walk."""
+    raw = encode(rel)
     flags |= O_CLOEXEC
     if _openat2_works is not False and O_PATH:
         try:
-            return _openat2(root_fd, raw, flags, mode)
-        except _NoOpenat2:
+            return openat2.open_beneath(root_fd, raw, flags, mode)
+        except openat2.Retried:
             pass
         except OSError as exc:
-            if exc.errno == errno.EXDEV:  # RESOLVE_BENEATH's answer to a path that leaves the root
-                raise _escape(rel) from None
-            raise
-    return _walk(root_fd, rel, flags, mode)
+            if exc.errno in (errno.ENOSYS, errno.EPERM) and not _openat2_probe(root_fd):
+                pass  # no openat2 here (old kernel, seccomp): the walk answers
+            elif exc.errno == errno.EXDEV:  # RESOLVE_BENEATH's answer to a path that leaves the root
+                raise escape(rel) from None
+            else:
+                raise
+    return walk(root_fd, rel, flags, mode)
 
 
 def resolve_beneath(root_fd: int, rel: str) -> PurePosixPath:
-    """The real path of ``rel`` relative to ``root_fd`` (symlinks resolved; missing components kept as given)."""
-    _encode(rel)
-    return PurePosixPath(*_walk(root_fd, rel, 0, 0, resolve_only=True))
+    """The real path of ``rel`` relative to ``root_fd`` (symlinks resolved; missing components kept as given).
+    Raises :class:`Escape` for a path that leads out, ``ValidationError`` for one that is not a name."""
+    encode(rel)
+    return PurePosixPath(*walk(root_fd, rel, 0, 0, resolve_only=True))
 
 
 # -- the folder a job is confined to ---------------------------------------------------------------------
@@ -246,6 +125,7 @@ class Root:
 
     @property
     def confined(self) -> bool:
+        """True when there is a folder to confine to (``Root(None)``: False)."""
         return self.folder is not None
 
     def rel(self, path: str | Path) -> str:
@@ -282,8 +162,11 @@ class Root:
             os.close(fd)
 
     def open(self, path: str | Path, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+        """``os.open(path, flags, mode)`` beneath the folder: the new descriptor (close-on-exec). Raises
+        :class:`Escape` for a path that leads out, ``ValidationError`` for one that is not a name, and
+        the kernel's ``OSError`` otherwise (see :func:`refusing`)."""
         if self.folder is None:
-            _encode(str(path))
+            encode(str(path))
             return os.open(path, flags | O_CLOEXEC, mode)
         rel = self.rel(path)
         with self._anchor() as anchor:
@@ -349,9 +232,11 @@ class Root:
         return self.open(path, flags)
 
     def makedirs(self, path: str | Path) -> None:
+        """``path`` and every missing folder above it, each created beneath the folder (mode 0o755)."""
         os.close(self.opendir(path, create=True))
 
     def listdir(self, path: str | Path) -> list[str]:
+        """The names in the folder ``path``, sorted (``.`` and ``..`` left out, as ``os.listdir`` does)."""
         fd = self.opendir(path)
         try:
             return sorted(os.listdir(fd))
@@ -359,6 +244,7 @@ class Root:
             os.close(fd)
 
     def read_bytes(self, path: str | Path) -> bytes:
+        """The whole of the regular file ``path`` (see :meth:`file`)."""
         with self.file(path) as f:
             return f.read()
 
@@ -385,6 +271,7 @@ class Root:
             os.close(dfd)
 
     def write_bytes(self, path: str | Path, data: bytes) -> None:
+        """``data`` as the whole of ``path``, atomically (see :meth:`write_atomic`)."""
         self.write_atomic(path, lambda f: f.write(data))
 
     def unlink_in(self, folder: str | Path, names: list[str]) -> None:
@@ -439,7 +326,7 @@ class Root:
             if self.folder is not None:
                 top = os.path.realpath(self.folder)
                 if not (real == top or real.startswith(top.rstrip("/") + "/")):
-                    raise _escape(self.rel(path))
+                    raise escape(self.rel(path))
             with _sqlite_lock:  # this process's other SQLite opens do not move the count meanwhile
                 before = _holders(st)
                 conn = sqlite3.connect(Path(real).as_uri() + "?mode=ro", uri=True, check_same_thread=False)
@@ -468,42 +355,3 @@ def _holders(st: os.stat_result) -> int | None:
         if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
             n += 1
     return n
-
-
-# -- OSErrors of a caller's path, in the domain's words ------------------------------------------------------
-_PATH_ERRORS = {
-    errno.ENOENT: (NotFoundError, "does not exist"),
-    errno.ENOTDIR: (ValidationError, "is not a path to a file: one of its folders is a file"),
-    errno.ENAMETOOLONG: (ValidationError, "is too long a path for the filesystem (a name over 255 bytes, "
-                                          "or over 4096 in all)"),
-    errno.ELOOP: (ValidationError, "goes through too many symbolic links (a loop?)"),
-    errno.EISDIR: (ValidationError, "is a folder where a file is needed"),
-    errno.EACCES: (ForbiddenError, "cannot be read or written by the service (permission denied)"),
-    errno.EPERM: (ForbiddenError, "cannot be read or written by the service (operation not permitted)"),
-    errno.EILSEQ: (ValidationError, "is not a name this filesystem accepts"),
-    errno.EINVAL: (ValidationError, "is not a name this filesystem accepts"),
-}
-
-
-def path_error(exc: OSError, what: str) -> HeadfleetError | None:
-    """The domain error for an ``OSError`` that a caller's path caused (None: the server's own trouble,
-    such as a full disk, which stays an internal error). ``what`` names the path as the caller gave it."""
-    found = _PATH_ERRORS.get(exc.errno)
-    if found is None:
-        return None
-    cls, says = found
-    return cls(f"{what} {says}")
-
-
-@contextlib.contextmanager
-def refusing(what: str) -> Iterator[None]:
-    """Turn an ``OSError`` of the caller's path inside the block into the domain error (see :func:`path_error`)."""
-    try:
-        yield
-    except OSError as exc:
-        err = path_error(exc, what)
-        if err is None:
-            raise
-        raise err from None
-    except UnicodeEncodeError:
-        raise ValidationError(f"{what} is not valid Unicode (a lone surrogate)") from None

@@ -21,32 +21,40 @@ beneath it (``headfleet.scoring.confined``), when the job is built and again eac
 the file. A file that leads outside then, such as one swapped for a symlink after the job was
 submitted, fails the job with a ``ForbiddenError`` that names it relative to the root; nothing
 of it is read, and no row of it reaches the output or the rejects file.
+
+Here: opening (new, resume or done), the cursor, the run loop and the commit order. A chunk's
+cut, pins and scoring are :mod:`headfleet.scoring.chunk`; the counts, progress, report and its
+summary :mod:`headfleet.scoring.report`; the files on disk :mod:`headfleet.scoring.output`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import stat
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
-from headfleet.cache.base import TIER_NAMES as TIERS
 from headfleet.errors import Cancelled, ConflictError, ValidationError
 from headfleet.scoring import output
-from headfleet.scoring.confined import Root, refusing
-from headfleet.scoring.sources import Source, SourceSpec, printable
+from headfleet.scoring.chunk import Classify, Resolve, ScoredChunk, file_starts, pin, score_rows
+from headfleet.scoring.confined import Root
+from headfleet.scoring.paths import refusing
+from headfleet.scoring.report import add_chunk, build_report, format_report, new_counts, progress_of
+from headfleet.scoring.rows import printable
+from headfleet.scoring.sources import Source, SourceSpec
+
+__all__ = ["Cancelled", "Classify", "JobSpec", "Resolve", "ScoreJob", "ScoredChunk", "format_report", "score_rows"]
 
 PERSIST_EVERY_S = 300.0  # how often a long job saves the local vector store (a kill -9 loses at most this)
 CHECKPOINT_VERSION = 1
 
-Classify = Callable[..., dict]  # (tenant, texts, classifiers, namespace=None) -> Engine.classify's answer
-Resolve = Callable[[str, str], dict]  # (tenant, ref) -> the version's manifest
-
 
 @dataclasses.dataclass(frozen=True)
 class JobSpec:
+    """What to score: a store, where the output goes (``out``; ``rejects`` beside it by default), whose
+    classifiers, and ``chunk_rows`` rows per chunk (the unit of commit and resume)."""
+
     source: SourceSpec
     out: Path
     tenant: str
@@ -56,94 +64,6 @@ class JobSpec:
     namespace: str | None = None
     chunk_rows: int = 1024
     root: Path | None = None  # every file the job opens must resolve inside this folder (None: anywhere)
-
-
-@dataclasses.dataclass
-class ScoredChunk:
-    """One chunk after classify: what its part holds and what its counts add."""
-
-    key: tuple[int, int]  # (file index, chunk index)
-    ids: list
-    truncated: list[bool]
-    results: dict[str, dict[str, list]]  # output column -> {"label": [...], "score": [...], "version": [...]}
-    #                                      (multi-label: "labels", "scores", "version"), one entry per document
-    rejects: list[dict]
-    tiers: list[str]  # per scored document: memory | local | redis | miss
-    computed: int  # embeddings the backbone computed for this chunk
-    forwards: int | None  # backbone forward passes, when the caller could count them
-
-
-def _new_counts(columns: Sequence[str]) -> dict[str, Any]:
-    return {"documents": 0, "scored": 0, "rejected": 0, "rejects_by_reason": {}, "truncated": 0,
-            "hits": {t: 0 for t in TIERS}, "misses": 0, "computed": 0, "forwards_run": 0,
-            "forwards_measured": True, "forwards_saved": 0, "labels": {c: {} for c in columns},
-            "elapsed_s": 0.0, "runs": 0}
-
-
-def pin(resolve: Resolve, tenant: str, refs: Sequence[str]) -> dict[str, dict]:
-    """Each ref as asked -> the version it names now; a resumed job keeps these."""
-    pins = {}
-    for ref in refs:
-        m = resolve(tenant, ref)
-        pins[ref] = {"ref": f"{m['name']}@{m['version']}", "name": m["name"], "version": int(m["version"]),
-                     "multi_label": bool(m.get("multi_label", False)), "labels": list(m.get("labels", []))}
-    return pins
-
-
-def _columns(pins: dict[str, dict]) -> dict[str, dict[str, list]]:
-    return {c: ({"labels": [], "scores": [], "version": []} if p["multi_label"] else
-                {"label": [], "score": [], "version": []}) for c, p in pins.items()}
-
-
-def _append(cols: dict[str, list], entry: dict) -> None:
-    """Engine.classify's per-classifier entry -> the output's ``label, score, version`` columns."""
-    if "labels" in cols:
-        cols["labels"].append(entry["labels"])
-        cols["scores"].append([entry["scores"][lab] for lab in entry["labels"]])
-    else:
-        cols["label"].append(entry["label"])
-        cols["score"].append(entry["scores"][entry["label"]])
-    cols["version"].append(entry["version"])
-
-
-def classify_good(classify: Classify, tenant: str, pins: dict[str, dict], texts: list[str], *,
-                  namespace: str | None = None, forwards: Callable[[], int] | None = None) -> tuple[list, int, int | None]:
-    """``texts`` through ``classify`` with every pinned version: (per-text results, embeddings computed,
-    backbone forwards run or None)."""
-    if not texts:
-        return [], 0, (0 if forwards is not None else None)
-    refs = list(dict.fromkeys(p["ref"] for p in pins.values()))
-    before = forwards() if forwards is not None else None
-    kwargs = {"namespace": namespace} if namespace is not None else {}
-    out = classify(tenant, texts, refs, **kwargs)
-    n_forwards = forwards() - before if before is not None else None
-    return out["results"], int(out["cache"]["computed"]), n_forwards
-
-
-def scored_chunk(key: tuple[int, int], rows: list, results: list, computed: int, forwards: int | None,
-                 pins: dict[str, dict], file_label: str) -> ScoredChunk:
-    """Rows ``(pos, id, text, reject)`` and ``classify``'s results for the good ones, in order -> a ScoredChunk."""
-    good_ids = [r[1] for r in rows if r[3] is None]
-    if len(good_ids) != len(results):
-        raise RuntimeError(f"{len(results)} results for {len(good_ids)} documents in chunk {key}")
-    rejects = [{"file": file_label, "row": r[0], **r[3]} for r in rows if r[3] is not None]
-    cols = _columns(pins)
-    truncated, tiers = [], []
-    for res in results:
-        per = res["classifications"]
-        for c, p in pins.items():
-            _append(cols[c], per[p["ref"]])
-        truncated.append(bool(res["truncated"]))
-        tiers.append(res["cache"])
-    return ScoredChunk(key, good_ids, truncated, cols, rejects, tiers, computed, forwards)
-
-
-def score_rows(classify: Classify, tenant: str, pins: dict[str, dict], rows: list, *, key: tuple[int, int],
-               file_label: str, namespace: str | None = None, forwards: Callable[[], int] | None = None) -> ScoredChunk:
-    """Rows ``(pos, id, text, reject)`` -> a ScoredChunk: good rows through ``classify``, bad ones to rejects."""
-    results, computed, n_forwards = classify_good(classify, tenant, pins, [r[2] for r in rows if r[3] is None],
-                                                  namespace=namespace, forwards=forwards)
-    return scored_chunk(key, rows, results, computed, n_forwards, pins, file_label)
 
 
 class ScoreJob:
@@ -226,7 +146,7 @@ class ScoreJob:
             raise ConflictError(f"{self.out} already exists; pass --overwrite to replace it")
         self.state = "new"
         self.pins = pin(resolve, self.spec.tenant, self.columns)
-        self.counts = _new_counts(self.columns)
+        self.counts = new_counts(self.columns)
         self.cursor = (0, 0)
         self.complete = False
         wd.create()
@@ -248,15 +168,14 @@ class ScoreJob:
         return self.total, self.total_exact
 
     def file_label(self, file_index: int) -> str:
+        """How rejects name file ``file_index``: relative to a folder store, else its name (bytes escaped)."""
         path = self.source.files[file_index]
         return printable(str(path.relative_to(self.source.root)) if self.source.is_folder else path.name)
 
     def chunks(self) -> Iterator[tuple[tuple[int, int], list]]:
         """``(key, rows)`` for every chunk from the cursor on, in source order."""
         n = self.spec.chunk_rows
-        f0, c0 = self.cursor
-        for fi in range(f0, len(self.source.files)):
-            start = c0 * n if fi == f0 else 0
+        for fi, start in file_starts(self.cursor, len(self.source.files), n):
             key, rows = None, []
             for row in self.source.rows(fi, start):
                 k = (fi, row[0] // n)
@@ -303,50 +222,22 @@ class ScoreJob:
             raise RuntimeError(f"chunk {sc.key} is already committed (cursor {self.cursor})")
         tbl = output.table(self.schema, sc.ids, sc.truncated, sc.results) if sc.ids else None
         self.workdir.write_part(sc.key, tbl, sc.rejects)
-        c = self.counts
-        n_good = len(sc.ids)
-        c["documents"] += n_good + len(sc.rejects)
-        c["scored"] += n_good
-        c["rejected"] += len(sc.rejects)
-        for r in sc.rejects:
-            c["rejects_by_reason"][r["reason"]] = c["rejects_by_reason"].get(r["reason"], 0) + 1
-        c["truncated"] += sum(sc.truncated)
-        for t in sc.tiers:
-            if t in c["hits"]:
-                c["hits"][t] += 1
-            else:
-                c["misses"] += 1
-        c["computed"] += sc.computed
-        bs = self.batch_size
-        run = sc.forwards if sc.forwards is not None else math.ceil(sc.computed / bs)
-        if sc.forwards is None and n_good:
-            c["forwards_measured"] = False
-        c["forwards_run"] += run
-        # a run without the cache would embed every scored document of the chunk, in batches of bs
-        c["forwards_saved"] += max(0, math.ceil(n_good / bs) - math.ceil(sc.computed / bs))
-        for col, cols in sc.results.items():
-            dist = c["labels"][col]
-            if "labels" in cols:
-                labels = [lab for labs in cols["labels"] for lab in (labs or ["(none)"])]
-            else:
-                labels = cols["label"]
-            for lab in labels:
-                dist[lab] = dist.get(lab, 0) + 1
+        add_chunk(self.counts, sc, self.batch_size)
         self.cursor = (sc.key[0], sc.key[1] + 1)
-        c["elapsed_s"] = self._at_start["elapsed_s"] + (time.monotonic() - self._run_started)
+        self.counts["elapsed_s"] = self._elapsed()
         self._save_checkpoint()
 
     def finish(self) -> dict:
         """All chunks committed: assemble the output and the rejects, write the report, drop the partial."""
         self.cursor = (len(self.source.files), 0)
-        self.counts["elapsed_s"] = self._at_start["elapsed_s"] + (time.monotonic() - self._run_started)
+        self.counts["elapsed_s"] = self._elapsed()
         if not self.complete:
             self.complete = True
             self._save_checkpoint()
         rows = self.workdir.assemble(self.schema, self.cursor, self.rejects_path)
         if rows != self.counts["scored"]:  # parts on disk disagree with the checkpoint: never ship that
             raise RuntimeError(f"{rows} rows assembled but {self.counts['scored']} documents were committed")
-        self.report = self._report()
+        self.report = build_report(self, self._at_start, self._wall())
         self.fs.write_bytes(self.report_path, output.json_bytes(self.report))
         self.workdir.remove()
         self.state = "done"
@@ -354,71 +245,17 @@ class ScoreJob:
 
     # -- what the job says -----------------------------------------------------------------------------
     def progress(self) -> dict[str, Any]:
-        """Counts so far with this run's rate and an ETA (from the estimated total)."""
-        c = self.counts
-        wall = time.monotonic() - self._run_started
-        done_run = c["documents"] - self._at_start["documents"]
-        rate = done_run / wall if wall > 0 else 0.0
-        total = self.total
-        eta = None
-        if total is not None and rate > 0:
-            eta = max(0.0, (total - c["documents"]) / rate)
-        lookups = c["scored"]
-        return {"documents": c["documents"], "total": total, "total_exact": self.total_exact,
-                "scored": c["scored"], "rejected": c["rejected"], "hit_rate": _ratio(sum(c["hits"].values()), lookups),
-                "docs_per_s": round(rate, 2), "eta_s": round(eta, 1) if eta is not None else None}
+        """Counts so far with this run's rate (``docs_per_s``) and an ETA in seconds (``eta_s``, from the
+        estimated total; None before :meth:`estimate_total` or while nothing moved)."""
+        return progress_of(self.counts, self._at_start, self._wall(), self.total, self.total_exact)
 
-    def _report(self) -> dict[str, Any]:
-        c = self.counts
-        wall = time.monotonic() - self._run_started
-        run_docs = c["documents"] - self._at_start["documents"]
-        hits = sum(c["hits"].values())
-        return {
-            "output": str(self.out), "rejects_file": str(self.rejects_path), "format": self.format,
-            "engine": self.engine,
-            "classifiers": {col: p["ref"] for col, p in self.pins.items()},
-            "documents": c["documents"], "scored": c["scored"], "rejected": c["rejected"],
-            "rejects_by_reason": c["rejects_by_reason"], "truncated": c["truncated"],
-            "cache": {"hits": dict(c["hits"]), "misses": c["misses"], "hit_rate": _ratio(hits, c["scored"])},
-            "embeddings_computed": c["computed"],
-            "backbone_forwards": {"run": c["forwards_run"], "saved": c["forwards_saved"],
-                                  "measured": c["forwards_measured"]},
-            "labels": c["labels"],
-            "wall_s": round(wall, 3), "elapsed_s": round(c["elapsed_s"], 3),
-            "docs_per_s": round(run_docs / wall, 2) if wall > 0 else None,
-            "runs": c["runs"], "resumed_at": self._at_start["documents"],
-            "this_run": {"documents": run_docs, "embeddings_computed": c["computed"] - self._at_start["computed"]},
-            "identity": self.identity, "pins": self.pins, "counts": c,
-        }
+    def _wall(self) -> float:
+        """Seconds since this run began."""
+        return time.monotonic() - self._run_started
 
-
-def format_report(report: dict) -> str:
-    """The report as the CLI prints it."""
-    cache = report["cache"]
-    fw = report["backbone_forwards"]
-    lines = [
-        f"documents: {report['documents']:,}   scored: {report['scored']:,}   rejected: {report['rejected']:,}"
-        + (f" ({', '.join(f'{k} {v:,}' for k, v in report['rejects_by_reason'].items())})"
-           if report["rejected"] else "")
-        + (f"   truncated: {report['truncated']:,}" if report["truncated"] else ""),
-        "cache hits: " + ", ".join(f"{t} {cache['hits'][t]:,}" for t in TIERS)
-        + f"   misses: {cache['misses']:,}   hit rate: {cache['hit_rate']:.1%}",
-        f"embeddings computed: {report['embeddings_computed']:,}   backbone forwards: {fw['run']:,} run"
-        + ("" if fw["measured"] else " (estimated)") + f", {fw['saved']:,} saved by the cache",
-        f"wall time: {report['wall_s']:.1f} s   documents/s: {report['docs_per_s'] or 0:,.1f}"
-        + (f"   (run {report['runs']}, resumed after {report['resumed_at']:,} documents; "
-           f"{report['elapsed_s']:.1f} s over all runs)" if report["resumed_at"] else ""),
-    ]
-    for col, dist in report["labels"].items():
-        total = sum(dist.values()) or 1
-        parts = ", ".join(f"{lab} {n:,} ({n / total:.1%})" for lab, n in sorted(dist.items(), key=lambda kv: -kv[1]))
-        lines.append(f"{col} ({report['classifiers'][col]}): {parts or '-'}")
-    lines.append(f"output: {report['output']}   rejects: {report['rejects_file']}")
-    return "\n".join(lines)
-
-
-def _ratio(a: int, b: int) -> float:
-    return round(a / b, 4) if b else 0.0
+    def _elapsed(self) -> float:
+        """Seconds over all runs: the checkpoint's at this run's start, plus this run's."""
+        return self._at_start["elapsed_s"] + self._wall()
 
 
 def _read_json(fs: Root, path: Path) -> dict | None:

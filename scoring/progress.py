@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
-from headfleet.scoring.job import Classify, ScoredChunk, ScoreJob
+
+from headfleet.scoring.chunk import Classify, ScoredChunk
+from headfleet.scoring.job import ScoreJob
 
 
 class ScoreProgress:

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from headfleet.heads import Registry
-from headfleet.scoring.job import ScoredChunk, ScoreJob, classify_good, scored_chunk
+from headfleet.scoring.chunk import ScoredChunk, classify_good, file_starts, scored_chunk
+from headfleet.scoring.job import ScoreJob
 from headfleet.scoring.sources import Source
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,7 @@ def _datasource(source: Source, cursor: tuple[int, int], chunk_rows: int):
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
             tasks = []
-            f0, c0 = cursor
-            for fi in range(f0, len(source.files)):
-                start = c0 * chunk_rows if fi == f0 else 0
+            for fi, start in file_starts(cursor, len(source.files), chunk_rows):
                 meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
                                      input_files=(str(source.files[fi]),))
                 tasks.append(ReadTask(partial(_read_file, source, fi, start, chunk_rows), meta))
