@@ -8,7 +8,9 @@
 
 The head starts from ``head_init`` (the caller's frozen-embedding head) and the adapter starts as
 a zero delta, so epoch 0 *is* the frozen head: the kept state is never worse on the holdout than
-what a frozen head gives. Knows nothing of tenants or registries; returns plain arrays.
+what a frozen head gives. The holdout rows are the caller's too (the engine takes them from
+``heads.split``; this package cannot import heads).
+Knows nothing of tenants or registries; returns plain arrays.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class LoraTrainConfig:
     weight_decay: float = 0.01
     warmup: float = 0.1  # share of all steps
     patience: int = 2  # epochs without holdout improvement before stopping
-    holdout: float = 0.15
+    holdout: float = 0.15  # share the caller holds out (``heads.split``); train_lora takes the rows
     seed: int = 0
 
     @property
@@ -57,11 +59,16 @@ class LoraTrained:
 
 
 def train_lora(embedder, texts: Sequence[str], y: np.ndarray, *, multi_label: bool, head_init: tuple[np.ndarray, np.ndarray],
-               config: LoraTrainConfig | None = None, holdout_idx: np.ndarray | None = None,
+               holdout_idx: np.ndarray, config: LoraTrainConfig | None = None,
                progress: Callable[[int, int], None] | None = None) -> LoraTrained:
-    """``y``: [n] class indices (single-label) or [n, L] 0/1 (multi-label). ``head_init``: (W [L, d], b [L]).
-    ``holdout_idx``: rows kept out for early stopping (default: a stratified ``config.holdout`` share).
-    ``progress(step, total_steps)`` after every optimiser step."""
+    """Train an adapter and a head on ``texts``; returns the best epoch's weights and the metrics.
+
+    ``y``: [n] class indices (single-label) or [n, L] 0/1 (multi-label). ``head_init``: (W [L, d], b [L]).
+    ``holdout_idx``: [k] int row indices kept out for early stopping and the accuracy figures; the
+    caller chooses them (the engine uses ``heads.split.per_class_holdout``), every other row trains.
+    ``progress(step, total_steps)`` after every optimiser step.
+    Raises ``ValidationError`` when the embedder has no LoRA bank or ``config.rank`` exceeds its max rank.
+    """
     cfg = config or LoraTrainConfig()
     bank = embedder.lora
     if bank is None:
@@ -70,8 +77,7 @@ def train_lora(embedder, texts: Sequence[str], y: np.ndarray, *, multi_label: bo
         raise ValidationError(f"rank {cfg.rank} exceeds the served max rank {bank.max_rank} (HEADFLEET_LORA_MAX_RANK)")
     n = len(texts)
     rng = np.random.default_rng(cfg.seed)
-    if holdout_idx is None:
-        holdout_idx = _holdout(y, multi_label, cfg.holdout, rng)
+    holdout_idx = np.asarray(holdout_idx, dtype=np.int64)
     train_idx = np.setdiff1d(np.arange(n), holdout_idx)
     ids = [embedder._truncate(x) for x in embedder._encode(list(texts))]
 
@@ -175,17 +181,3 @@ def train_lora(embedder, texts: Sequence[str], y: np.ndarray, *, multi_label: bo
                  "train_seconds": round(time.perf_counter() - t0, 2), "steps": step},
     )
 
-
-def _holdout(y: np.ndarray, multi_label: bool, share: float, rng: np.random.Generator) -> np.ndarray:
-    """A stratified holdout (by class, or by first label for multi-label), at least one row per class
-    that has three or more rows; empty for tiny data sets."""
-    y = np.asarray(y)
-    keys = y.argmax(1) if multi_label and y.ndim == 2 else y
-    out = []
-    for c in np.unique(keys):
-        rows = np.flatnonzero(keys == c)
-        if len(rows) < 3:
-            continue
-        k = max(1, int(round(len(rows) * share)))
-        out.extend(rng.choice(rows, size=k, replace=False).tolist())
-    return np.array(sorted(out), dtype=np.int64)

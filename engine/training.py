@@ -118,12 +118,14 @@ class TrainingMixin:
 
         Without ``adapter_dir`` an adapter is trained here (``embedder.lora_train``: the head starts
         from a head fitted on the frozen embeddings of the train split, the adapter from a zero
-        delta; AdamW, warm-up, early stopping on a holdout, best epoch kept). With ``adapter_dir``
-        a PEFT adapter trained elsewhere on this base model is imported and a head is fitted on the
-        embeddings it gives. Only the adapter (PEFT format) and the head are saved, with the
-        training data, under a manifest naming the parent backbone's fingerprint.
+        delta; AdamW, warm-up, early stopping on a holdout, best epoch kept; the holdout is
+        ``heads.split.per_class_holdout`` with ``config.holdout`` and ``config.seed``). With
+        ``adapter_dir`` a PEFT adapter trained elsewhere on this base model is imported and a head
+        is fitted on the embeddings it gives. Only the adapter (PEFT format) and the head are saved,
+        with the training data, under a manifest naming the parent backbone's fingerprint.
         """
-        from headfleet.embedder.lora_train import LoraTrainConfig, _holdout, train_lora
+        from headfleet.embedder.lora_train import LoraTrainConfig, train_lora
+        from headfleet.heads.split import per_class_holdout
         from headfleet.heads.examples import Examples as _Examples
         from headfleet.heads.types import HeadArrays
 
@@ -153,8 +155,7 @@ class TrainingMixin:
                 y = np.array([[c in set(row) for c in classes] for row in examples.labels], dtype=np.float32)
             else:
                 y = np.array([classes.index(label) for label in examples.labels], dtype=np.int64)
-            holdout = _holdout(y, examples.multi_label, cfg.holdout, np.random.default_rng(cfg.seed))
-            keep = np.setdiff1d(np.arange(len(examples)), holdout)
+            keep, holdout = per_class_holdout(y, examples.multi_label, cfg.holdout, cfg.seed)
             sub = _Examples([examples.texts[i] for i in keep], [examples.labels[i] for i in keep], examples.multi_label)
             init = train_head(frozen[keep], sub, kind="logreg", seed=seed, holdout=0.0).head
             if init.labels != classes:

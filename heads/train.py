@@ -18,6 +18,7 @@ import numpy as np
 from headfleet.errors import TrainingDataError, ValidationError
 from headfleet.heads.examples import Examples
 from headfleet.heads.metrics import classification_metrics
+from headfleet.heads.split import holdout_split
 from headfleet.heads.types import KINDS, HeadArrays
 from headfleet.heads.validation import ValidationReport, validate
 
@@ -59,7 +60,7 @@ def train_head(
     X = _check_embeddings(X, len(examples))
     classes = examples.classes()
     y = _targets(examples, classes)
-    train_idx, test_idx = _split(y, len(classes), examples.multi_label, holdout, seed)
+    train_idx, test_idx = holdout_split(y, examples.multi_label, holdout, seed)
 
     model = _estimator(kind, examples.multi_label, seed)
     with warnings.catch_warnings(record=True) as caught:
@@ -111,27 +112,6 @@ def _targets(examples: Examples, classes: list[str]) -> np.ndarray:
             Y[i, [index[c] for c in row]] = 1
         return Y
     return np.array([index[c] for c in examples.labels], dtype=np.int64)
-
-
-def _split(y: np.ndarray, n_classes: int, multi_label: bool, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified for single-label (test size at least one per class); plain random for
-    multi-label, where stratifying on label sets is undefined, capped at half the data."""
-    from sklearn.model_selection import train_test_split
-
-    n = len(y)
-    idx = np.arange(n)
-    if holdout == 0.0:
-        return idx, idx[:0]
-    size = max(n_classes, round(holdout * n))
-    try:
-        if multi_label:
-            size = max(1, min(size, n // 2))
-            train, test = train_test_split(idx, test_size=size, random_state=seed, shuffle=True)
-        else:
-            train, test = train_test_split(idx, test_size=size, random_state=seed, stratify=y)
-    except ValueError as e:  # only reachable with data that skipped validate()
-        raise TrainingDataError(f"cannot hold out {size} of {n} examples over {n_classes} classes: {e}") from None
-    return np.sort(train), np.sort(test)
 
 
 def _estimator(kind: str, multi_label: bool, seed: int) -> Any:
