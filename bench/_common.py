@@ -45,8 +45,16 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages; a figure taken with the first above ~0.5 was not quiet."""
+    import os
+
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f}" + ("" if one < 0.5 else " (NOT QUIET)")
+
+
 def report(title: str, rows: list[tuple[str, str]], extra: dict | None = None) -> None:
-    print(f"\n## {title}  ({machine()})")
+    print(f"\n## {title}  ({machine()}; {load_average()})")
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k.ljust(width)}  {v}")

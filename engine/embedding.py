@@ -130,9 +130,12 @@ class EmbeddingMixin:
             self.cache.store(keys, vectors, ns, start=self.cache.n_local)
 
     def finish(self, prep: "Prepared", answers: dict[bytes, tuple[np.ndarray, str | None, bool, bool, int]],
-               classifiers: Sequence[str] = (), extra_ms: dict[str, float] | None = None) -> EmbedBatch:
+               classifiers: Sequence[str] = (), extra_ms: dict[str, float] | None = None, *,
+               quiet: bool = False) -> EmbedBatch:
         """Merge :meth:`fill`'s answers (key -> vector, tier, truncated, computed here, corrupt)
-        into the prepared request, flag truncation of cached long texts, record the stats once."""
+        into the prepared request, flag truncation of cached long texts, record the stats once.
+        ``quiet``: the service's own lookups (a monitor's canary): no truncation flags for cached
+        texts (no re-tokenising), nothing recorded in the tenant's cache statistics."""
         max_len = self.embedder.max_length
         truncated = np.zeros(len(prep.keys), dtype=bool)
         computed = 0
@@ -146,10 +149,11 @@ class EmbeddingMixin:
                 prep.tiers[i] = tier
         cached_long = [i for i, t in enumerate(prep.tiers) if t is not None
                        and len(prep.norm[i]) * _CHARS_PER_TOKEN_FLOOR + 2 > max_len]
-        if cached_long:
+        if cached_long and not quiet:
             truncated[cached_long] = self.embedder.count_tokens([prep.norm[i] for i in cached_long]).truncated
-        self.stats.record(prep.tenant, classifiers, prep.tiers, sum(prep.corrupt))
-        if computed:
+        if not quiet:
+            self.stats.record(prep.tenant, classifiers, prep.tiers, sum(prep.corrupt))
+        if computed and not quiet:
             self.stats.record_computed(prep.tenant, computed)
         timing = {"cache": prep.cache_ms, **(extra_ms or {})}
         return EmbedBatch(prep.vectors, prep.tiers, truncated, computed, timing)
@@ -172,11 +176,13 @@ class EmbeddingMixin:
         return filled.answers(keys), {"embed": (time.perf_counter() - t1) * 1e3}
 
     def complete(self, request: EmbedRequest, answers: dict[bytes, Answer],
-                 extra_ms: dict[str, float] | None = None) -> list[EmbedBatch]:
+                 extra_ms: dict[str, float] | None = None, *, quiet: bool = False) -> list[EmbedBatch]:
         """One :class:`EmbedBatch` per group, statistics recorded once each; then every observer in
-        ``embedded_hooks`` is called with ``(tenant, classifier names per group, batches)``."""
-        batches = [self.finish(prep, answers, names, extra_ms) for prep, names in zip(request.preps, request.names)]
-        for hook in self.embedded_hooks:
+        ``embedded_hooks`` is called with ``(tenant, classifier names per group, batches)``.
+        ``quiet`` (see :meth:`finish`): no statistics, no observers."""
+        batches = [self.finish(prep, answers, names, extra_ms, quiet=quiet)
+                   for prep, names in zip(request.preps, request.names)]
+        for hook in () if quiet else self.embedded_hooks:
             try:
                 hook(request.tenant, request.names, batches)
             except Exception:  # an observer's bug must not cost a tenant its answer
@@ -184,12 +190,13 @@ class EmbeddingMixin:
         return batches
 
     def embed_request(self, tenant: str, texts: Sequence[str], groups: Sequence[tuple[str, Sequence[str]]], *,
-                      compute: Compute | None = None,
-                      progress: Callable[[int], None] | None = None) -> list[EmbedBatch]:
+                      compute: Compute | None = None, progress: Callable[[int], None] | None = None,
+                      quiet: bool = False) -> list[EmbedBatch]:
         """The one embedding request path: :meth:`begin`, ``compute(keys, texts, namespaces, progress)``
         for the distinct misses (default :meth:`compute_here`; the service's training jobs pass one
         that goes through the scheduler), :meth:`complete`. ``progress(n)`` counts the request's
-        rows as they are answered (with one group: hits first, then computed texts, then repeats)."""
+        rows as they are answered (with one group: hits first, then computed texts, then repeats).
+        ``quiet``: the service's own lookups, kept out of the tenant's statistics (:meth:`finish`)."""
         request = self.begin(tenant, texts, groups)
         single = len(groups) == 1
         n_miss = sum(map(len, request.preps[0].todo.values())) if single else 0
@@ -202,7 +209,7 @@ class EmbeddingMixin:
                                                             progress)
         if progress is not None and single and n_miss > len(request.keys):
             progress(n_miss - len(request.keys))  # in-call repeats of texts just computed
-        return self.complete(request, answers, extra)
+        return self.complete(request, answers, extra, quiet=quiet)
 
     def embed(self, tenant: str, texts: Sequence[str], *, namespace: str | None = None,
               classifiers: Sequence[str] = (), progress: Callable[[int], None] | None = None,

@@ -2,8 +2,9 @@
 
 It goes through the engine's one request driver with the caller's ``compute`` (the service
 passes one that runs misses through the scheduler on the tenant's monitor lane), so a cached
-text costs a head operation and no forward; it calls no observer, so none of this counts as
-traffic in a monitor window.
+text costs a head operation and no forward. It is ``quiet``: no observer is called (none of this
+counts as traffic in a monitor window) and the tenant's cache statistics stay the tenant's own
+requests.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def score_version(engine: Engine, tenant: str, ref: str, texts: Sequence[str], *
     try:
         groups = engine.plan(tenant, resolved)
         batch = engine.embed_request(tenant, list(texts), [(ns, [m["name"] for _, _, m in items])
-                                                           for ns, items in groups], compute=compute)[0]
+                                                           for ns, items in groups], compute=compute,
+                                     quiet=True)[0]
         out = engine.fleet.predict(batch.vectors, [resolved[0][1]])
     finally:
         engine.release(resolved)

@@ -332,7 +332,12 @@ class CanaryScores(NamedTuple):
 def canary_scores(
     y_true: Sequence, y_pred: Sequence, labels: Sequence[str], *, multi_label: bool | None = None
 ) -> CanaryScores | None:
-    """Accuracy and macro F1 of predictions against a labelled canary set (``sklearn.metrics``).
+    """Accuracy and macro F1 of predictions against a labelled canary set.
+
+    The same values as ``sklearn.metrics.accuracy_score`` and ``f1_score(average="macro",
+    labels=present, zero_division=0)`` (a test checks), computed from per-label counts
+    (F1 = 2 TP / (2 TP + FP + FN)) in well under a millisecond: sklearn's argument checks alone
+    cost ~15 ms a call, which a monitor closing a window for a thousand classifiers cannot pay.
 
     Single-label: ``y_true``, ``y_pred`` are ``[n]`` label strings. Multi-label: ``[n]``
     collections of label strings (lists, tuples, sets), binarised over ``labels`` with
@@ -347,9 +352,6 @@ def canary_scores(
     Returns None for no rows. Raises ``ValidationError`` for lengths that differ, a label not
     in ``labels``, or rows that are not what ``multi_label`` says (or a mix of both kinds).
     """
-    from sklearn.metrics import accuracy_score, f1_score
-    from sklearn.preprocessing import MultiLabelBinarizer
-
     if len(y_true) != len(y_pred):
         raise ValidationError(f"y_true has {len(y_true)} rows, y_pred {len(y_pred)}")
     if len(y_true) == 0:
@@ -365,13 +367,18 @@ def canary_scores(
     unknown = ({v for r in rows for v in r} if multi_label else set(rows)) - known
     if unknown:
         raise ValidationError(f"labels not in the head's schema: {sorted(map(str, unknown))}")
-    if multi_label:
-        mlb = MultiLabelBinarizer(classes=list(labels))
-        t, p = mlb.fit_transform(y_true), mlb.transform(y_pred)
-        present = np.flatnonzero(t.sum(axis=0) > 0).tolist()
-    else:
-        t, p = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
-        held = set(y_true)
-        present = [lab for lab in labels if lab in held]
-    macro = float(f1_score(t, p, labels=present, average="macro", zero_division=0)) if present else 0.0
-    return CanaryScores(accuracy=float(accuracy_score(t, p)), macro_f1=macro)
+    index = {lab: j for j, lab in enumerate(labels)}
+    t = np.zeros((len(y_true), len(index)), dtype=bool)  # [n, L] indicators
+    p = np.zeros_like(t)
+    for m, ys in ((t, y_true), (p, y_pred)):
+        for i, row in enumerate(ys):
+            m[i, [index[v] for v in row] if multi_label else index[row]] = True
+    accuracy = float((t == p).all(axis=1).mean())
+    present = t.any(axis=0)
+    if not present.any():
+        return CanaryScores(accuracy=accuracy, macro_f1=0.0)
+    tp = (t & p).sum(axis=0)[present]
+    wrong = (t ^ p).sum(axis=0)[present]  # FP + FN
+    denom = 2 * tp + wrong
+    f1 = np.divide(2 * tp, denom, out=np.zeros(len(tp)), where=denom > 0)
+    return CanaryScores(accuracy=accuracy, macro_f1=float(f1.mean()))

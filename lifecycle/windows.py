@@ -98,8 +98,8 @@ def close_window(window: OpenWindow, end: float, profile: Profile | None, canary
         out["label_psi"] = _round(signals.psi(profile.label_dist, current))
         out["label_js"] = _round(signals.label_js(profile.label_dist, current))
         out["confidence_ks"] = _round(signals.confidence_ks(profile.confidences, conf))
-        out["domain_auc"] = _round(signals.domain_auc(profile.vectors, vecs, seed=seed))
-        out["mmd2"] = _round(signals.mmd2(profile.vectors, vecs))
+        drift = signals.embedding_drift(profile.vectors, vecs, seed=seed)  # one Gram matrix for both
+        out["domain_auc"], out["mmd2"] = _round(drift.domain_auc), _round(drift.mmd2)
         if profile.calibrated:
             out["estimated_accuracy"] = _round(signals.estimated_accuracy(conf))
     psi, auc = out["label_psi"], out["domain_auc"]

@@ -416,3 +416,32 @@ def test_reservoir_bytes_refusals():
             Reservoir.from_bytes(bad)
     with pytest.raises(ValidationError):
         res.to_bytes(half=True)  # 1e6 does not fit float16
+
+
+@pytest.mark.parametrize("multi", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_canary_scores_equal_sklearns_on_random_rows(seed, multi):
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    rng = np.random.default_rng(seed)
+    labels = ["a", "b", "c", "d", "e"][: 2 + seed % 4]
+    n = int(rng.integers(1, 40))
+    if multi:
+        def draw():
+            return [lab for lab in labels if rng.random() < 0.4]
+    else:
+        def draw():
+            return labels[int(rng.integers(0, len(labels) - 1))]  # the last label never occurs in truth
+    truth, pred = [draw() for _ in range(n)], [draw() if rng.random() < 0.5 else None for _ in range(n)]
+    pred = [p if p is not None else t for p, t in zip(pred, truth)]
+    got = canary_scores(truth, pred, labels, multi_label=multi)
+    if multi:
+        mlb = MultiLabelBinarizer(classes=labels)
+        t, p = mlb.fit_transform(truth), mlb.transform(pred)
+        present = np.flatnonzero(t.sum(axis=0) > 0).tolist()
+    else:
+        t, p = np.array(truth, dtype=object), np.array(pred, dtype=object)
+        present = [lab for lab in labels if lab in set(truth)]
+    f1 = f1_score(t, p, labels=present, average="macro", zero_division=0) if present else 0.0
+    assert got.accuracy == pytest.approx(accuracy_score(t, p)) and got.macro_f1 == pytest.approx(f1)
