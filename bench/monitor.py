@@ -157,7 +157,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200, help="requests per tenant in (a)")
     ap.add_argument("--classifiers", type=int, default=1000, help="N in (b)")
     ap.add_argument("--evidently-python", help="a Python with evidently installed, for the peer in (c)")
-    ap.add_argument("--evidently-classifiers", type=int, default=20, help="classifiers Evidently runs on (scaled to N)")
+    ap.add_argument("--evidently-classifiers", type=int, default=3, help="classifiers Evidently runs on (scaled to N)")
     ap.add_argument("--skip-request", action="store_true")
     args = ap.parse_args()
 
