@@ -58,3 +58,14 @@ def running(embedder, data_dir, **overrides):
 def as_(server, key: str | None) -> httpx.Client:
     """A client of ``server`` that sends ``key`` as a Bearer token (none: no header)."""
     return httpx.Client(base_url=server.url, timeout=120, headers={"Authorization": f"Bearer {key}"} if key else {})
+
+
+def wait_for_job(c: httpx.Client, job_id: str, timeout: float = 600) -> dict:
+    """Poll ``GET /jobs/{id}`` until the job succeeded or failed; fails the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = c.get(f"/jobs/{job_id}").json()["job"]
+        if job["state"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish: {job}")

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import csv
 import itertools
-import time
 
 import httpx
 import pytest
 
-from http_server import as_, running
+from http_server import as_, running, wait_for_job
 
 SUBJECTS = ["the deploy", "the quarterly report", "the design review", "our sprint planning", "the database migration",
             "the onboarding doc", "the budget sheet", "the client demo", "the release notes", "the test plan",
@@ -72,20 +71,10 @@ def http(server):
         yield c
 
 
-def wait_job(http: httpx.Client, job_id: str, timeout_s: float = 600) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = http.get(f"/jobs/{job_id}").json()["job"]
-        if job["state"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.3)
-    raise AssertionError(f"job {job_id} did not finish")
-
-
 def train(http: httpx.Client, name: str, rows: list[tuple[str, str]]) -> dict:
     r = http.post("/classifiers", json={"name": name, "examples": [{"text": t, "label": lab} for t, lab in rows]})
     assert r.status_code == 202, r.text
-    job = wait_job(http, r.json()["job"]["id"])
+    job = wait_for_job(http, r.json()["job"]["id"])
     assert job["state"] == "succeeded", job
     return job
 
@@ -144,7 +133,7 @@ def test_only_drift_and_an_accuracy_drop_together_make_a_candidate(http, sms, se
     retrain = report["retrain"]
     assert retrain["triggered"] is True and retrain["job"], retrain
     assert {"drift", "accuracy_drop", "retrain"} <= {a["kind"] for a in report["alerts"]}
-    job = wait_job(http, retrain["job"])
+    job = wait_for_job(http, retrain["job"])
     assert job["state"] == "succeeded" and job["type"] == "retrain", job
 
     report = http.get("/classifiers/spam/monitor").json()

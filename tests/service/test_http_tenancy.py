@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 
 import httpx
 import pytest
 
 from headfleet.engine.examples import EXAMPLES
-from http_server import as_, running
+from http_server import as_, running, wait_for_job
 
 ALICE, BOB, ADMIN = "key-alice", "key-bob", "key-admin"
 
@@ -29,16 +28,6 @@ def multi(minilm, tmp_path_factory):
     with running(minilm, tmp_path_factory.mktemp("multi"), api_keys=f"alice:{ALICE},bob:{BOB}",
                  admin_key=ADMIN) as server:
         yield server
-
-
-def wait_for_job(c: httpx.Client, job_id: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = c.get(f"/jobs/{job_id}").json()["job"]
-        if job["state"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
 
 
 @pytest.fixture(scope="module")
