@@ -18,44 +18,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import threading
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from headfleet.embedder.lora_names import canonical_module_name, read_by_embedding, target_name
 from headfleet.errors import ValidationError
 from headfleet.kernels import group_rows_by_slot, lora_shrink_expand, use_triton
 from headfleet.kernels.dispatch import TORCH, record
 from headfleet.kernels.lora_bmm import lora_bmm
 
 DEFAULT_TARGETS = ("query", "value")
-_LAYER_RE = re.compile(r"(?:^|\.)((?:encoder\.)?layers?\.\d+\..+)$")
-
-
-PEFT_PREFIX = "base_model.model."
-# Linear layers whose output the embedding never reads: the embedder pools ``last_hidden_state``
-# itself, so Hugging Face's pooler (``pooler.dense``, tanh over the first token) is dead weight.
-# They get no injection point (a delta there would be wasted work, and the pooler's input is
-# [batch, hidden], not token rows), and an adapter's deltas on them change nothing we serve.
-_UNREAD_RE = re.compile(r"(?:^|\.)pooler\.")
-
-
-def canonical_module_name(name: str) -> str:
-    """The part of a module path from ``encoder.layer.N`` on, so names from PEFT (which prefix
-    ``base_model.model.`` and maybe ``bert.`` or ``0.auto_model.``) and ours compare equal; a
-    module outside the layer stack (``pooler.dense``) loses PEFT's prefix only."""
-    m = _LAYER_RE.search(name)
-    if m:
-        return m.group(1)
-    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-
-
-def read_by_embedding(name: str) -> bool:
-    """Whether the output of the linear layer ``name`` (canonical) reaches the pooled embedding."""
-    return _UNREAD_RE.search(name) is None
-
 
 @dataclasses.dataclass
 class _Rows:
@@ -243,7 +218,7 @@ class ModuleShapes(dict):
     def adapted_targets(self) -> list[str]:
         """The short names (``query``, ``value``, ...) of the injection points, as in
         ``HEADFLEET_LORA_TARGETS``."""
-        return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in self.adapted))
+        return list(dict.fromkeys(target_name(name) for name in self.adapted))
 
 
 def module_shapes(model: nn.Module) -> ModuleShapes:

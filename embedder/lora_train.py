@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from headfleet.embedder.lora import TrainableAdapter
+from headfleet.embedder.lora_names import lora_scale
 from headfleet.errors import ValidationError
 
 
@@ -46,7 +47,7 @@ class LoraTrainConfig:
 
     @property
     def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        return lora_scale(self.alpha, self.rank, self.use_rslora)
 
 
 @dataclasses.dataclass

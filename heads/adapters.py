@@ -20,19 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from headfleet.embedder.lora_names import PEFT_PREFIX, canonical_module_name, lora_scale, target_name
 from headfleet.errors import AdapterImportError, NoAdapterSlotError
 from headfleet.heads.adapter_manager import AdapterManager, manager_for
-from headfleet.heads.peft_config import (CONFIG_FILE, LORA_WEIGHT, check_config, rank_and_alpha, refuse_tensor,
-                                         target_name)
+from headfleet.heads.peft_config import CONFIG_FILE, LORA_WEIGHT, check_config, rank_and_alpha, refuse_tensor
 
 WEIGHTS_FILE = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 
 
 @dataclasses.dataclass
@@ -50,7 +48,7 @@ class LoraAdapter:
     @property
     def scale(self) -> float:
         """What the low-rank product is multiplied by: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        return lora_scale(self.alpha, self.rank, self.use_rslora)
 
     @property
     def nbytes(self) -> int:
@@ -110,8 +108,6 @@ class LoraAdapter:
         with it, a module the backbone lacks or shapes differently is refused, and when it also
         names the injection points (``ModuleShapes.adapted``), a module that is not one is refused
         naming the ``HEADFLEET_LORA_TARGETS`` that would serve it."""
-        from headfleet.embedder.lora import canonical_module_name
-
         check_config(cfg, where)
         base = cfg.get("base_model_name_or_path")
         names = {n.rstrip("/").rsplit("/", 1)[-1].lower() for n in base_names if n}

@@ -17,6 +17,7 @@ import math
 import re
 from typing import Callable
 
+from headfleet.embedder.lora_names import canonical_module_name, target_name
 from headfleet.errors import AdapterImportError
 
 CONFIG_FILE = "adapter_config.json"
@@ -201,16 +202,8 @@ def refuse_tensor(key: str, cfg: dict, where: str) -> None:
                                      f"{refusal.fix if refusal else 'export the adapter again with PEFT'}")
     emb = _EMBEDDING.match(key)
     if emb:
-        from headfleet.embedder.lora import canonical_module_name
-
         name = canonical_module_name(emb.group("stem"))
         raise AdapterImportError(f"{where}: target {target_name(name)!r} ({name}) is an embedding layer; headfleet "
                                  "adapts linear layers only: remove it from target_modules")
     raise AdapterImportError(f"{where}: tensor {key!r} is not a LoRA A/B weight; refusing an adapter that changes "
                              "more than low-rank deltas")
-
-
-def target_name(name: str) -> str:
-    """``encoder.layer.0.attention.self.key`` -> ``key``: the short name target_modules and
-    HEADFLEET_LORA_TARGETS use."""
-    return name.rsplit(".", 1)[-1]
