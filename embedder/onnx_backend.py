@@ -58,10 +58,15 @@ def backend_tag(backend: str, precision: str, device: str | None = None, graph_o
             raise ValidationError("int8 runs on the CPU only; use fp16 on cuda")
         if precision == "fp16" and not on_gpu:
             raise ValidationError("fp16 needs a cuda device; use int8 or fp32 on cpu")
-    if backend == "onnx" and graph_opt not in GRAPH_OPT_LEVELS:
-        raise ValidationError(f"unknown graph optimisation level {graph_opt!r}; expected one of {list(GRAPH_OPT_LEVELS)}")
+    if backend == "onnx":
+        _check_graph_opt(graph_opt)
     tag = f"{backend}-{precision}"
     return tag if backend == "torch" or graph_opt == "all" else f"{tag}-opt-{graph_opt}"
+
+
+def _check_graph_opt(graph_opt: str) -> None:
+    if graph_opt not in GRAPH_OPT_LEVELS:
+        raise ValidationError(f"unknown graph optimisation level {graph_opt!r}; expected one of {list(GRAPH_OPT_LEVELS)}")
 
 
 # -- building the files ---------------------------------------------------------------------------
@@ -220,8 +225,7 @@ class OrtRunner:
                  graph_opt: str = "all"):
         import onnxruntime as ort
 
-        if graph_opt not in GRAPH_OPT_LEVELS:
-            raise ValidationError(f"unknown graph optimisation level {graph_opt!r}; expected one of {list(GRAPH_OPT_LEVELS)}")
+        _check_graph_opt(graph_opt)
         so = ort.SessionOptions()
         so.graph_optimization_level = {
             "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

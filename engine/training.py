@@ -10,10 +10,9 @@ import logging
 import time
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 from headfleet.cache import normalise_text
 from headfleet.embedder.lora import module_shapes
+from headfleet.embedder.lora_names import target_name
 from headfleet.errors import ValidationError
 from headfleet.heads.adapters import LoraAdapter
 from headfleet.heads import Examples, TokenStats, train_head, validate
@@ -150,11 +149,7 @@ class TrainingMixin:
         else:
             cfg = config or LoraTrainConfig(seed=seed)
             frozen = (embed or self.embed)(tenant, examples.texts, progress=None).vectors
-            classes = examples.classes()
-            if examples.multi_label:
-                y = np.array([[c in set(row) for c in classes] for row in examples.labels], dtype=np.float32)
-            else:
-                y = np.array([classes.index(label) for label in examples.labels], dtype=np.int64)
+            classes, y = examples.classes(), examples.targets()
             keep, holdout = per_class_holdout(y, examples.multi_label, cfg.holdout, cfg.seed)
             sub = _Examples([examples.texts[i] for i in keep], [examples.labels[i] for i in keep], examples.multi_label)
             init = train_head(frozen[keep], sub, kind="logreg", seed=seed, holdout=0.0).head
@@ -164,7 +159,7 @@ class TrainingMixin:
             out = train_lora(self.embedder, examples.texts, y, multi_label=examples.multi_label,
                              head_init=(init.W1, init.b1), config=cfg, holdout_idx=holdout, progress=steps)
             adapter = LoraAdapter(rank=cfg.rank, alpha=cfg.alpha, use_rslora=cfg.use_rslora,
-                                  targets=sorted({n.rsplit(".", 1)[-1] for n in out.A}), A=out.A, B=out.B,
+                                  targets=sorted({target_name(n) for n in out.A}), A=out.A, B=out.B,
                                   base_model=self._base_names()[0])
             head = HeadArrays("logreg", classes, examples.multi_label, out.W, out.b)
             metrics, source = out.metrics, "trained"

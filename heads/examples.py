@@ -18,8 +18,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+import numpy as np
+
 from headfleet.errors import TrainingDataError
-from headfleet.heads.labels import LABEL_SEPARATOR, LabelReader, refuse_lone_surrogate  # noqa: F401 (re-export)
+from headfleet.heads.labels import LabelReader, refuse_lone_surrogate
 
 
 @dataclass
@@ -51,6 +53,18 @@ class Examples:
         if self.multi_label:
             return sorted({label for row in self.labels for label in row})
         return sorted(set(self.labels))
+
+    def targets(self) -> np.ndarray:
+        """The labels as numbers over :meth:`classes`: single-label [n] int64 class indices,
+        multi-label [n, L] int64 0/1 indicators (row i, column j: example i has class j)."""
+        classes = self.classes()
+        index = {c: i for i, c in enumerate(classes)}
+        if self.multi_label:
+            Y = np.zeros((len(self), len(classes)), dtype=np.int64)
+            for i, row in enumerate(self.labels):
+                Y[i, [index[c] for c in row]] = 1
+            return Y
+        return np.array([index[c] for c in self.labels], dtype=np.int64)
 
 
 def content_hash(texts: Sequence[str], labels: Sequence[Any], multi_label: bool) -> str:

@@ -59,7 +59,7 @@ def train_head(
         report = validate(examples)
     X = _check_embeddings(X, len(examples))
     classes = examples.classes()
-    y = _targets(examples, classes)
+    y = examples.targets()
     train_idx, test_idx = holdout_split(y, examples.multi_label, holdout, seed)
 
     model = _estimator(kind, examples.multi_label, seed)
@@ -101,17 +101,6 @@ def _check_embeddings(X: np.ndarray, n: int) -> np.ndarray:
     if not np.issubdtype(X.dtype, np.floating) or not np.isfinite(X).all():
         raise ValidationError("embeddings must be finite floats")
     return X
-
-
-def _targets(examples: Examples, classes: list[str]) -> np.ndarray:
-    """Single-label: class indices [n]; multi-label: 0/1 indicator matrix [n, L]."""
-    index = {c: i for i, c in enumerate(classes)}
-    if examples.multi_label:
-        Y = np.zeros((len(examples), len(classes)), dtype=np.int64)
-        for i, row in enumerate(examples.labels):
-            Y[i, [index[c] for c in row]] = 1
-        return Y
-    return np.array([index[c] for c in examples.labels], dtype=np.int64)
 
 
 def _estimator(kind: str, multi_label: bool, seed: int) -> Any:
