@@ -39,11 +39,11 @@ class MonitorSettings:
         return dataclasses.asdict(self)
 
 
-_INT_FIELDS = {"window_texts", "consecutive", "retention_windows", "feedback_max", "rolling_canary", "reservoir"}
+INT_FIELDS = {"window_texts", "consecutive", "retention_windows", "feedback_max", "rolling_canary", "reservoir"}
 _FLOAT_FIELDS = {"window_seconds", "psi", "domain_auc", "accuracy_slo", "accuracy_drop", "cooldown_seconds"}
-_NULLABLE = {"window_texts", "accuracy_slo", "webhook"}
+NULLABLE = {"window_texts", "accuracy_slo", "webhook"}
 # field -> (lowest, highest) allowed, both inclusive
-_RANGES: dict[str, tuple[float, float]] = {
+RANGES: dict[str, tuple[float, float]] = {
     "window_texts": (10, 10_000_000), "window_seconds": (1, 30 * 86400), "psi": (0.0, 100.0),
     "domain_auc": (0.5, 1.0), "accuracy_slo": (0.0, 1.0), "accuracy_drop": (0.0, 1.0), "consecutive": (1, 1000),
     "cooldown_seconds": (0, 365 * 86400), "retention_windows": (1, 100_000), "feedback_max": (10, 10_000_000),
@@ -63,11 +63,11 @@ def merge_settings(current: MonitorSettings, patch: dict[str, Any]) -> MonitorSe
         if key not in fields:
             raise ValidationError(f"unknown monitor setting {key!r}; expected some of {sorted(fields)}", param=key)
         if value is None:
-            if key not in _NULLABLE:
+            if key not in NULLABLE:
                 raise ValidationError(f"{key} cannot be null", param=key)
             changes[key] = None
             continue
-        if key in _INT_FIELDS:
+        if key in INT_FIELDS:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValidationError(f"{key} must be an integer, got {value!r}", param=key)
         elif key in _FLOAT_FIELDS:
@@ -79,8 +79,8 @@ def merge_settings(current: MonitorSettings, patch: dict[str, Any]) -> MonitorSe
                 raise ValidationError(f"auto_retrain must be true or false, got {value!r}", param=key)
         elif key == "webhook":
             value = _check_webhook(value)
-        if key in _RANGES:
-            lo, hi = _RANGES[key]
+        if key in RANGES:
+            lo, hi = RANGES[key]
             if not lo <= value <= hi:
                 raise ValidationError(f"{key} must be between {lo:g} and {hi:g}, got {value!r}", param=key)
         changes[key] = value

@@ -62,13 +62,14 @@ def _statuses(path: str, method: str) -> list[int]:
     out = [401]
     if method in ("POST", "PUT", "PATCH"):
         out += [400, 413, 422]
-    if path.startswith(("/classifiers", "/jobs", "/admin", "/v1/embeddings")) or "{" in path or path == "/classify":
+    if path.startswith(("/classifiers", "/jobs", "/admin", "/v1/embeddings", "/feedback")) or "{" in path \
+            or path == "/classify":
         out += [404, 422]
     if path.startswith(("/classifiers", "/jobs", "/admin")):
         out += [409]
     if path.startswith(("/admin", "/metrics", "/jobs", "/classify", "/v1", "/embed")):
         out += [403]
-    if path in ("/classify", "/embed", "/v1/embeddings") or path.startswith(("/classifiers", "/jobs")):
+    if path in ("/classify", "/embed", "/v1/embeddings", "/feedback") or path.startswith(("/classifiers", "/jobs")):
         out += [429, 503]
     if path in _PUBLIC:
         out = []
@@ -136,6 +137,13 @@ def precise(doc: dict[str, Any], settings, prompts=(), models=(), dim: int | Non
         props("NamespaceRequest")["members"] = {"type": "array", "items": name}
     if "AliasRequest" in schemas:
         props("AliasRequest")["version"] = {"type": "integer", "minimum": 1}
+    if "FeedbackRequest" in schemas:
+        props("FeedbackRequest").update(classifier=ref, items=_examples_schema())
+    if "MonitorSettingsRequest" in schemas:
+        _monitor_ranges(props("MonitorSettingsRequest"))
+    canary = doc.get("paths", {}).get("/classifiers/{name}/canary", {}).get("put")
+    if canary is not None:
+        canary["requestBody"] = canary_body()
     train = doc.get("paths", {}).get("/classifiers", {}).get("post")
     if train is not None:
         train["requestBody"] = train_body()
@@ -206,6 +214,38 @@ def train_body() -> dict[str, Any]:
         "multi_label": {"type": "boolean", "default": False}, "seed": {"type": "integer", "minimum": 0}}}
     return {"required": True, "content": {"application/json": {"schema": schema},
                                           "multipart/form-data": {"schema": upload}}}
+
+
+def _examples_schema() -> dict[str, Any]:
+    """Labelled examples as feedback and canaries take them: at least one ``{"text", "label"}`` (or
+    ``"labels"``); a label outside the classifier's labels is a 422 JSON Schema cannot foresee."""
+    label = {"oneOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
+    item = {"type": "object", "required": ["text"], "additionalProperties": False, "properties": {
+        "text": {"$ref": "#/components/schemas/Text"}, "label": label, "labels": {"type": "array", "items": label}}}
+    return {"type": "array", "minItems": 1, "items": item}
+
+
+def canary_body() -> dict[str, Any]:
+    """``PUT /classifiers/{name}/canary`` takes JSON or a multipart upload (like training)."""
+    upload = {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary", "description": ".csv with a header row, or .jsonl"},
+        "text_col": {"type": "string", "default": "text"}, "label_col": {"type": "string", "default": "label"}}}
+    schema = {"type": "object", "required": ["examples"], "additionalProperties": False,
+              "properties": {"examples": _examples_schema()}}
+    return {"required": True, "content": {"application/json": {"schema": schema},
+                                          "multipart/form-data": {"schema": upload}}}
+
+
+def _monitor_ranges(props: dict[str, Any]) -> None:
+    """The ranges ``lifecycle.settings.merge_settings`` enforces, stated in the document."""
+    from headfleet.lifecycle.settings import INT_FIELDS, NULLABLE, RANGES
+
+    for field, (lo, hi) in RANGES.items():
+        if field in props:
+            bounded = {"type": "integer" if field in INT_FIELDS else "number", "minimum": lo, "maximum": hi}
+            props[field] = {"oneOf": [bounded, {"type": "null"}]} if field in NULLABLE else bounded
+    props["webhook"] = {"oneOf": [{"type": "string", "pattern": r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^\s]*)?$"},
+                                  {"type": "null"}]}
 
 
 def _inline(struct: type) -> dict[str, Any]:
