@@ -71,11 +71,7 @@ def holdout_rows(examples, seed: int) -> np.ndarray:
     """The rows training held out for ``examples`` with ``seed`` (the same split ``train_head`` made)."""
     from headfleet.heads.split import holdout_split
 
-    if examples.multi_label:  # a plain random split: only the shape [n, labels] matters
-        y = np.zeros((len(examples), len(examples.classes())), dtype=np.int8)
-    else:  # class indices in sorted-label order, as train_head numbers them
-        y = np.unique(np.asarray(examples.labels), return_inverse=True)[1]
-    return holdout_split(y, examples.multi_label, TRAIN_HOLDOUT, seed).holdout
+    return holdout_split(examples.targets(), examples.multi_label, TRAIN_HOLDOUT, seed).holdout
 
 
 def build_profile(engine: Engine, tenant: str, manifest: dict, *, size: int = 256, seed: int = 0,

@@ -7,6 +7,7 @@ import http.server
 import json
 import threading
 
+import numpy as np
 import pytest
 
 from headfleet.engine import Engine
@@ -120,3 +121,17 @@ def test_alerts_reach_the_webhook_and_a_dead_one_is_counted(engine, tmp_path):
     mon.webhooks.join()
     assert mon.summary()["webhook_failures"] == 1 and len(_Receiver.got) == 1
     mon.close()
+
+
+def test_reference_profile_reads_the_versions_own_holdout(engine, tmp_path):
+    """The confidence reference is the holdout training measured the version on: the same rows
+    (the same split and seed), so its size is the manifest's n_holdout."""
+    mon = Monitor(engine, FileStore(tmp_path / "mon"))
+    manifest = engine.registry.resolve("acme", "spam")
+    profile = mon.profile("acme", manifest)
+    assert len(profile.confidences) == manifest["metrics"]["n_holdout"] > 0
+    assert profile.label_dist == {"ham": 0.6, "spam": 0.4}
+    assert profile.holdout_accuracy == manifest["metrics"]["accuracy"]
+    assert profile.vectors.shape == (len(TRAIN), engine.embedder.dim)
+    again = Monitor(engine, FileStore(tmp_path / "mon")).profile("acme", manifest)  # read back from the store
+    np.testing.assert_array_equal(again.vectors, profile.vectors)
