@@ -1,8 +1,9 @@
 """Heads: small classifiers over frozen sentence embeddings, their training, fleet and registry.
 
 Everything here works on numpy embeddings (float32 [n, d], L2-normalised) handed in by the
-caller; nothing imports torch, the embedder or HTTP code. sklearn is imported only inside the
-functions that fit or convert, so importing this package is cheap.
+caller; nothing imports torch or HTTP code at import time, and of the embedder only LoRA's
+torch-free names (``embedder.lora_names``, for the PEFT reader). sklearn is imported only
+inside the functions that fit, split or convert, so importing this package is cheap.
 """
 
 from headfleet.heads.data import (
