@@ -39,7 +39,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -226,19 +225,9 @@ class Registry:
         """Remove what crashed writers left: ``.tmp-*`` version dirs whose writer is gone (its flock
         can be taken) and older than ``min_age_s`` seconds, ``.trash-*`` dirs of interrupted deletes,
         and stray alias temp files. Safe beside live writers in other processes. Returns how many."""
-        removed = 0
-        if not self.root.is_dir():
-            return 0
-        for tdir in self.root.iterdir():
-            if not tdir.is_dir() or not NAME_RE.match(tdir.name):
-                continue
-            for entry in list(tdir.iterdir()):
-                if entry.name.startswith(_TRASH_PREFIX):
-                    shutil.rmtree(entry, ignore_errors=True)
-                    removed += 1
-                elif entry.is_dir() and NAME_RE.match(entry.name):
-                    removed += _sweep_classifier(entry, min_age_s)
-        return removed
+        from headfleet.heads.registry_sweep import sweep
+
+        return sweep(self.root, min_age_s)
 
     def version_dir(self, tenant: str, manifest: dict[str, Any]) -> Path:
         """The folder of the version ``manifest`` describes (read-only: versions are immutable)."""
@@ -344,40 +333,6 @@ def corrupt_message(tenant: str, name: str, version: int, what: str) -> str:
     return (f"classifier version {tenant}/{name}@{version} is corrupt: {what}. It is not served; retrain it "
             f"(a new version), restore its folder from a backup, or point the alias at another version; "
             "other classifiers are unaffected")
-
-
-def _sweep_classifier(cdir: Path, min_age_s: float) -> int:
-    removed = 0
-    now = time.time()
-    for entry in list(cdir.iterdir()):
-        if entry.name.startswith(_TRASH_PREFIX):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed += 1
-        elif entry.name.startswith(_TMP_PREFIX) and entry.is_dir():
-            try:
-                if now - entry.stat().st_mtime < min_age_s:
-                    continue
-                fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:  # a live writer holds it
-                os.close(fd)
-                continue
-            try:
-                shutil.rmtree(entry, ignore_errors=True)
-                removed += 1
-            finally:
-                os.close(fd)
-        elif entry.name.startswith(f".{ALIASES_FILE}.") and entry.name.endswith(".tmp"):
-            try:
-                with locked(cdir / LOCK_FILE):  # alias writers hold this while their temp file exists
-                    os.unlink(entry)
-                    removed += 1
-            except OSError:
-                pass
-    return removed
 
 
 def _missing(name: str) -> str:
