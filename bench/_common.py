@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -45,12 +46,14 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def load_average() -> str:
-    """The 1/5/15-minute load averages; a figure taken with the first above ~0.5 was not quiet."""
-    import os
+_LOAD_AT_START = os.getloadavg()  # taken when the bench starts, before its own work raises it
 
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f} {five:.2f} {fifteen:.2f}" + ("" if one < 0.5 else " (NOT QUIET)")
+
+def load_average() -> str:
+    """The 1-minute load average when the bench started (a figure whose start was above ~0.5 was
+    not taken on a quiet machine, and says so) and now (the bench's own work included)."""
+    start, now = _LOAD_AT_START[0], os.getloadavg()[0]
+    return f"load average {start:.2f} at start, {now:.2f} now" + ("" if start < 0.5 else " (NOT QUIET at start)")
 
 
 def report(title: str, rows: list[tuple[str, str]], extra: dict | None = None) -> None:
