@@ -1,27 +1,25 @@
-"""``headfleet score`` options and errors as a user meets them (in process, sharing the loaded backbone)."""
+"""``headfleet score`` options and errors as a user meets them: the command in its own process
+(the scoring package is tested without importing the service)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from headfleet.service import cli
 from scoring_stores import rows_by_id, write_csv
 
 
 @pytest.fixture
-def run(minilm, data_dir, monkeypatch, capsys):
-    import headfleet.engine.engine as engine_mod
-
-    real_open = engine_mod.Engine.open.__func__
-    monkeypatch.setattr(engine_mod.Engine, "open",
-                        classmethod(lambda cls, settings=None, embedder=None: real_open(cls, settings, minilm)))
-
+def run(data_dir):
     def _run(*args):
-        code = cli.main([*args, "--data-dir", str(data_dir), "--tenant", "acme"])
-        out = capsys.readouterr()
-        return code, out.out, out.err
+        done = subprocess.run([sys.executable, "-m", "headfleet.service.cli", *args, "--data-dir", str(data_dir),
+                               "--tenant", "acme"], capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
+        return done.returncode, done.stdout, done.stderr
 
     return _run
 
