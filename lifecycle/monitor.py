@@ -44,6 +44,7 @@ from headfleet.lifecycle.windows import Canary, OpenWindow, close_window
 log = logging.getLogger(__name__)
 
 QUEUE_MAX = 10_000  # requests waiting to be folded into windows
+RESCAN_S = 60.0  # how often the store is scanned for open windows other replicas left
 
 
 class Monitor(TriggerMixin):
@@ -69,6 +70,8 @@ class Monitor(TriggerMixin):
         self._enabled: dict[tuple[str, str], MonitorSettings] = {}
         self._enabled_at = 0.0
         self._profiles: dict[tuple[str, str, int], Profile | None] = {}
+        self._open: dict[tuple[str, str, int], float] = {}  # open time windows this process knows: start
+        self._rescanned = float("-inf")
         self._drain_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -243,6 +246,9 @@ class Monitor(TriggerMixin):
         with self.store.lock(f"{tenant}/{name}"):
             raw = self.store.get(f"{prefix}/open")
             window = OpenWindow.from_bytes(raw) if raw else OpenWindow.new(g["at"], settings.reservoir, vecs.shape[1])
+            if not settings.window_texts and window.texts and g["at"] - window.start >= settings.window_seconds:
+                closed.append((window, g["at"]))  # its time was up before these texts came
+                window = OpenWindow.new(g["at"], settings.reservoir, vecs.shape[1])
             i, n = 0, len(labels)
             while i < n:
                 room = settings.window_texts - window.texts if settings.window_texts else n - i
@@ -254,33 +260,47 @@ class Monitor(TriggerMixin):
                     window = OpenWindow.new(self.clock(), settings.reservoir, vecs.shape[1])
             if window.texts:
                 self.store.put(f"{prefix}/open", window.to_bytes())
+                self._open[(tenant, name, int(manifest["version"]))] = window.start
             else:
                 self.store.delete(f"{prefix}/open")
         for w, end in closed:
             self._close(tenant, name, manifest, settings, w, end)
 
     def _close_due(self) -> None:
+        """Close time windows whose ``window_seconds`` are up. Each tick checks the windows this
+        process wrote (no store scan); every ``RESCAN_S`` it scans the store for windows another
+        replica opened and left (a replica that stopped). A window that gets traffic after its
+        time is closed by that traffic's ``_record`` too."""
         now = self.clock()
-        for (tenant, name), settings in list(self._enabled.items()):
-            if settings.window_texts:
+        if now - self._rescanned >= RESCAN_S:
+            self._rescanned = now
+            for (tenant, name), settings in list(self._enabled.items()):
+                for key in self.store.keys(f"{tenant}/{name}") if not settings.window_texts else ():
+                    if key.endswith("/open"):
+                        self._open.setdefault((tenant, name, int(key.split("/")[2][1:])), 0.0)
+        for (tenant, name, version), start in list(self._open.items()):
+            settings = self._enabled.get((tenant, name))
+            if settings is None or settings.window_texts:
+                self._open.pop((tenant, name, version), None)
                 continue
-            for key in self.store.keys(f"{tenant}/{name}"):
-                if not key.endswith("/open"):
+            if now - start < settings.window_seconds:
+                continue
+            self._open.pop((tenant, name, version), None)
+            key = f"{tenant}/{name}/v{version}/open"
+            with self.store.lock(f"{tenant}/{name}"):
+                raw = self.store.get(key)
+                if raw is None:
                     continue
-                version = int(key.split("/")[2][1:])
-                with self.store.lock(f"{tenant}/{name}"):
-                    raw = self.store.get(key)
-                    if raw is None:
-                        continue
-                    window = OpenWindow.from_bytes(raw)
-                    if now - window.start < settings.window_seconds:
-                        continue
-                    self.store.delete(key)
-                try:
-                    manifest = self.engine.registry.resolve(tenant, f"{name}@{version}")
-                except NotFoundError:
+                window = OpenWindow.from_bytes(raw)
+                if now - window.start < settings.window_seconds:
+                    self._open[(tenant, name, version)] = window.start  # another replica restarted it
                     continue
-                self._close(tenant, name, manifest, settings, window, now)
+                self.store.delete(key)
+            try:
+                manifest = self.engine.registry.resolve(tenant, f"{name}@{version}")
+            except NotFoundError:
+                continue
+            self._close(tenant, name, manifest, settings, window, now)
 
     def _close(self, tenant: str, name: str, manifest: dict, settings: MonitorSettings, window: OpenWindow,
                end: float) -> None:

@@ -135,3 +135,27 @@ def test_reference_profile_reads_the_versions_own_holdout(engine, tmp_path):
     assert profile.vectors.shape == (len(TRAIN), engine.embedder.dim)
     again = Monitor(engine, FileStore(tmp_path / "mon")).profile("acme", manifest)  # read back from the store
     np.testing.assert_array_equal(again.vectors, profile.vectors)
+
+
+def test_a_time_window_another_replica_left_open_is_closed(engine, tmp_path):
+    """Replica a opens a window and stops; replica b finds it in the store and closes it when its
+    time is up. Traffic that arrives after a window's time closes it first, then opens the next."""
+    clock = Clock()
+    store = FileStore(tmp_path / "mon")
+    a = Monitor(engine, store, clock=clock).attach()
+    a.configure("acme", "spam", {"window_seconds": 60})
+    engine.classify("acme", TEXTS[:12], ["spam"])
+    a.drain()
+    a.close()
+    b = Monitor(engine, FileStore(tmp_path / "mon"), clock=clock).attach()
+    b.drain()
+    assert b.report("acme", "spam")["windows"] == []
+    clock.t += 61
+    assert [w["texts"] for w in b.report("acme", "spam")["windows"]] == [12]
+    engine.classify("acme", TEXTS[12:20], ["spam"])  # a new window from here
+    b.drain()
+    clock.t += 120
+    engine.classify("acme", TEXTS[20:25], ["spam"])
+    windows = b.report("acme", "spam")["windows"]
+    assert [w["texts"] for w in windows] == [12, 8]  # the 8 closed by the late traffic; the 5 are open
+    b.close()
