@@ -5,7 +5,13 @@ monitored its stored training data goes through the engine once (the cache answe
 seen; the service runs the misses on the tenant's monitor lane) and the profile is kept in the
 state store (``<tenant>/<name>/v<N>/profile``), never in the immutable version folder:
 
-- ``label_dist``: the training labels' proportions (the reference of the predicted-label PSI);
+- ``label_dist``: the proportions of the labels the version itself *predicts* on its training
+  texts — the reference of the predicted-label PSI. Not the training labels' proportions: a
+  head with imperfect recall predicts its minority labels less often than they were labelled
+  (an SMS spam head labelled 14 % spam predicts 8 %), so predictions against labels showed drift
+  where there was none (9 of 40 in-distribution windows of 256 texts over PSI 0.1; 0 of 40
+  against the version's own predictions);
+- ``training_dist``: the training labels' proportions, for the report;
 - ``confidences``: the version's confidences on its own holdout rows (the same split training
   used, ``heads.split.holdout_split`` with the version's seed) — the reference of the KS test;
 - ``holdout_accuracy``: from the manifest (``metrics.accuracy``);
@@ -27,7 +33,7 @@ import numpy as np
 
 from headfleet.engine import Compute, Engine
 from headfleet.heads.retrain import stored_examples
-from headfleet.lifecycle.probe import confidences, score_version
+from headfleet.lifecycle.probe import confidences, predictions, score_version
 
 TRAIN_HOLDOUT = 0.2  # the share train_head holds out by default (heads.train.train_head's ``holdout``)
 CALIBRATION_TOLERANCE = 0.05  # |mean confidence - accuracy| on the holdout that still counts as calibrated
@@ -37,6 +43,7 @@ CALIBRATION_TOLERANCE = 0.05  # |mean confidence - accuracy| on the holdout that
 class Profile:
     version: int
     label_dist: dict[str, float]
+    training_dist: dict[str, float]
     confidences: np.ndarray  # [h] float32 holdout confidences
     vectors: np.ndarray  # [r, dim] float32 sample of training embeddings
     holdout_accuracy: float | None
@@ -44,7 +51,8 @@ class Profile:
     training_size: int
 
     def to_bytes(self) -> bytes:
-        meta = {"version": self.version, "label_dist": self.label_dist, "holdout_accuracy": self.holdout_accuracy,
+        meta = {"version": self.version, "label_dist": self.label_dist, "training_dist": self.training_dist,
+                "holdout_accuracy": self.holdout_accuracy,
                 "calibrated": self.calibrated, "training_size": self.training_size}
         buf = io.BytesIO()
         np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
@@ -94,7 +102,9 @@ def build_profile(engine: Engine, tenant: str, manifest: dict, *, size: int = 25
                   and abs(float(conf.mean()) - float(acc)) <= CALIBRATION_TOLERANCE)
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(examples), size=min(size, len(examples)), replace=False))
-    return Profile(version=int(manifest["version"]), label_dist=label_distribution(examples.labels),
+    predicted = predictions(probe.probs, probe.labels, probe.multi_label)
+    return Profile(version=int(manifest["version"]), label_dist=label_distribution(predicted),
+                   training_dist=label_distribution(examples.labels),
                    confidences=conf, vectors=np.ascontiguousarray(probe.vectors[pick], dtype=np.float32),
                    holdout_accuracy=None if acc is None else float(acc), calibrated=bool(calibrated),
                    training_size=len(examples))

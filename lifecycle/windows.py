@@ -6,7 +6,7 @@ and the embeddings — so its size does not grow with traffic. It closes after `
 texts (exactly: a request that crosses the boundary is split) or, without a count, after
 ``window_seconds``. Closing computes the signals against the version's reference profile:
 
-    label_psi, label_js   predicted-label distribution vs the training labels (PSI; Jensen–Shannon)
+    label_psi, label_js   predicted labels vs the version's own predictions on its training texts (PSI; JS)
     confidence_ks         confidences vs the holdout's (two-sample Kolmogorov–Smirnov statistic)
     estimated_accuracy    mean max probability (CBPE) when the version is calibrated, else null
     domain_auc, mmd2      embedding sample vs the training sample (domain classifier ROC AUC; MMD²)

@@ -130,7 +130,9 @@ def test_reference_profile_reads_the_versions_own_holdout(engine, tmp_path):
     manifest = engine.registry.resolve("acme", "spam")
     profile = mon.profile("acme", manifest)
     assert len(profile.confidences) == manifest["metrics"]["n_holdout"] > 0
-    assert profile.label_dist == {"ham": 0.6, "spam": 0.4}
+    assert profile.training_dist == {"ham": 0.6, "spam": 0.4}
+    said = [r["classifications"]["spam"]["label"] for r in engine.classify("acme", [t for t, _ in TRAIN], ["spam"])["results"]]
+    assert profile.label_dist == {lab: said.count(lab) / len(said) for lab in sorted(set(said))}  # its own predictions
     assert profile.holdout_accuracy == manifest["metrics"]["accuracy"]
     assert profile.vectors.shape == (len(TRAIN), engine.embedder.dim)
     again = Monitor(engine, FileStore(tmp_path / "mon")).profile("acme", manifest)  # read back from the store
