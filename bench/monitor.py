@@ -132,8 +132,7 @@ def fleet_window(n: int, evidently_python: str | None, evidently_n: int) -> dict
 
         with threadpool_limits(limits=1, user_api="blas"):  # as Monitor.drain runs it
             t0 = time.perf_counter()
-            for name, manifest, w in windows:
-                mon._close("bench", name, manifest, settings, w, time.time())
+            mon.close_windows([("bench", name, manifest, settings, w, time.time()) for name, manifest, w in windows])
             out["close_s"] = time.perf_counter() - t0
         drift = [json.loads(mon.store.get(f"bench/{name}/v1/windows"))[-1]["drift"] for name, _, _ in windows]
         out["drifting"] = int(sum(drift))

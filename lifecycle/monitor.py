@@ -24,8 +24,10 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
@@ -44,6 +46,7 @@ from headfleet.lifecycle.windows import Canary, OpenWindow, close_window
 log = logging.getLogger(__name__)
 
 QUEUE_MAX = 10_000  # requests waiting to be folded into windows
+CLOSE_THREADS = min(2, os.cpu_count() or 1)  # windows of different classifiers closed at once
 RESCAN_S = 60.0  # how often the store is scanned for open windows other replicas left
 
 
@@ -73,6 +76,7 @@ class Monitor(TriggerMixin):
         self._open: dict[tuple[str, str, int], float] = {}  # open time windows this process knows: start
         self._rescanned = float("-inf")
         self._drain_lock = threading.Lock()
+        self._count_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._rng = np.random.default_rng(seed)
@@ -220,9 +224,32 @@ class Monitor(TriggerMixin):
             groups: dict[tuple[str, str, int], dict] = {}
             for scored, at in batch:
                 self._split(scored, at, groups)
+            closes = []
             for (tenant, name, version), g in groups.items():
-                self._record(tenant, name, g["manifest"], g)
-            self._close_due()
+                closes += self._record(tenant, name, g["manifest"], g)
+            self.close_windows(closes + self._close_due())
+
+    def close_windows(self, closes: list[tuple]) -> None:
+        """Close windows ``(tenant, name, manifest, settings, window, end)``: each classifier's in
+        order, different classifiers on ``CLOSE_THREADS`` threads (the statistics run in BLAS,
+        LAPACK and numpy, which release the GIL). One that fails is logged; the others close."""
+        by_classifier: dict[tuple[str, str], list[tuple]] = {}
+        for item in closes:
+            by_classifier.setdefault((item[0], item[1]), []).append(item)
+
+        def run(items: list[tuple]) -> None:
+            for item in items:
+                try:
+                    self._close(*item)
+                except Exception:
+                    log.exception("closing a window of %s/%s failed", item[0], item[1])
+
+        if len(by_classifier) < 2 or CLOSE_THREADS < 2:
+            for items in by_classifier.values():
+                run(items)
+            return
+        with ThreadPoolExecutor(CLOSE_THREADS, thread_name_prefix="headfleet-monitor-close") as pool:
+            list(pool.map(run, by_classifier.values()))
 
     def _split(self, scored: Scored, at: float, groups: dict) -> None:
         for batch, items in scored.parts:
@@ -238,7 +265,8 @@ class Monitor(TriggerMixin):
                 g["conf"].append(confidence_of(probs, m["multi_label"]))
                 g["vecs"].append(batch.vectors)
 
-    def _record(self, tenant: str, name: str, manifest: dict, g: dict) -> None:
+    def _record(self, tenant: str, name: str, manifest: dict, g: dict) -> list[tuple]:
+        """Add a group's texts to the version's open window; returns the windows that filled up."""
         settings = self._enabled[(tenant, name)]
         labels, conf, vecs = g["labels"], np.concatenate(g["conf"]), np.concatenate(g["vecs"])
         prefix = f"{tenant}/{name}/v{manifest['version']}"
@@ -263,15 +291,15 @@ class Monitor(TriggerMixin):
                 self._open[(tenant, name, int(manifest["version"]))] = window.start
             else:
                 self.store.delete(f"{prefix}/open")
-        for w, end in closed:
-            self._close(tenant, name, manifest, settings, w, end)
+        return [(tenant, name, manifest, settings, w, end) for w, end in closed]
 
-    def _close_due(self) -> None:
+    def _close_due(self) -> list[tuple]:
         """Close time windows whose ``window_seconds`` are up. Each tick checks the windows this
         process wrote (no store scan); every ``RESCAN_S`` it scans the store for windows another
         replica opened and left (a replica that stopped). A window that gets traffic after its
         time is closed by that traffic's ``_record`` too."""
         now = self.clock()
+        due: list[tuple] = []
         if now - self._rescanned >= RESCAN_S:
             self._rescanned = now
             for (tenant, name), settings in list(self._enabled.items()):
@@ -300,7 +328,8 @@ class Monitor(TriggerMixin):
                 manifest = self.engine.registry.resolve(tenant, f"{name}@{version}")
             except NotFoundError:
                 continue
-            self._close(tenant, name, manifest, settings, window, now)
+            due.append((tenant, name, manifest, settings, window, now))
+        return due
 
     def _close(self, tenant: str, name: str, manifest: dict, settings: MonitorSettings, window: OpenWindow,
                end: float) -> None:
@@ -314,7 +343,8 @@ class Monitor(TriggerMixin):
             windows.append(report)
             windows = windows[-settings.retention_windows:]
             self.store.put(key, json.dumps(windows).encode())
-        self.counts["windows_closed"] += 1
+        with self._count_lock:
+            self.counts["windows_closed"] += 1
         self._drifting[(tenant, name)] = report["drift"]
         self.after_close(tenant, name, manifest, settings, report, windows)
 

@@ -96,7 +96,8 @@ class TriggerMixin:
                 return self.engine.embed(t, texts, compute=compute, progress=progress)
 
             threading.Thread(target=self._run_quietly, args=(run, embed), daemon=True).start()
-        self.counts["retrains"] += 1
+        with self._count_lock:
+            self.counts["retrains"] += 1
         self.alert(tenant, name, settings, "retrain", report, {"started": True, "reason": trigger["reason"],
                                                               "job": self.retrain_state(tenant, name)["job"]})
 
@@ -129,6 +130,7 @@ class TriggerMixin:
             alerts = json.loads(self.store.get(f"{tenant}/{name}/alerts") or b"[]")
             alerts.append(entry)
             self.store.put(f"{tenant}/{name}/alerts", json.dumps(alerts[-settings.retention_windows:]).encode())
-        self.counts[f"alerts_{kind}"] += 1
+        with self._count_lock:
+            self.counts[f"alerts_{kind}"] += 1
         if settings.webhook:
             self.webhooks.send(settings.webhook, {"tenant": tenant, "classifier": name, **entry})
