@@ -4,7 +4,9 @@ The cache knows nothing of what a vector means; it maps a content key (backbone 
 namespace, max length, normalised text) to a float32 vector, and counts who hit what.
 """
 
-from .base import CORRUPT, MISS, TIER_NAMES, Tier
+from headfleet.names import MISS, TIER_NAMES
+
+from .base import CORRUPT, Tier
 from .faiss_store import FaissStore
 from .keys import content_key, normalise_text
 from .memory import MemoryLRU

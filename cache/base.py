@@ -12,9 +12,6 @@ from typing import Final, Protocol, runtime_checkable
 
 import numpy as np
 
-#: The tiers in lookup order (fastest first); a text no tier held is a ``MISS``.
-TIER_NAMES: Final = ("memory", "local", "redis")
-MISS: Final = "miss"
 
 
 class _Corrupt:

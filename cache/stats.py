@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from headfleet.cache.base import TIER_NAMES
+from headfleet.names import TIER_NAMES
 
 BUCKET_S = 60  # recent windows are summed from per-minute buckets
 WINDOWS_S = {"1m": 60, "5m": 300, "1h": 3600}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 
-from headfleet.cache.base import MISS, TIER_NAMES
+from headfleet.names import MISS, TIER_NAMES
 from headfleet.engine.types import EmbedBatch
 
 log = logging.getLogger(__name__)

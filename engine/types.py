@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from headfleet.cache.base import TIER_NAMES
+from headfleet.names import TIER_NAMES
 
 # A WordPiece or byte-level BPE token spans at least a quarter of a character, so a text of at
 # most (max_length - 2) // 4 characters cannot be truncated and needs no tokenising on a cache hit.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 
-from headfleet.cache.base import TIER_NAMES as TIERS
+from headfleet.names import TIER_NAMES as TIERS
 from headfleet.scoring.chunk import ScoredChunk
 
 if TYPE_CHECKING:
