@@ -42,12 +42,19 @@ def dump_json(path: Path, data: Any) -> None:
 
 
 def write_json_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` atomically (same-directory temp file + os.replace)."""
+    """Replace ``path`` with ``data`` as indented JSON, atomically (see :func:`write_bytes_atomic`)."""
+    text = json.dumps(data, indent=2, ensure_ascii=False, default=json_default) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"), mode)
+
+
+def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` atomically: a same-directory temp file, fsynced, then
+    ``os.replace`` (a reader sees the old bytes or the new, never part). Raises FileNotFoundError
+    when ``path``'s folder does not exist (or vanished meanwhile); the temp file never stays."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False, default=json_default)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)

@@ -34,12 +34,15 @@ class TrainedHead:
     report: ValidationReport | None = field(default=None)  # the data report the training went ahead on
 
 
+DEFAULT_HOLDOUT = 0.2  # the share of examples held out to measure a head (heads.split.holdout_split)
+
+
 def train_head(
     X: np.ndarray,
     examples: Examples,
     kind: str = "logreg",
     seed: int = 0,
-    holdout: float = 0.2,
+    holdout: float = DEFAULT_HOLDOUT,
     report: ValidationReport | None = None,
     refit: bool = False,
 ) -> TrainedHead:

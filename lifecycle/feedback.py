@@ -116,7 +116,7 @@ class FeedbackBook:
         doc = {"texts": items.texts, "labels": items.labels, "hash": digest, "multi_label": multi_label}
         with self.store.lock(f"{tenant}/{name}"):
             self.store.put(f"{tenant}/{name}/canary", _dump(doc))
-        return {"hash": digest, "size": len(items.texts), "per_label": _per_label(items.labels)}
+        return {"hash": digest, "size": len(items.texts), "per_label": label_counts(items.labels)}
 
     def canary_info(self, tenant: str, name: str, rolling: int) -> dict | None:
         """``{"hash", "size", "per_label", "rolling"}``, or None when no canary was set and no
@@ -128,7 +128,7 @@ class FeedbackBook:
         texts = core.texts if core else []
         labels = core.labels if core else []
         doc = _load(self.store.get(f"{tenant}/{name}/canary"), {})
-        return {"hash": doc.get("hash"), "size": len(texts), "per_label": _per_label(labels),
+        return {"hash": doc.get("hash"), "size": len(texts), "per_label": label_counts(labels),
                 "rolling": len(roll.texts)}
 
     def canary(self, tenant: str, name: str, rolling: int) -> Labelled:
@@ -161,7 +161,8 @@ def as_examples(items: Labelled, multi_label: bool) -> Examples:
     return Examples(list(items.texts), list(items.labels), multi_label)
 
 
-def _per_label(labels: Sequence[Any]) -> dict[str, int]:
+def label_counts(labels: Sequence[Any]) -> dict[str, int]:
+    """How often each label occurs, sorted by label; a multi-label row counts each of its labels once."""
     counts: Counter = Counter()
     for label in labels:
         counts.update(label if isinstance(label, list) else [label])

@@ -26,16 +26,15 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-from collections import Counter
 from typing import Sequence
 
 import numpy as np
 
 from headfleet.engine import Compute, Engine
 from headfleet.heads.retrain import stored_examples
+from headfleet.lifecycle.feedback import label_counts
 from headfleet.lifecycle.probe import confidences, predictions, score_version
 
-TRAIN_HOLDOUT = 0.2  # the share train_head holds out by default (heads.train.train_head's ``holdout``)
 CALIBRATION_TOLERANCE = 0.05  # |mean confidence - accuracy| on the holdout that still counts as calibrated
 
 
@@ -68,18 +67,17 @@ class Profile:
 
 def label_distribution(labels: Sequence) -> dict[str, float]:
     """Proportion of each label; for multi-label rows each label of a row counts once."""
-    counts: Counter = Counter()
-    for label in labels:
-        counts.update(label if isinstance(label, list) else [label])
+    counts = label_counts(labels)
     total = sum(counts.values()) or 1
-    return {k: v / total for k, v in sorted(counts.items())}
+    return {k: v / total for k, v in counts.items()}
 
 
 def holdout_rows(examples, seed: int) -> np.ndarray:
     """The rows training held out for ``examples`` with ``seed`` (the same split ``train_head`` made)."""
     from headfleet.heads.split import holdout_split
+    from headfleet.heads.train import DEFAULT_HOLDOUT
 
-    return holdout_split(examples.targets(), examples.multi_label, TRAIN_HOLDOUT, seed).holdout
+    return holdout_split(examples.targets(), examples.multi_label, DEFAULT_HOLDOUT, seed).holdout
 
 
 def build_profile(engine: Engine, tenant: str, manifest: dict, *, size: int = 256, seed: int = 0,

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from headfleet.lifecycle import signals
+from headfleet.lifecycle.feedback import label_counts
 from headfleet.lifecycle.profile import Profile
 from headfleet.lifecycle.reservoir import Reservoir
 from headfleet.lifecycle.settings import MonitorSettings
@@ -54,8 +55,7 @@ class OpenWindow:
     def add(self, labels: Sequence, confidences: np.ndarray, vectors: np.ndarray, rng: np.random.Generator) -> None:
         """Rows i of ``labels`` [n], ``confidences`` [n] and ``vectors`` [n, dim] are one text each."""
         self.texts += len(labels)
-        for label in labels:
-            self.labels.update(label if isinstance(label, list) else [label])
+        self.labels.update(label_counts(labels))
         self.confidences.add(np.asarray(confidences, dtype=np.float32).reshape(-1), rng)
         self.vectors.add(np.asarray(vectors, dtype=np.float32), rng)
 

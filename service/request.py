@@ -102,3 +102,19 @@ def _integral(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _integral(v) for k, v in value.items()}
     return value
+
+
+async def uploaded_examples(form, *, multi_label: bool, label_col: str = "label", missing: str):
+    """The labelled examples of a multipart form's ``file`` part (.csv with a header row, or .jsonl),
+    read with its ``text_col``/``label_col`` fields (defaults ``text``/``label_col``); ``missing``
+    is the 422 message when there is no file part. Training and canary uploads both come here."""
+    from litestar.datastructures import UploadFile
+
+    from headfleet.heads.loaders import parse_examples
+
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise ValidationError(missing, param="file")
+    return parse_examples(upload.filename or "upload", await upload.read(),
+                          text_col=str(form.get("text_col") or "text"),
+                          label_col=str(form.get("label_col") or label_col), multi_label=multi_label)

@@ -8,15 +8,13 @@ from typing import Any
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 from litestar import Controller, Request, Response, delete, get, post, put
-from litestar.datastructures import UploadFile
 
 from headfleet.errors import ConflictError, TrainingDataError, ValidationError
 from headfleet.heads import examples_from_records, validate
-from headfleet.heads.loaders import parse_examples
 from headfleet.names import check_name
 from headfleet.heads.retrain import mark_stale, needs_retrain
 from headfleet.heads.types import KINDS
-from headfleet.service.request import convert, decode_json_body
+from headfleet.service.request import convert, decode_json_body, uploaded_examples
 from headfleet.service.schemas import AliasRequest, ScoreJobRequest, TrainRequest
 from headfleet.service.state import Service
 
@@ -41,9 +39,6 @@ class ClassifiersController(Controller):
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
             form = await request.form()
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise ValidationError("multipart upload needs a 'file' part (.csv or .jsonl) and a 'name' field")
             name = str(form.get("name") or "")
             kind = str(form.get("kind") or "logreg")
             multi = str(form.get("multi_label") or "false").lower() in ("1", "true", "yes")
@@ -51,10 +46,8 @@ class ClassifiersController(Controller):
             if not seed_text.isdigit():
                 raise ValidationError(f"seed must be a non-negative integer, got {seed_text!r}")
             seed = int(seed_text)
-            content = await upload.read()
-            examples = parse_examples(upload.filename or "upload", content,
-                                      text_col=str(form.get("text_col") or "text"),
-                                      label_col=str(form.get("label_col") or "label"), multi_label=multi)
+            examples = await uploaded_examples(form, multi_label=multi, missing=(
+                "multipart upload needs a 'file' part (.csv or .jsonl) and a 'name' field"))
         else:
             body = convert(decode_json_body(await request.body()), TrainRequest)
             name, kind, multi, seed = body.name, body.kind, body.multi_label, body.seed

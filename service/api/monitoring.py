@@ -5,13 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from litestar import Controller, Request, get, post, put
-from litestar.datastructures import UploadFile
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
-from headfleet.errors import ValidationError
-from headfleet.heads.loaders import parse_examples
-from headfleet.service.request import convert, decode_json_body
+from headfleet.service.request import convert, decode_json_body, uploaded_examples
 from headfleet.service.schemas import CanaryRequest, FeedbackRequest, MonitorSettingsRequest
 from headfleet.service.state import Service
 
@@ -63,14 +60,9 @@ async def _canary_items(request: Request, service: Service, tenant: str, name: s
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         return convert(decode_json_body(await request.body()), CanaryRequest).examples
     form = await request.form()
-    upload = form.get("file")
-    if not isinstance(upload, UploadFile):
-        raise ValidationError("multipart upload needs a 'file' part (.csv or .jsonl)", param="file")
     manifest = await asyncio.to_thread(service.engine.registry.resolve, tenant, name.partition("@")[0])
     multi = manifest["multi_label"]
-    examples = parse_examples(upload.filename or "upload", await upload.read(),
-                              text_col=str(form.get("text_col") or "text"),
-                              label_col=str(form.get("label_col") or ("labels" if multi else "label")),
-                              multi_label=multi)
+    examples = await uploaded_examples(form, multi_label=multi, label_col="labels" if multi else "label",
+                                       missing="multipart upload needs a 'file' part (.csv or .jsonl)")
     field = "labels" if multi else "label"
     return [{"text": t, field: lab} for t, lab in zip(examples.texts, examples.labels)]
