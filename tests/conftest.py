@@ -64,8 +64,8 @@ def redis_server(tmp_path):
 
 @pytest.fixture(scope="session")
 def sms_spam_path() -> Path:
-    if not SMS_SPAM.exists():
-        pytest.skip("../shared/data/sms_spam.csv is not beside this checkout")
+    if not SMS_SPAM.exists():  # the suite's real-data tests need it: missing is a failure, never a skip
+        pytest.fail(f"{SMS_SPAM} is missing: the real-data tests need ../shared/data/sms_spam.csv beside this checkout")
     return SMS_SPAM
 
 

@@ -13,12 +13,10 @@ import shutil
 import numpy as np
 import pytest
 
-pytest.importorskip("onnxruntime")
-
-from headfleet.cache.keys import content_key  # noqa: E402
-from headfleet.embedder import Embedder, PoolingConfig, fingerprint  # noqa: E402
-from headfleet.embedder.onnx_backend import backend_tag, model_file  # noqa: E402
-from headfleet.errors import ValidationError  # noqa: E402
+from headfleet.cache.keys import content_key
+from headfleet.embedder import Embedder, PoolingConfig, fingerprint
+from headfleet.embedder.onnx_backend import backend_tag, model_file
+from headfleet.errors import ValidationError
 
 N_TEXTS = 800  # sms_spam rows used: the first 500 train a head, the other 300 are the holdout
 N_TRAIN = 500

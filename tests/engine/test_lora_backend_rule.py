@@ -14,7 +14,6 @@ from headfleet.settings import Settings
 
 @pytest.fixture(scope="module")
 def onnx_engine(onnx_cache, tmp_path_factory):
-    pytest.importorskip("onnxruntime")
     emb = Embedder.load(max_length=64, backend="onnx", precision="fp32", cache_dir=onnx_cache)
     with Engine.open(Settings(data_dir=tmp_path_factory.mktemp("onnx-lora"), device="cpu", backend="onnx"),
                      embedder=emb) as engine:

@@ -61,8 +61,8 @@ def test_trained_lora_classifier_serves_beside_a_head_and_caches_in_its_own_name
     assert sum(p.stat().st_size for p in folder.iterdir()) < 1_000_000
     assert manifest["parent_fingerprint"] == backbone.fingerprint
     metrics = manifest["metrics"]
-    assert metrics["holdout_accuracy"] >= metrics["frozen_holdout_accuracy"]  # the kept epoch is the best one
     assert metrics["accuracy"] == metrics["holdout_accuracy"]  # the name retrain reports, as for heads
+    _assert_the_adapter_learned(backbone, folder, metrics, TEXTS)
 
     out = eng.classify("acme", TEXTS, ["spam-head", "spam-lora"])
     assert out["cache"]["computed"] == 2 * len(TEXTS)  # one embedding per namespace per text
@@ -80,6 +80,57 @@ def test_trained_lora_classifier_serves_beside_a_head_and_caches_in_its_own_name
     other = eng.classify("acme", ["a text only the lora classifier saw"], ["spam-lora"])
     assert other["cache"]["computed"] == 1
     assert eng.classify("acme", ["a text only the lora classifier saw"], ["spam-head"])["cache"]["computed"] == 1
+    eng.close()
+
+
+def _assert_the_adapter_learned(backbone, folder, metrics: dict, texts: list[str]) -> None:
+    """Training kept an epoch after the start (epoch 0 is the frozen head with B = 0, so "holdout
+    accuracy >= frozen" holds for an adapter that learned nothing), the saved B is not zero, and the
+    adapter moves the embeddings of real texts away from the frozen ones."""
+    assert metrics["best_epoch"] >= 1, metrics["history"]
+    saved = LoraAdapter.from_folder(folder)
+    assert max(float(np.abs(b).max()) for b in saved.B.values()) > 0, "every B of the saved adapter is zero"
+    moved = 1.0 - (_merged_reference(backbone, saved, texts) * backbone.embed(texts).vectors).sum(1)
+    assert moved.min() > 1e-4, f"the adapter leaves some embeddings where the frozen backbone puts them: {moved}"
+
+
+# Who acts on whom: every text holds one boss word and one staff word, in either order, so the two
+# classes have the same bag of words. A head on frozen mean-pooled embeddings barely beats a coin;
+# an adapter on query/value can learn the order.
+BOSSES = ["the manager", "the director", "the chief", "the boss", "the owner", "the chairman", "the supervisor",
+          "the head nurse"]
+STAFF = ["the intern", "the clerk", "the cleaner", "the trainee", "the driver", "the cashier", "the porter",
+         "the waiter"]
+VERBS = ["thanked", "called", "paid", "warned", "praised", "hired", "blamed", "emailed", "visited", "helped"]
+
+
+def _who_acts(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        boss, staff, verb = rng.choice(BOSSES), rng.choice(STAFF), rng.choice(VERBS)
+        if rng.random() < 0.5:
+            rows.append({"text": f"{boss} {verb} {staff}", "label": "boss_acts"})
+        else:
+            rows.append({"text": f"{staff} {verb} {boss}", "label": "staff_acts"})
+    return rows
+
+
+def test_lora_beats_a_frozen_head_where_the_frozen_embedding_is_weak(backbone, tmp_path):
+    eng = _engine(backbone, tmp_path)
+    train, unseen = _who_acts(320, seed=0), _who_acts(200, seed=99)
+    data = examples_from_records(train)
+    eng.train("acme", "who-head", data)
+    manifest = eng.train_lora("acme", "who-lora", data, config=LoraTrainConfig(epochs=3, rank=4, alpha=8, lr=3e-3))
+    metrics = manifest["metrics"]
+    _assert_the_adapter_learned(backbone, eng.registry.version_dir("acme", manifest), metrics,
+                                [r["text"] for r in unseen[:8]])
+    assert metrics["holdout_accuracy"] >= metrics["frozen_holdout_accuracy"] + 0.2, metrics["history"]
+    # and on 200 texts neither training saw, through the serving path
+    out = eng.classify("acme", [r["text"] for r in unseen], ["who-head", "who-lora"])
+    acc = {c: np.mean([res["classifications"][c]["label"] == r["label"] for res, r in zip(out["results"], unseen)])
+           for c in ("who-head", "who-lora")}
+    assert acc["who-head"] <= 0.75 and acc["who-lora"] >= 0.9 and acc["who-lora"] >= acc["who-head"] + 0.2, acc
     eng.close()
 
 

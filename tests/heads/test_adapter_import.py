@@ -27,7 +27,6 @@ from triton_interpreter import prepare
 # tests/embedder/test_lora_injection.py), so the kernel tests later in the same run still can.
 if not torch.cuda.is_available():
     prepare()
-peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora.config import BdLoraConfig, KasaConfig, MontecloraConfig, VeloraConfig  # noqa: E402
 from transformers import AutoModel  # noqa: E402

@@ -6,13 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from kernel_helpers import ADAPTER_COUNTS, DEVICE, DTYPES, HIDDEN_SIZES, clone, heads_case
 
-from kernel_helpers import ADAPTER_COUNTS, DEVICE, DTYPES, HIDDEN_SIZES, clone, heads_case  # noqa: E402
-
-from headfleet.kernels import reference  # noqa: E402
-from headfleet.kernels.heads import MAX_LABELS, batched_heads  # noqa: E402
-from headfleet.kernels.layout import pack_head_requests  # noqa: E402
+from headfleet.kernels import reference
+from headfleet.kernels.heads import MAX_LABELS, batched_heads
+from headfleet.kernels.layout import pack_head_requests
 
 LABEL_CYCLE = [2, 1, 5, 3, 17, 2, 40, 7]  # 1 label, a tile's worth and more, the usual 2-5
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from kernel_helpers import CUDA, clone, heads_case, lora_case
 
-from kernel_helpers import CUDA, clone, heads_case, lora_case  # noqa: E402
-
-from headfleet import kernels  # noqa: E402
-from headfleet.kernels import dispatch, reference  # noqa: E402
-from headfleet.kernels.heads import MAX_LABELS  # noqa: E402
+from headfleet import kernels
+from headfleet.kernels import dispatch, reference
+from headfleet.kernels.heads import MAX_LABELS
 
 
 @pytest.fixture(autouse=True)

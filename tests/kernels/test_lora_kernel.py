@@ -6,13 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from kernel_helpers import ADAPTER_COUNTS, DEVICE, DTYPES, HIDDEN_PAIRS, RANKS, clone, lora_case, spread_slots
 
-from kernel_helpers import ADAPTER_COUNTS, DEVICE, DTYPES, HIDDEN_PAIRS, RANKS, clone, lora_case, spread_slots  # noqa: E402
-
-from headfleet.kernels import reference  # noqa: E402
-from headfleet.kernels.layout import group_rows_by_slot  # noqa: E402
-from headfleet.kernels.lora import lora_shrink_expand  # noqa: E402
+from headfleet.kernels import reference
+from headfleet.kernels.layout import group_rows_by_slot
+from headfleet.kernels.lora import lora_shrink_expand
 
 
 def _run_both(case: dict, **kw) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,8 +7,10 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
+from headfleet.heads.adapters import LoraAdapter
 from http_server import running
 
 ALICE, BOB, ADMIN = "alice-key-lora", "bob-key-lora", "admin-key-lora"
@@ -44,7 +46,14 @@ def _train(c, name, kind):
 def test_lora_classifier_trains_serves_beside_a_head_and_stays_private(server):
     with _client(server, ALICE) as alice, _client(server, BOB) as bob:
         _train(alice, "spam", "logreg")
-        _train(alice, "spam-lora", "lora")
+        job = _train(alice, "spam-lora", "lora")
+        # the adapter learned: the kept epoch is not epoch 0 (the frozen head with B = 0, which
+        # "holdout accuracy >= frozen" lets through), and what was published has a non-zero B
+        metrics = job["result"]["metrics"]
+        assert metrics["best_epoch"] >= 1 and metrics["holdout_accuracy"] >= metrics["frozen_holdout_accuracy"], metrics
+        engine = server.service.engine
+        saved = LoraAdapter.from_folder(engine.registry.version_dir("alice", engine.registry.resolve("alice", "spam-lora")))
+        assert max(float(np.abs(b).max()) for b in saved.B.values()) > 0
         shown = alice.get("/classifiers/spam-lora").json()
         adapter = (shown.get("classifier") or shown)["adapter"]
         assert adapter["rank"] == 8 and adapter["format"] == "peft-lora" and adapter["targets"] == ["query", "value"]

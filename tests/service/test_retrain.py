@@ -23,7 +23,6 @@ ASKED = ["spam", "urgency", "urgency@prod", "sentiment"]
 
 @pytest.fixture(scope="module")
 def int8(onnx_cache):
-    pytest.importorskip("onnxruntime")
     from headfleet.embedder import Embedder
 
     return Embedder.load(max_length=256, batch_size=32, device="cpu", backend="onnx", precision="int8",
