@@ -46,6 +46,10 @@ class DataLayout:
         return self.root / "monitor"  # lifecycle state: monitor settings, windows, feedback, canaries, per tenant
 
     @property
+    def experiments(self) -> Path:
+        return self.root / "experiments"  # A/B experiments: configs, exposed units, outcomes, guardrail counts
+
+    @property
     def onnx(self) -> Path:
         return self.root / "onnx"  # ONNX exports of the backbone, per backend and precision
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,7 +18,7 @@ from headfleet.cache import CacheStats, FaissStore, MemoryLRU, RedisTier, Tiered
 from headfleet.embedder import Embedder
 from headfleet.errors import ValidationError
 from headfleet.heads import HeadFleet, Registry
-from headfleet.engine.types import ADAPTER_NS, Scored
+from headfleet.engine.types import ADAPTER_NS, Chooser, Route, Scored
 from headfleet.settings import Settings
 from headfleet.text import blank_message, is_blank
 
@@ -25,12 +26,13 @@ from headfleet.engine.embedding import EmbeddingMixin
 from headfleet.engine.lora_runtime import LoraRuntimeMixin
 from headfleet.engine.resolution import ResolutionMixin
 from headfleet.engine.results import ResultsMixin
+from headfleet.engine.routing import RoutingMixin
 from headfleet.engine.training import TrainingMixin
 
 log = logging.getLogger(__name__)
 
 
-class Engine(EmbeddingMixin, LoraRuntimeMixin, ResolutionMixin, ResultsMixin, TrainingMixin):
+class Engine(EmbeddingMixin, LoraRuntimeMixin, ResolutionMixin, RoutingMixin, ResultsMixin, TrainingMixin):
     """One backbone, its cache tiers, the registry and the fleet of loaded heads; thread-safe for
     concurrent requests (the fleet and the adapter manager are guarded by ``_lock``)."""
 
@@ -54,6 +56,11 @@ class Engine(EmbeddingMixin, LoraRuntimeMixin, ResolutionMixin, ResultsMixin, Tr
         # ``Scored`` (resolved versions, answer, source "classify"/"job", the vectors each group scored)
         self.embedded_hooks: list[Callable[[str, list, list], None]] = []
         self.scored_hooks: list[Callable[[Scored], None]] = []
+        # lifecycle's version choosers (experiments, shadows: ``routing``), and observers of a live
+        # request that failed after routing (tenant, route, exception): experiment guardrails
+        self.choosers: list[Chooser] = []
+        self.chooser_failures = 0
+        self.failed_hooks: list[Callable[[str, Route, BaseException], None]] = []
         self.corrupt_hooks: list[Callable[[str], None]] = []  # "tenant/name@version" refused as corrupt (metrics)
         self._verified_adapters: set[str] = set()  # adapter ids whose file matched its sha256 at first use
         # Versions a request resolved stay loaded until it completes: resolve(pin=True) counts them
@@ -106,33 +113,52 @@ class Engine(EmbeddingMixin, LoraRuntimeMixin, ResolutionMixin, ResultsMixin, Tr
 
 
     def classify(self, tenant: str, texts: Sequence[str], classifiers: Sequence[str], *,
-                 namespace: str | None = None, progress: Callable[[int], None] | None = None) -> dict:
-        """Every text against every classifier in this thread: label, scores, version; and the cache report."""
+                 namespace: str | None = None, progress: Callable[[int], None] | None = None,
+                 unit: str | None = None, live: bool = True, debug: bool = False) -> dict:
+        """Every text against every classifier in this thread: label, scores, version; and the cache report.
+
+        ``live``: the choosers (experiments, shadows) apply, with ``unit`` as the experiment unit;
+        ``debug``: each shadowed entry carries its shadow's entry under ``"shadow"``."""
+        t0 = time.perf_counter()
         if not texts:
             raise ValidationError("texts must hold at least one text")
         blank = next((i for i, t in enumerate(texts) if is_blank(t)), None)
         if blank is not None:
             raise ValidationError(blank_message(f"texts[{blank}]"))
         errors: dict[str, dict] = {}
-        resolved = self.resolve(tenant, classifiers, errors, pin=True)
+        route = self.route(tenant, classifiers, errors, unit=unit, live=live)
+        every = route.every
         try:
-            groups = self.plan(tenant, resolved, namespace)
+            groups = self.plan(tenant, every, namespace)
             if len(groups) == 1 and not groups[0][0].startswith(ADAPTER_NS):
-                names = [m["name"] for _, _, m in resolved]
+                names = [m["name"] for _, _, m in every]
                 batch = self.embed(tenant, texts, namespace=namespace, classifiers=names, progress=progress)
-                out = self.score(batch, resolved)
-                parts = [(batch, list(resolved))]
+                out = self.score(batch, every)
+                parts = [(batch, list(every))]
             else:
                 batches = self.embed_groups(tenant, texts, [(ns, [m["name"] for _, _, m in items])
                                                             for ns, items in groups], progress=progress)
                 parts = [(b, items) for b, (_, items) in zip(batches, groups)]
-                out = self.score_groups(parts, resolved)
-            self.observe_scores(Scored(tenant, list(resolved), out, "classify", parts))
+                out = self.score_groups(parts, every)
+            scored = self.settle(tenant, route, out, parts, texts, "classify" if live else "job",
+                                 ms=(time.perf_counter() - t0) * 1e3, debug=debug)
+            self.observe_scores(scored)
+        except BaseException as exc:
+            self.observe_failure(tenant, route, exc)
+            raise
         finally:
-            self.release(resolved)
+            self.release(every)
         if errors:
             out["errors"] = errors
         return out
+
+    def observe_failure(self, tenant: str, route: Route, exc: BaseException) -> None:
+        """Call every ``failed_hooks`` observer; one that raises is logged."""
+        for hook in self.failed_hooks:
+            try:
+                hook(tenant, route, exc)
+            except Exception:
+                log.exception("failed hook %r failed", hook)
 
     def observe_scores(self, scored: Scored) -> None:
         """Call every ``scored_hooks`` observer with ``scored``; one that raises is logged and never

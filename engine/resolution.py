@@ -83,13 +83,15 @@ class ResolutionMixin:
         return key, manifest
 
     def resolve(self, tenant: str, classifiers: Sequence[str], errors: dict[str, dict] | None = None, *,
-                pin: bool = False) -> list[tuple[str, str, dict]]:
+                pin: bool = False, targets: dict[str, str] | None = None) -> list[tuple[str, str, dict]]:
         """``[(ref as asked, fleet key, manifest)]`` for distinct refs, heads loaded into the fleet.
 
         A version whose files fail their sha256 check raises CorruptVersionError; with ``errors``
         given, it is recorded there instead (``ref -> {"error", "error_type"}``) and the other
         classifiers are still served — unless every one of them failed, which raises the first.
         ``pin``: keep every resolved version loaded until :meth:`release` (a request in flight).
+        ``targets``: ref -> the ref to load in its place (an experiment's arm); the entry (and an
+        error) still carries the ref as asked.
         """
         if not classifiers:
             raise ValidationError("classifiers must name at least one classifier")
@@ -98,7 +100,7 @@ class ResolutionMixin:
         try:
             for ref in dict.fromkeys(classifiers):
                 try:
-                    key, manifest = self._fleet_key(tenant, ref, pin)
+                    key, manifest = self._fleet_key(tenant, targets.get(ref, ref) if targets else ref, pin)
                 except CorruptVersionError as exc:
                     if errors is None:
                         raise

@@ -113,6 +113,50 @@ class Scored(NamedTuple):
     answer: dict  # the reply being built: results[i]["classifications"][ref] = {label(s), scores, version}
     source: str  # "classify" for live traffic, "job" for a scoring job's chunk
     parts: list[tuple[EmbedBatch, list[Resolved]]]  # per embedding group: its vectors [n, dim] and its classifiers
+    texts: Sequence[str] = ()  # the request's texts, in order
+    route: "Route | None" = None  # what the choosers decided (unit, shadows, experiment tags)
+    shadows: dict[str, list[dict]] = {}  # live ref -> per text, the shadow version's classification entry
+    ms: float = 0.0  # the request's time until its heads ran, milliseconds
+
+
+# -- routing: what lifecycle choosers may change about a live request ------------------------
+
+#: A shadow's key in the answer while it is being scored (never a ref a client can send: ``#``
+#: is not a name character); removed before the reply is built.
+SHADOW_REF = "#shadow:"
+
+
+@dataclasses.dataclass
+class Choice:
+    """A live classify request's classifiers as the choosers see and change them (one per request,
+    before resolution). A chooser may re-point a ref it serves (``targets["spam"] = "spam@4"``: the
+    answer still says ``spam``), add a version to score beside a ref without answering it
+    (``shadows["spam"] = "spam@5"``) and tag a ref's classification entries (``tags``)."""
+
+    tenant: str
+    unit: str | None  # the experiment unit the request carries (a user id), or None
+    refs: list[str]  # distinct refs as asked, in order
+    targets: dict[str, str] = dataclasses.field(default_factory=dict)
+    shadows: dict[str, str] = dataclasses.field(default_factory=dict)
+    tags: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+
+class Route(NamedTuple):
+    """A request's classifiers after the choosers ran, resolved and pinned (release with
+    :meth:`Engine.release` of :attr:`every`)."""
+
+    resolved: list[Resolved]  # what the answer is built from: one per distinct ref asked
+    shadows: list[Resolved]  # scored on the same rows, not answered; ref = SHADOW_REF + the live ref
+    tags: dict[str, dict]  # ref -> fields added to each of its classification entries
+    unit: str | None
+
+    @property
+    def every(self) -> list[Resolved]:
+        return self.resolved + self.shadows
+
+
+# chooser(choice): changes ``choice`` in place; runs on the request's thread, so it must be cheap
+Chooser = Callable[[Choice], None]
 
 
 def adapter_id(key: str, manifest: dict) -> str:

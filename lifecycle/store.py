@@ -139,14 +139,17 @@ class StateStore(Protocol):
 # -- choosing one ------------------------------------------------------------------------------
 
 
-def open_store(settings: Settings) -> StateStore:
-    """``RedisStore(settings.redis_url, settings.redis_prefix)`` when a Redis url is configured
-    (replicas on several machines share it), else ``FileStore(settings.layout.monitor)``.
-    Nothing is contacted until the first call."""
+def open_store(settings: Settings, space: str = "monitor") -> StateStore:
+    """The store of one lifecycle ``space`` (``"monitor"``: monitoring and shadows; ``"experiments"``):
+    ``RedisStore(settings.redis_url, settings.redis_prefix, space=space)`` when a Redis url is
+    configured (replicas on several machines share it), else a ``FileStore`` in the data folder
+    (``settings.layout.monitor`` / ``.experiments``). Nothing is contacted until the first call."""
+    if space not in ("monitor", "experiments"):
+        raise ValueError(f"unknown lifecycle store space {space!r}")
     if settings.redis_url:
         from headfleet.lifecycle.store_redis import RedisStore
 
-        return RedisStore(settings.redis_url, settings.redis_prefix)
+        return RedisStore(settings.redis_url, settings.redis_prefix, space=space)
     from headfleet.lifecycle.store_file import FileStore
 
-    return FileStore(settings.layout.monitor)
+    return FileStore(getattr(settings.layout, space))

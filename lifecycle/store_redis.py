@@ -51,6 +51,7 @@ class RedisStore:
         url: str,
         prefix: str = "hf",
         *,
+        space: str = "monitor",
         lock_lease_s: float = 30.0,
         connect_timeout_s: float = 0.5,
         timeout_s: float = 1.0,
@@ -59,8 +60,8 @@ class RedisStore:
         if not prefix or any(c in prefix for c in " \r\n\x00"):
             raise ValidationError(f"invalid Redis prefix {prefix!r}")
         self.where = _where(url)
-        self.namespace = f"{prefix}:monitor:"
-        self.lock_namespace = f"{prefix}:monitor-lock:"
+        self.namespace = f"{prefix}:{space}:"
+        self.lock_namespace = f"{prefix}:{space}-lock:"
         self.lock_lease_s = float(lock_lease_s)
         self.scan_count = int(scan_count)
         self.errors = 0

@@ -14,6 +14,7 @@ from headfleet.service.api.classifiers import ClassifiersController, JobsControl
 from headfleet.service.api.classify import ClassifyController
 from headfleet.service.api.deps import provide_service, provide_tenant
 from headfleet.service.api.embeddings import EmbeddingsController
+from headfleet.service.api.experiments import ExperimentsController, ShadowController
 from headfleet.service.api.monitoring import FeedbackController, MonitorController
 from headfleet.service.api.ops import OpsController
 from headfleet.service.errors import HANDLERS
@@ -28,7 +29,7 @@ def _endpoint(path: str) -> str:
     """A bounded label for the request histogram (ids in paths would explode its cardinality)."""
     if path in ENDPOINTS:
         return path
-    for prefix in ("/classifiers", "/jobs", "/admin", "/schema", "/v1"):
+    for prefix in ("/classifiers", "/jobs", "/admin", "/schema", "/v1", "/experiments"):
         if path.startswith(prefix):
             return prefix
     return "other"
@@ -104,7 +105,8 @@ def create_app(settings: Settings | None = None, *, embedder=None) -> Litestar:
 
     app = Litestar(
         route_handlers=[ClassifyController, ClassifiersController, JobsController, EmbeddingsController,
-                        OpsController, AdminController, FeedbackController, MonitorController],
+                        OpsController, AdminController, FeedbackController, MonitorController, ShadowController,
+                        ExperimentsController],
         dependencies={"service": Provide(provide_service), "tenant": Provide(provide_tenant)},
         exception_handlers=HANDLERS,
         lifespan=[lifespan],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -232,7 +233,7 @@ def cmd_score(args) -> int:
         from headfleet.engine import Engine
 
         with Engine.open(settings) as engine, ScoreProgress(job) as bar:
-            job.run(bar.classify(engine.classify), forwards=lambda: engine.embedder.forwards,
+            job.run(bar.classify(functools.partial(engine.classify, live=False)), forwards=lambda: engine.embedder.forwards,
                     on_commit=bar.on_commit, persist=lambda: _save_local_store(engine))
     print(json.dumps(job.report, indent=2, ensure_ascii=False) if args.json else format_report(job.report))
     return 0

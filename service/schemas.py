@@ -15,14 +15,32 @@ class ClassifyRequest(msgspec.Struct, forbid_unknown_fields=True):
     texts: list[str]
     classifiers: list[str]  # "name", "name@3" (a version) or "name@prod" (an alias)
     namespace: str | None = None  # a shared cache namespace inside this tenant; default: the tenant's own
+    unit: str | None = None  # the experiment unit (a user id): sticky arm assignment; or the X-Unit-Id header
+    debug: bool = False  # each shadowed classification also shows its shadow version's entry
 
 
-class Classification(msgspec.Struct):
+class ExperimentArm(msgspec.Struct):
+    id: str
+    arm: str  # "control" | "treatment"
+    version: int
+
+
+class ShadowEntry(msgspec.Struct, omit_defaults=True):
+    classifier: str
+    version: int
+    scores: dict[str, float]
+    label: str | None = None
+    labels: list[str] | None = None
+
+
+class Classification(msgspec.Struct, omit_defaults=True):
     classifier: str
     version: int
     scores: dict[str, float]
     label: str | None = None  # single-label heads
     labels: list[str] | None = None  # multi-label heads: every label scoring >= 0.5
+    experiment: ExperimentArm | None = None  # the request named the bare classifier of a running experiment
+    shadow: ShadowEntry | None = None  # "debug": true and the classifier has a shadow
 
 
 class TextResult(msgspec.Struct):
@@ -155,3 +173,41 @@ class MonitorSettingsRequest(msgspec.Struct, forbid_unknown_fields=True):
 
     def patch(self) -> dict[str, Any]:
         return {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not msgspec.UNSET}
+
+
+class ExperimentRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /experiments``: a pre-registered A/B test of two versions of a classifier (frozen once created)."""
+
+    classifier: str  # the classifier whose bare-name traffic is split
+    control: int | str  # a version number or an alias, pinned to a version now ("3", "prod")
+    treatment: int | str  # usually the monitor's "candidate"
+    name: str | None = None
+    split: float | None = None  # the treatment's share of units, 0 < split < 1 (default 0.5)
+    metric: str | None = None  # what the outcomes measure ("conversion"); a label only
+    min_samples: int | None = None  # units per arm before a recommendation (default 100)
+    guardrails: dict[str, float] | None = None  # {"p99_ms": 50, "error_rate": 0.01}
+    sequential: bool | None = None  # always-valid p-value (mSPRT): peeking is safe (default true)
+    missing: Literal["zero", "exclude"] | None = None  # exposed units without an outcome (default "zero")
+
+    def body(self) -> dict[str, Any]:
+        return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None}
+
+
+class OutcomesRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /experiments/{id}/outcomes``: per unit, a value of the metric (a unit's values add up)."""
+
+    items: list[dict[str, Any]]  # {"unit": "user-42", "value": 1.0, "id"?: "order-9", "segment"?: "mobile"}
+
+
+class StopRequest(msgspec.Struct, forbid_unknown_fields=True):
+    decision: Literal["promote", "rollback"]
+
+
+class ShadowRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """``PUT /classifiers/{name}/shadow``: score another version on live traffic, unanswered."""
+
+    version: int | str  # a version number or an alias ("candidate"), pinned now
+    sample: float | None = None  # LoRA shadows only (they cost a forward): the share of requests scored
+
+    def body(self) -> dict[str, Any]:
+        return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None}

@@ -1,7 +1,8 @@
 """Everything one running service holds, created in the app's lifespan and torn down in reverse.
 
 Order up: backbone -> local store -> Redis (``Engine.open``), then the scheduler, then the
-training-job workers, then the monitor (its state store, its drain thread). Down: monitor, jobs, scheduler (its Redis write-back queue is flushed), engine
+training-job workers, then the monitor (its state store, its drain thread), experiments and shadows
+(their stores, their threads). Down: shadows, experiments, monitor, jobs, scheduler (its Redis write-back queue is flushed), engine
 (the local store is saved).
 """
 
@@ -15,8 +16,10 @@ from typing import Sequence
 
 from headfleet.errors import TooLargeError, ValidationError
 from headfleet.service.auth import KeyStore
-from headfleet.engine import EmbedBatch, Engine, Scored
+from headfleet.engine import EmbedBatch, Engine
+from headfleet.lifecycle.experiments import Experiments
 from headfleet.lifecycle.monitor import Monitor
+from headfleet.lifecycle.shadow import Shadows
 from headfleet.lifecycle.store import open_store
 from headfleet.service.jobs import JobManager
 from headfleet.service.metrics import Metrics, MonitorCollector
@@ -51,6 +54,8 @@ class Service:
     scoring: ScoringJobs | None = None
     namespaces: NamespaceStore | None = None
     monitor: Monitor | None = None
+    experiments: Experiments | None = None
+    shadows: Shadows | None = None
     started: float = dataclasses.field(default_factory=time.time)
 
     @classmethod
@@ -75,6 +80,9 @@ class Service:
                                       tenant, name, run, total, kind="retrain"),
                                   interval_s=settings.monitor_interval_s).attach().start()
         metrics.registry.register(MonitorCollector(service.monitor))
+        # choosers run in this order: an experiment picks the arm, then the shadow joins it
+        service.experiments = Experiments(engine, open_store(settings, "experiments")).attach().start()
+        service.shadows = Shadows(engine, service.monitor.store, service.monitor.book).attach().start()
         service.scoring = ScoringJobs(engine, scheduler_classify(service, asyncio.get_running_loop()),
                                       settings.scoring_root, settings.layout.jobs,
                                       batch_size=settings.batch_size)
@@ -87,6 +95,8 @@ class Service:
         return service
 
     async def stop(self) -> None:
+        await asyncio.to_thread(self.shadows.close)
+        await asyncio.to_thread(self.experiments.close)
         await asyncio.to_thread(self.monitor.close)
         self.jobs.close()
         self.scoring.close()  # jobs stop between chunks and resume at the next start
@@ -150,29 +160,37 @@ class Service:
 
     async def classify(self, tenant: str, texts: Sequence[str], classifiers: Sequence[str], *,
                        namespace: str | None = None, receive=None, lane: str | None = None, admit: bool = True,
-                       check: bool = True) -> dict:
-        """``lane``/``admit``/``check=False``: a scoring job's chunk (its own lane, no per-request limits)."""
+                       check: bool = True, unit: str | None = None, debug: bool = False) -> dict:
+        """``lane``/``admit``/``check=False``: a scoring job's chunk (its own lane, no per-request limits,
+        no experiments or shadows). Live requests go through the engine's choosers (``unit``: the
+        experiment unit; ``debug``: shadow entries shown)."""
         t0 = time.perf_counter()
         if check:
             self.check_texts(texts)
         self.check_classifiers(classifiers)
         self.check_namespace(tenant, namespace)
         errors: dict[str, dict] = {}
-        resolved = self.engine.resolve(tenant, classifiers, errors, pin=True)  # held until scored
+        live = lane is None
+        route = self.engine.route(tenant, classifiers, errors, unit=unit, live=live)  # held until scored
+        every = route.every
         try:
-            groups = self.engine.plan(tenant, resolved, namespace)
+            groups = self.engine.plan(tenant, every, namespace)
             batches = await self.embed_groups(tenant, texts, [(ns, [m["name"] for _, _, m in items])
                                                               for ns, items in groups],
                                               receive=receive, lane=lane, admit=admit)
             parts = [(b, items) for b, (_, items) in zip(batches, groups)]
-            if len(texts) * len(resolved) > HEADS_INLINE_CELLS:
-                out = await asyncio.to_thread(self.engine.score_groups, parts, resolved)
+            if len(texts) * len(every) > HEADS_INLINE_CELLS:
+                out = await asyncio.to_thread(self.engine.score_groups, parts, every)
             else:
-                out = self.engine.score_groups(parts, resolved)
-            self.engine.observe_scores(Scored(tenant, list(resolved), out, "classify" if lane is None else "job",
-                                              parts))
+                out = self.engine.score_groups(parts, every)
+            scored = self.engine.settle(tenant, route, out, parts, texts, "classify" if live else "job",
+                                        ms=(time.perf_counter() - t0) * 1e3, debug=debug)
+            self.engine.observe_scores(scored)
+        except BaseException as exc:
+            self.engine.observe_failure(tenant, route, exc)
+            raise
         finally:
-            self.engine.release(resolved)
+            self.engine.release(every)
         self.metrics.heads.observe(out["timing_ms"]["heads"] / 1e3)
         out["timing_ms"]["total"] = round((time.perf_counter() - t0) * 1e3, 3)
         if errors:

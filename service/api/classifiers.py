@@ -88,7 +88,9 @@ class ClassifiersController(Controller):
         if "@" in name:
             raise ValidationError("delete takes a classifier name; versions are immutable and go with it")
         await asyncio.to_thread(service.engine.delete, tenant, name)
-        await asyncio.to_thread(service.monitor.forget, tenant, name)  # its feedback, canary, windows
+        await asyncio.to_thread(service.experiments.forget, tenant, name)  # a running experiment stops
+        await asyncio.to_thread(service.shadows.forget, tenant, name)
+        await asyncio.to_thread(service.monitor.forget, tenant, name)  # its feedback, canary, windows, shadow
         return {"deleted": name}
 
     @put("/{name:str}/aliases/{alias:str}", summary="Point an alias at a version")

@@ -6,6 +6,8 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from litestar import Controller, Request, post
 
+from headfleet.errors import ValidationError
+from headfleet.lifecycle.experiment_config import check_unit
 from headfleet.service.schemas import ClassifyRequest, ClassifyResponse
 from headfleet.service.state import Service
 
@@ -17,6 +19,17 @@ class ClassifyController(Controller):
     @post("/", status_code=200, summary="Classify texts with several classifiers at once")
     async def classify(self, request: Request, data: JSONBody[ClassifyRequest], service: NamedDependency[Service], tenant: NamedDependency[str]) -> ClassifyResponse:
         """Per text and per classifier: label(s), scores per label, version used; per request:
-        cache hits by tier, misses, embeddings computed and time spent queueing, embedding and in heads."""
+        cache hits by tier, misses, embeddings computed and time spent queueing, embedding and in heads.
+        ``unit`` (or the ``X-Unit-Id`` header): the experiment unit, for sticky A/B assignment; entries
+        of a classifier under experiment carry ``experiment: {id, arm, version}``."""
+        unit = unit_of(data.unit, request.headers.get("x-unit-id"))
         return await service.classify(tenant, data.texts, data.classifiers, namespace=data.namespace,
-                                      receive=request.receive)  # type: ignore[return-value]
+                                      receive=request.receive, unit=unit, debug=data.debug)  # type: ignore[return-value]
+
+
+def unit_of(body: str | None, header: str | None) -> str | None:
+    """The experiment unit: the body's ``unit`` or the ``X-Unit-Id`` header (422 when both are given
+    and differ, or the unit is malformed)."""
+    if body is not None and header is not None and body != header:
+        raise ValidationError("the body's unit and the X-Unit-Id header differ; send one", param="unit")
+    return check_unit(body if body is not None else header)
