@@ -38,14 +38,14 @@ import threading
 import time
 from typing import Any, Callable
 
-import numpy as np
 
 from headfleet.engine import Choice, Engine, Route, Scored
 from headfleet.errors import (Cancelled, ClientGoneError, ConflictError, NotFoundError, OverloadedError,
                               ValidationError)
 from headfleet.heads.refs import LATEST
 from headfleet.lifecycle import experiment_stats, guardrails
-from headfleet.lifecycle.experiment_config import check_config, check_text, check_unit
+from headfleet.lifecycle.experiment_config import check_config
+from headfleet.lifecycle.experiment_outcomes import check_item, slices, unit_values
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ RUNNING = "running"
 ARMS = ("control", "treatment")
 QUEUE_MAX = 100_000
 MAX_ITEMS = 10_000  # outcome items per post
-MAX_SEGMENTS = 100  # distinct segments reported as slices
 GUARD_CHECK_S = 2.0  # how often the background thread judges an experiment's guardrails
 _NOT_THE_ARMS_FAULT = (ValidationError, NotFoundError, OverloadedError, ClientGoneError, Cancelled)
 
@@ -81,9 +80,11 @@ def _dump(doc: Any) -> bytes:
 class Experiments:
     """Every tenant's experiments in ``store``; attach to an engine to route its live traffic."""
 
-    def __init__(self, engine: Engine, store, *, interval_s: float = 0.5, refresh_s: float = 1.0,
-                 clock: Callable[[], float] = time.time, replica: str | None = None):
+    def __init__(self, engine: Engine | None, store, *, registry=None, interval_s: float = 0.5,
+                 refresh_s: float = 1.0, clock: Callable[[], float] = time.time, replica: str | None = None):
+        """``engine`` None with a ``registry``: read and stop only (the CLI, without a backbone)."""
         self.engine, self.store, self.clock = engine, store, clock
+        self.registry = registry if registry is not None else engine.registry
         self.interval_s, self.refresh_s = interval_s, refresh_s
         self.replica = replica or _replica_name()
         self.counts = collections.Counter()  # exposures_dropped, auto_stops
@@ -115,7 +116,7 @@ class Experiments:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        for hooks, fn in ((self.engine.choosers, self.choose), (self.engine.scored_hooks, self.observe),
+        for hooks, fn in () if self.engine is None else ((self.engine.choosers, self.choose), (self.engine.scored_hooks, self.observe),
                           (self.engine.failed_hooks, self.failed)):
             if fn in hooks:
                 hooks.remove(fn)
@@ -234,7 +235,7 @@ class Experiments:
     def create(self, tenant: str, body: Any) -> dict:
         """Start an experiment; 404 for an unknown classifier or arm, 409 when one already runs on
         the classifier, 422 for a bad field. Returns its record."""
-        cfg = check_config(body, lambda ref: self.engine.registry.resolve(tenant, ref))
+        cfg = check_config(body, lambda ref: self.registry.resolve(tenant, ref))
         record = dict(cfg, state="running", decision=None, stopped=None, reason=None)
         with self.store.lock(RUNNING):
             doc = _load(self.store.get(RUNNING), {})
@@ -292,7 +293,7 @@ class Experiments:
             doc = _load(self.store.get(f"{tenant}/{exp_id}/outcomes"), {"values": {}, "ids": {}, "segments": {}})
             seen_now: set[str] = set()
             for i, item in enumerate(items):
-                reason = _check_item(item, units)
+                reason = check_item(item, units)
                 if reason:
                     refused.append({"index": i, "reason": reason})
                     continue
@@ -324,7 +325,7 @@ class Experiments:
         units = _load(self.store.get(f"{tenant}/{exp_id}/units"), {"units": {}})["units"]
         doc = _load(self.store.get(f"{tenant}/{exp_id}/outcomes"), {"values": {}, "ids": {}, "segments": {}})
         values, segments = doc["values"], doc["segments"]
-        arms = {a: _values(units, values, a, cfg["missing"]) for a in ARMS}
+        arms = {a: unit_values(units, values, a, cfg["missing"]) for a in ARMS}
         stats = experiment_stats.compare(arms["control"], arms["treatment"], split=cfg["split"],
                                          min_samples=cfg["min_samples"], sequential=cfg["sequential"])
         guard = self._guardrails(tenant, exp_id, cfg, stats)
@@ -339,7 +340,7 @@ class Experiments:
                 "lift": stats["lift"], "relative_lift": stats["relative_lift"], "ci95": stats["ci95"],
                 "welch": stats["welch"], "srm_p": stats["srm_p"], "srm": stats["srm"],
                 "sequential_p": stats["sequential_p"], "p": stats["p"], "guardrails": guard,
-                "slices": _slices(units, values, segments, cfg),
+                "slices": slices(units, values, segments, cfg),
                 "recommendation": recommendation, "recommendation_reason": reason}
 
     def _guardrails(self, tenant: str, exp_id: str, cfg: dict, stats: dict) -> dict:
@@ -365,7 +366,7 @@ class Experiments:
                 raise ConflictError(f"experiment {exp_id!r} already stopped ({cfg['decision']}: {cfg['reason']})")
             result = self.report(tenant, exp_id, flush=False)
             arm = "treatment" if decision == "promote" else "control"
-            self.engine.registry.set_alias(tenant, cfg["classifier"], LATEST, cfg[arm]["version"])
+            self.registry.set_alias(tenant, cfg["classifier"], LATEST, cfg[arm]["version"])
             self._finish(tenant, cfg, decision, reason, result)
         return self.report(tenant, exp_id, flush=False)
 
@@ -396,59 +397,3 @@ class Experiments:
                 except Exception:
                     result = None
                 self._finish(tenant, record, None, "the classifier was deleted", result)
-
-
-def _check_item(item: Any, units: dict[str, str]) -> str | None:
-    if not isinstance(item, dict):
-        return "an item is an object {\"unit\", \"value\", \"id\"?, \"segment\"?}"
-    extra = sorted(set(item) - {"unit", "value", "id", "segment"})
-    if extra:
-        return f"unknown field(s) {extra}"
-    try:
-        unit = check_unit(item.get("unit"))
-    except ValidationError as exc:
-        return exc.message
-    if unit is None:
-        return "unit is required"
-    if unit not in units:
-        return "unit was never assigned to this experiment (no classify request carried it)"
-    value = item.get("value")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-        return "value must be a finite number"
-    for field in ("id", "segment"):
-        if item.get(field) is not None:
-            try:
-                check_text(item[field], field)
-            except ValidationError as exc:
-                return exc.message
-    return None
-
-
-def _values(units: dict[str, str], values: dict[str, float], arm: str, missing: str,
-            only: set[str] | None = None) -> np.ndarray:
-    """One value per exposed unit of ``arm``: the sum of its outcomes; 0 or left out without one."""
-    out = []
-    for unit, a in units.items():
-        if a != arm or (only is not None and unit not in only):
-            continue
-        if unit in values:
-            out.append(values[unit])
-        elif missing == "zero":
-            out.append(0.0)
-    return np.asarray(out, dtype=np.float64)
-
-
-def _slices(units: dict, values: dict, segments: dict, cfg: dict) -> dict:
-    """The comparison within each segment the outcomes named (units without a segment are in none)."""
-    by: dict[str, set[str]] = {}
-    for unit, seg in segments.items():
-        by.setdefault(seg, set()).add(unit)
-    out = {}
-    for seg in sorted(by)[:MAX_SEGMENTS]:
-        c = _values(units, values, "control", cfg["missing"], by[seg])
-        t = _values(units, values, "treatment", cfg["missing"], by[seg])
-        s = experiment_stats.compare(c, t, split=cfg["split"], min_samples=cfg["min_samples"],
-                                     sequential=cfg["sequential"])
-        out[seg] = {"arms": s["arms"], "lift": s["lift"], "relative_lift": s["relative_lift"], "ci95": s["ci95"],
-                    "welch": s["welch"], "p": s["p"]}
-    return out

@@ -60,10 +60,12 @@ def _label(entry: dict, multi: bool):
 class Shadows:
     """Every tenant's shadows, kept in the monitor's ``store``; ``book`` reads ``/feedback`` labels."""
 
-    def __init__(self, engine: Engine, store, book: FeedbackBook | None = None, *, interval_s: float = 0.5,
-                 refresh_s: float = 1.0, clock: Callable[[], float] = time.time, replica: str | None = None,
-                 seed: int | None = None):
+    def __init__(self, engine: Engine | None, store, book: FeedbackBook | None = None, *, registry=None,
+                 interval_s: float = 0.5, refresh_s: float = 1.0, clock: Callable[[], float] = time.time,
+                 replica: str | None = None, seed: int | None = None):
+        """``engine`` None with a ``registry``: reports only (the CLI, without a backbone)."""
         self.engine, self.store, self.clock = engine, store, clock
+        self.registry = registry if registry is not None else engine.registry
         self.book = book or FeedbackBook(store)
         self.interval_s, self.refresh_s = interval_s, refresh_s
         self.replica = replica or _replica_name()
@@ -96,7 +98,8 @@ class Shadows:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        for hooks, fn in ((self.engine.choosers, self.choose), (self.engine.scored_hooks, self.observe)):
+        for hooks, fn in () if self.engine is None else ((self.engine.choosers, self.choose),
+                                                         (self.engine.scored_hooks, self.observe)):
             if fn in hooks:
                 hooks.remove(fn)
         try:
@@ -157,9 +160,9 @@ class Shadows:
         version = body.get("version")
         if isinstance(version, bool) or not isinstance(version, (int, str)) or version == "":
             raise ValidationError("version must be a version number or an alias (\"candidate\")", param="version")
-        live = self.engine.registry.resolve(tenant, name)
+        live = self.registry.resolve(tenant, name)
         name = live["name"]
-        shadow = self.engine.registry.resolve(tenant, f"{name}@{version}")
+        shadow = self.registry.resolve(tenant, f"{name}@{version}")
         if shadow["version"] == live["version"]:
             raise ValidationError(f"version {shadow['version']} is what {name!r} serves now (latest); "
                                   "a shadow must be another version", param="version")
@@ -261,7 +264,7 @@ class Shadows:
         ``name`` is unknown or has no shadow."""
         from headfleet.errors import NotFoundError
 
-        live = self.engine.registry.resolve(tenant, name)
+        live = self.registry.resolve(tenant, name)
         name = live["name"]
         cfg = self.config(tenant, name)
         if cfg is None:

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from headfleet.errors import HeadfleetError
-from headfleet.service.cli_output import (_print_json, _retrain_line, format_classify, format_monitor, format_report,
+from headfleet.service.cli_output import (_print_json, _retrain_line, format_classify, format_experiment,
+                                          format_experiments, format_monitor, format_report, format_shadow,
                                           progress_bar)
 from headfleet.text import is_blank
 
@@ -257,6 +258,42 @@ def cmd_monitor(args) -> int:
     return 0
 
 
+def cmd_experiments(args) -> int:
+    """``headfleet experiments [ID]``: the tenant's experiments, or one with its statistics (store only)."""
+    from headfleet.heads import Registry
+    from headfleet.lifecycle.experiments import Experiments
+    from headfleet.lifecycle.store import open_store
+
+    settings = _settings(args)
+    exps = Experiments(None, open_store(settings, "experiments"), registry=Registry(settings.layout.registry))
+    out = exps.report(args.tenant, args.id) if args.id else exps.list(args.tenant, limit=args.limit)
+    if args.json:
+        _print_json(out)
+    elif args.id:
+        print(format_experiment(out))
+    elif not out["experiments"]:
+        print(f"tenant {args.tenant!r} has no experiment (POST /experiments starts one)")
+    else:
+        print(format_experiments(out["experiments"]))
+    return 0
+
+
+def cmd_shadow(args) -> int:
+    """``headfleet shadow NAME``: live vs. shadow agreement, flips and feedback accuracy (store only)."""
+    from headfleet.heads import Registry
+    from headfleet.lifecycle.shadow import Shadows
+    from headfleet.lifecycle.store import open_store
+
+    settings = _settings(args)
+    shadows = Shadows(None, open_store(settings), registry=Registry(settings.layout.registry))
+    report = shadows.report(args.tenant, args.name)
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_shadow(report))
+    return 0
+
+
 def cmd_serve(args) -> int:
     from headfleet.service.server import serve
     from headfleet.settings import Settings
@@ -357,6 +394,15 @@ def build_parser() -> argparse.ArgumentParser:
     mo = sub.add_parser("monitor", parents=[common], help="monitor windows, alerts and retrains of classifiers")
     mo.add_argument("name", nargs="?", help="one classifier (default: every monitored one of the tenant)")
     mo.set_defaults(func=cmd_monitor)
+
+    ex = sub.add_parser("experiments", parents=[common], help="A/B experiments: list them, or show one's statistics")
+    ex.add_argument("id", nargs="?", help="one experiment (exp-...): arms, lift, Welch, SRM, guardrails, recommendation")
+    ex.add_argument("--limit", type=int, default=50, help="experiments listed, newest first (default: 50)")
+    ex.set_defaults(func=cmd_experiments)
+
+    sh = sub.add_parser("shadow", parents=[common], help="a classifier's shadow: agreement, flips, feedback accuracy")
+    sh.add_argument("name", help="the classifier")
+    sh.set_defaults(func=cmd_shadow)
 
     s = sub.add_parser("serve", parents=[common], help="run the HTTP service")
     s.add_argument("--host", help="bind address (env HEADFLEET_HOST, default 127.0.0.1; loopback only without keys)")

@@ -111,3 +111,52 @@ def format_monitor(report: dict) -> str:
     if r["triggered"]:
         lines.append(f"retrain {r.get('state')}: job {r['job']}, candidate {r['candidate'] or '-'} ({r['reason']})")
     return "\n".join(lines)
+
+
+def _table(cols: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    return ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in [cols, *rows]]
+
+
+def format_experiments(items: list[dict]) -> str:
+    """A row per experiment: id, classifier, control vs. treatment versions, state, decision."""
+    rows = [[e["id"], e["classifier"], f"v{e['control']['version']}", f"v{e['treatment']['version']}", e["state"],
+             e["decision"] or "-", e["name"]] for e in items]
+    return "\n".join(_table(["id", "classifier", "control", "treatment", "state", "decision", "name"], rows))
+
+
+def format_experiment(r: dict) -> str:
+    """One experiment: arms, lift with its CI, Welch, SRM, sequential p, guardrails, slices, recommendation."""
+    c = r["config"]
+    lines = [f"{r['id']}  {c['name']}  {c['classifier']}: v{c['control']['version']} (control) vs "
+             f"v{c['treatment']['version']} (treatment), split {c['split']:g}, metric {c['metric']}, "
+             f"min {c['min_samples']} units/arm  {r['state']}" + (f" ({r['decision']}: {r['reason']})" if r["decision"] else "")]
+    rows = [[arm, f"v{a['version']}", str(a["n_units"]), _fig(a["mean"], 4), _fig(a["variance"], 4)]
+            for arm, a in r["arms"].items()]
+    lines += _table(["arm", "version", "units", "mean", "variance"], rows)
+    w, ci = r["welch"], r["ci95"]
+    lines.append(f"lift {_fig(r['lift'], 4)} (relative {_fig(r['relative_lift'], 4)}), 95% CI "
+                 f"[{_fig(ci[0], 4) if ci else '-'}, {_fig(ci[1], 4) if ci else '-'}]; Welch t {_fig(w['t'])}, "
+                 f"df {_fig(w['df'], 1)}, p {_fig(w['p'], 4)}; sequential p {_fig(r['sequential_p'], 4)}")
+    lines.append(f"sample ratio: p {_fig(r['srm_p'], 4)}" + ("  MISMATCH" if r["srm"] else "  ok"))
+    g = r["guardrails"]
+    for arm in ("control", "treatment"):
+        a = g[arm]
+        lines.append(f"guardrails {arm}: p99 {_fig(a['p99_ms'], 2)} ms, error rate {_fig(a['error_rate'], 4)} "
+                     f"over {a['requests']} requests" + (f"  BREACHED {a['breached']}" if a["breached"] else ""))
+    for seg, s in r["slices"].items():
+        lines.append(f"slice {seg}: lift {_fig(s['lift'], 4)}, p {_fig(s['p'], 4)}, units "
+                     f"{s['arms']['control']['n_units']}/{s['arms']['treatment']['n_units']}")
+    lines.append(f"recommendation: {r['recommendation']} ({r['recommendation_reason']})")
+    return "\n".join(lines)
+
+
+def format_shadow(r: dict) -> str:
+    """Live vs. shadow: agreement, the flip matrix, per-label counts and the feedback block."""
+    lines = [f"{r['live']} (live) vs {r['shadow']} (shadow): {r['n']} texts, agreement {_fig(r['agreement'])}"]
+    for live, row in r["flips"].items():
+        lines.append(f"  {live} -> " + ", ".join(f"{k}: {v}" for k, v in row.items()))
+    fb = r["with_feedback"]
+    lines.append(f"with feedback: {fb['n']} texts, live accuracy {_fig(fb['live_accuracy'])}, shadow accuracy "
+                 f"{_fig(fb['shadow_accuracy'])}, negative flips {fb['negative_flips']}, McNemar p {_fig(fb['mcnemar_p'], 4)}")
+    return "\n".join(lines)
