@@ -24,7 +24,7 @@ from triton_interpreter import prepare
 # The Triton kernels imported so they run on CPU tensors (None) or why they cannot be; before
 # peft, which imports triton itself.
 _NO_INTERPRETER = None if torch.cuda.is_available() else prepare()
-import peft  # noqa: E402,F401  (a declared test extra: missing is a collection error, not a skip)
+from peft import PeftModel  # noqa: E402  a declared test extra: missing is a collection error, not a skip
 
 TEXTS = [
     "Your parcel is waiting, confirm the delivery fee here",
@@ -145,7 +145,6 @@ def test_peft_export_round_trips(tmp_path, peft_setup, lora_embedder):
         np.testing.assert_array_equal(back.B[n], ad.B[n])
     # and PEFT itself reads what we wrote: every tensor found (PEFT only warns about missing keys and
     # leaves B = 0, an adapter that does nothing), and PEFT's vectors are ours
-    from peft import PeftModel
     from transformers import AutoModel
 
     with warnings.catch_warnings():

@@ -47,4 +47,6 @@ def test_head_too_wide_for_the_kernel_goes_to_torch_counted():
                    row_heads=[[0], [0]])
     out = kernels.batched_heads(**h)
     assert kernels.last_path("heads") == "torch"
+    assert kernels.path_counts() == {"heads:torch": 1}  # the fallback is counted, not silent
     torch.testing.assert_close(out.view(2, -1).sum(1), torch.ones(2, device=out.device))
+    torch.testing.assert_close(out, reference.batched_heads(**h))

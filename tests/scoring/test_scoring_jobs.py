@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from headfleet.errors import ConflictError
+from headfleet.errors import ConflictError, ValidationError
 from headfleet.heads import load_examples
 from headfleet.scoring import JobSpec, ScoreJob, SourceSpec
 from scoring_stores import rows_by_id, write_jsonl
@@ -147,7 +147,7 @@ def test_another_jobs_partial_output_is_refused_until_restart(open_engine, sms_d
 def test_classifier_names_that_collide_with_output_columns_are_refused(open_engine, sms_docs, tmp_path):
     engine = open_engine()
     store = write_jsonl(tmp_path / "docs.jsonl", sms_docs[:3])
-    with pytest.raises(Exception, match="collide with the output column 'id'"):
+    with pytest.raises(ValidationError, match="collide with the output column 'id'"):
         make_job(engine, store, tmp_path / "o.parquet", classifiers=("id",))
 
 
@@ -159,5 +159,8 @@ def test_progress_counts_and_eta_while_running(open_engine, sms_docs, tmp_path):
     assert job.estimate_total() == (60, True)
     job.run(engine.classify, on_commit=lambda j, c: seen.append(j.progress()))
     assert [p["documents"] for p in seen] == [20, 40, 60]
-    assert seen[0]["total"] == 60 and seen[0]["eta_s"] is not None and seen[-1]["eta_s"] == 0
+    assert seen[0]["total"] == 60 and seen[-1]["eta_s"] == 0
+    for p in seen[:-1]:  # the documents left at this run's rate, as the user reads it
+        assert p["docs_per_s"] > 0
+        assert p["eta_s"] == pytest.approx((60 - p["documents"]) / p["docs_per_s"], rel=0.02, abs=0.1), p
     assert json.loads((tmp_path / "o.report.json").read_text())["documents"] == 60

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -164,7 +166,20 @@ def test_metrics_parse_and_count_what_happened(client):
     assert value("headfleet_batch_texts", "headfleet_batch_texts_count") >= 1
 
 
-def test_health_info_schema(client, minilm):
+def _documented_operations(app) -> set[tuple[str, str]]:
+    """(path, method) of every operation the app serves and puts in its schema, in OpenAPI's path syntax."""
+    ops = set()
+    for route in app.routes:
+        if route.path.startswith("/schema"):
+            continue
+        for handler in getattr(route, "route_handlers", ()):
+            if getattr(handler, "include_in_schema", True):
+                path = re.sub(r"\{(\w+):[^}]+\}", r"{\1}", route.path)
+                ops |= {(path, m.lower()) for m in handler.http_methods if m not in ("OPTIONS", "HEAD")}
+    return ops
+
+
+def test_health_info_schema(client, minilm, single):
     assert client.get("/health").json()["status"] == "ready"
     info = client.get("/info").json()
     assert info["backbone"]["fingerprint"] == minilm.fingerprint
@@ -172,7 +187,14 @@ def test_health_info_schema(client, minilm):
     assert info["tenancy"] == "single"
     assert info["limits"]["max_texts_per_request"] > 0
     schema = client.get("/schema/openapi.json").json()
-    assert "/classify" in schema["paths"] and "/v1/embeddings" in schema["paths"]
+    documented = {(p, m) for p, ops in schema["paths"].items() for m in ops if m not in ("parameters", "options")}
+    served = _documented_operations(single.app)
+    assert {("/classify", "post"), ("/v1/embeddings", "post"), ("/embed", "post")} <= served
+    assert documented == served  # every operation served is documented, and nothing documented is missing
+    for path, method in documented:  # each one that takes a key says what a missing key gets
+        op = schema["paths"][path][method]
+        if op.get("security") != [{}]:
+            assert "401" in op["responses"], (path, method, sorted(op["responses"]))
 
 
 def test_stats_report_hits_per_tier_and_classifier(client):

@@ -65,7 +65,11 @@ def test_training_job_end_to_end(multi, alice_spam):
         assert [x["name"] for x in listed] == ["spam"]
         shown = c.get("/classifiers/spam").json()
         assert shown["versions"] == [1] and shown["aliases"]["latest"] == 1
-        assert shown["classifier"]["metrics"]["accuracy"] >= 0 and "validation" in shown["classifier"]
+        metrics = shown["classifier"]["metrics"]
+        assert metrics == alice_spam["result"]["metrics"]  # the version shown is the one the job trained
+        # six clear examples of each class: the held-out ones are all labelled right
+        assert metrics["n_holdout"] >= 2 and metrics["accuracy"] == 1.0, metrics
+        assert shown["classifier"]["validation"]["n_examples"] == len(SPAM_EXAMPLES)
         assert any(j["id"] == alice_spam["id"] for j in c.get("/jobs").json()["jobs"])
 
 
