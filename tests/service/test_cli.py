@@ -119,6 +119,52 @@ def test_retrain_after_a_backbone_switch(run, tmp_path, tiny_model_dir):
     assert code == 0 and "urgent" in out
 
 
+def test_an_operator_switches_to_onnx_and_retrains_with_the_installed_command(minilm, onnx_cache, tmp_path):
+    """The path the README gives after a backend switch, with nothing replaced: heads trained on
+    torch fp32, then ``HEADFLEET_BACKEND=onnx HEADFLEET_PRECISION=int8 headfleet retrain --all-tenants``
+    and ``headfleet classify`` in their own processes, as an operator types them."""
+    import os
+    import shutil
+
+    from headfleet.embedder import Embedder
+    from headfleet.heads import load_examples
+    from headfleet.engine import Engine
+    from headfleet.settings import Settings
+
+    data = tmp_path / "data"
+    with Engine.open(Settings(data_dir=data, device="cpu"), embedder=minilm) as old:  # the default backend
+        old.train("acme", "spam", load_examples(EXAMPLES / "spam.csv"))
+        old.train("globex", "urgency", load_examples(EXAMPLES / "urgency.csv"), kind="mlp", seed=5)
+    # the session's int8 export, put where the service keeps exports, so the commands do not export again
+    int8 = Embedder.load(max_length=256, device="cpu", backend="onnx", precision="int8", cache_dir=onnx_cache)
+    shutil.copytree(onnx_cache, data / "onnx", dirs_exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "HEADFLEET_DATA_DIR": str(data),
+           "HEADFLEET_BACKEND": "onnx", "HEADFLEET_PRECISION": "int8"}
+    exe = str(Path(sys.executable).parent / "headfleet")
+
+    def headfleet(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([exe, *args], capture_output=True, text=True, env=env, timeout=600)
+
+    listed = headfleet("classifiers", "list", "--tenant", "acme")
+    assert listed.returncode == 0 and "NEEDS RETRAIN" in listed.stdout, listed.stdout + listed.stderr
+    done = headfleet("retrain", "--all-tenants", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    body = json.loads(done.stdout)
+    assert sorted((r["tenant"], r["status"], r["new_id"]) for r in body["results"]) == [
+        ("acme", "retrained", "spam@2"), ("globex", "retrained", "urgency@2")]
+    out = headfleet("classify", "--tenant", "acme", "-c", "spam", "Claim your free prize now", "See you at lunch",
+                    "--json")
+    assert out.returncode == 0, out.stderr
+    answers = [r["classifications"]["spam"] for r in json.loads(out.stdout)["results"]]
+    assert [(a["label"], a["version"]) for a in answers] == [("spam", 2), ("ham", 2)]
+    shown = headfleet("classifiers", "show", "--tenant", "globex", "urgency")
+    manifest = json.loads(shown.stdout)
+    assert manifest["parent_fingerprint"] == int8.fingerprint and manifest["type"] == "mlp"
+    assert manifest["retrained_from"]["parent_fingerprint"] == minilm.fingerprint
+    again = headfleet("classifiers", "list", "--tenant", "acme")
+    assert again.returncode == 0 and "NEEDS RETRAIN" not in again.stdout, again.stdout
+
+
 def test_a_second_serve_on_a_busy_port_fails_before_loading_anything(tmp_path):
     import os
     import socket
