@@ -18,6 +18,13 @@ predict(X [n, d], keys) per group, with r = the group rows of the requested keys
 Concurrency: add/remove take a lock and drop the snapshot; predict works on whichever
 immutable snapshot it picked up, so a predict racing an add sees the fleet before or after it,
 never half of it.
+
+Not on the GPU: this is the only serving path for heads, on every device, and it is numpy on the
+host. The batched-heads Triton kernel (``headfleet.kernels.batched_heads``, logits + activation
+fused per (row, head) pair) is tested against its reference and benched (``bench/gpu_kernels.py``)
+but nothing here calls it: it covers linear heads only (no MLP group), and the embeddings reach
+the fleet as host arrays from the cache tiers, so wiring it in needs the vectors kept on the
+device first. Until then heads are scored by numpy on a GPU deployment too.
 """
 
 from __future__ import annotations

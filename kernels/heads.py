@@ -5,6 +5,9 @@ into one packed float32 output.
 Pairs arrive sorted by head (``pack_head_requests``), so one program takes up to BLOCK_M rows that
 asked for the same head: one [BLOCK_M, hidden] x [hidden, BLOCK_L] tile product, the bias, the
 activation over the head's labels, and a scatter of each row's probabilities to its offset.
+
+Not on the serving path: ``heads.fleet.HeadFleet`` scores every head with numpy on the host (its
+docstring says why); this kernel is tested and benched, not called by the product.
 """
 
 from __future__ import annotations
