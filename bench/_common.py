@@ -1,4 +1,15 @@
-"""What every bench shares: the texts it runs on and how figures are printed."""
+"""What every bench shares: the texts it runs on, the checks it makes before it times, how figures
+are printed.
+
+Every bench follows one order:
+
+    begin(title)                      # machine and load average, printed before any work
+    ... build the contenders ...
+    check_vectors / check_labels / check_close(...)   # each contender's output against ours;
+                                      # a miss calls refuse(): no timed round, no ratio, exit 2
+    ... timed rounds (only successful answers count) ...
+    report(title, rows)               # figures, with the load average at start and now
+"""
 
 from __future__ import annotations
 
@@ -6,8 +17,10 @@ import csv
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
+from typing import NoReturn, Sequence
 
 import numpy as np
 
@@ -16,13 +29,11 @@ SMS_SPAM = REPO.parent / "shared" / "data" / "sms_spam.csv"
 
 
 def sms_texts(n: int | None = None) -> list[str]:
-    """Real SMS texts from ../shared/data, or the package's example texts when it is absent."""
-    if SMS_SPAM.exists():
-        with open(SMS_SPAM, newline="", encoding="utf-8") as f:
-            texts = [row["text"] for row in csv.DictReader(f)]
-    else:
-        folder = REPO / "engine" / "example_data"
-        texts = [row["text"] for p in sorted(folder.glob("*.csv")) for row in csv.DictReader(open(p))]
+    """Real SMS texts from ../shared/data (the figures are about them: no silent stand-in when it is absent)."""
+    if not SMS_SPAM.exists():
+        raise SystemExit(f"{SMS_SPAM} is missing: the benches run on real SMS texts from ../shared/data")
+    with open(SMS_SPAM, newline="", encoding="utf-8") as f:
+        texts = [row["text"] for row in csv.DictReader(f)]
     if n is not None:
         texts = (texts * (n // len(texts) + 1))[:n]
     return texts
@@ -54,6 +65,51 @@ def load_average() -> str:
     not taken on a quiet machine, and says so) and now (the bench's own work included)."""
     start, now = _LOAD_AT_START[0], os.getloadavg()[0]
     return f"load average {start:.2f} at start, {now:.2f} now" + ("" if start < 0.5 else " (NOT QUIET at start)")
+
+
+def begin(title: str) -> None:
+    """Print what runs and the load average before the bench does any work (``report`` prints it again at the end)."""
+    print(f"# {title}  ({machine()}; {load_average()})", flush=True)
+
+
+def refuse(why: str) -> NoReturn:
+    """Stop before timing: the contenders do not compute the same thing, so no ratio would mean anything."""
+    print(f"\nREFUSED: {why}\nNo figure and no ratio is reported for outputs that were not checked equal. "
+          f"({load_average()})", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def check_vectors(what: str, ours: np.ndarray, theirs: np.ndarray, min_cosine: float = 0.9999) -> str:
+    """Row-wise cosine of two embedding matrices; refuse below ``min_cosine``. Returns the line to print."""
+    ours, theirs = np.asarray(ours, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
+    if ours.shape != theirs.shape:
+        refuse(f"{what}: shapes differ, {ours.shape} vs {theirs.shape}")
+    cos = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1))
+    worst = float(cos.min()) if len(cos) else 1.0
+    if not np.isfinite(cos).all() or worst < min_cosine:
+        refuse(f"{what}: cosine min {worst:.7f} on row {int(np.nanargmin(cos))}, below the bound {min_cosine}")
+    return f"{what}: cosine min {worst:.7f} over {len(cos)} rows (bound {min_cosine}), checked before timing"
+
+
+def check_close(what: str, ours: np.ndarray, theirs: np.ndarray, atol: float) -> str:
+    """Largest absolute difference of two arrays; refuse above ``atol``. Returns the line to print."""
+    ours, theirs = np.asarray(ours, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
+    if ours.shape != theirs.shape:
+        refuse(f"{what}: shapes differ, {ours.shape} vs {theirs.shape}")
+    worst = float(np.abs(ours - theirs).max()) if ours.size else 0.0
+    if not np.isfinite(worst) or worst > atol:
+        refuse(f"{what}: max |difference| {worst:.2e} above the bound {atol:.0e}")
+    return f"{what}: max |difference| {worst:.1e} (bound {atol:.0e}), checked before timing"
+
+
+def check_labels(what: str, ours: Sequence, theirs: Sequence, min_agreement: float = 1.0) -> str:
+    """Share of equal labels; refuse below ``min_agreement``. Returns the line to print."""
+    if len(ours) != len(theirs) or not len(ours):
+        refuse(f"{what}: {len(ours)} labels vs {len(theirs)}")
+    agree = float(np.mean([a == b for a, b in zip(ours, theirs)]))
+    if agree < min_agreement:
+        refuse(f"{what}: labels agree on {agree:.2%} of {len(ours)}, below the bound {min_agreement:.2%}")
+    return f"{what}: labels agree on {agree:.2%} of {len(ours)} (bound {min_agreement:.2%}), checked before timing"
 
 
 def report(title: str, rows: list[tuple[str, str]], extra: dict | None = None) -> None:

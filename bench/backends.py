@@ -4,7 +4,10 @@ sentence-transformers ``encode`` (and its own ONNX backend where it installs).
 Same model folder, same texts, same thread count, same process. Throughput is texts/s on short
 (SMS) and long (~250-character) texts, at batch 1 (one call per text, as a lone request) and at
 batch 64; the contenders alternate over several rounds and the best round of each is kept. Then
-p50/p99 latency of one short text at batch 1. Parity with torch fp32 (cosine, head labels) is
+p50/p99 latency of one short text at batch 1. Before any timed round every contender embeds all the
+short and long texts once and its vectors are compared with headfleet torch fp32's: cosine >= 0.9999
+on every text (int8: >= 0.99, the bound tests/embedder/test_onnx_backend.py holds it to), or the
+bench stops without a figure. Parity with torch fp32 (cosine, head labels) is
 ``bench/parity.py``; the levers on the miss path are ``bench/levers.py``.
 
     .venv/bin/python bench/backends.py [--n-short 512] [--n-long 256] [--n-single 64] \
@@ -21,14 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import long_texts, percentiles_ms, report, sms_texts
+from _common import begin, check_vectors, long_texts, percentiles_ms, report, sms_texts
 from headfleet.embedder import Embedder
 
 
 class Contender:
-    def __init__(self, name: str, embed):
+    def __init__(self, name: str, embed, min_cosine: float = 0.9999):
         self.name = name
         self.embed = embed  # (texts, batch_size) -> [n, dim] float32
+        self.min_cosine = min_cosine  # against headfleet torch fp32, checked before timing
 
     def throughput(self, texts: list[str], batch_size: int) -> float:
         t0 = time.perf_counter()
@@ -53,7 +57,7 @@ def ours(name: str, e: Embedder) -> Contender:
         e.batch_size = batch_size
         return e.embed(texts).vectors
 
-    return Contender(name, embed)
+    return Contender(name, embed, 0.99 if e.precision == "int8" else 0.9999)
 
 
 def peer(name: str, model) -> Contender:
@@ -96,6 +100,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     ap.add_argument("--cache-dir", default=None, help="where ONNX exports are kept (default: a temp dir)")
     args = ap.parse_args()
+    begin("backbone backends: texts/s, all-MiniLM-L6-v2, CPU")
 
     from sentence_transformers import SentenceTransformer
 
@@ -121,8 +126,18 @@ def main() -> None:
     if st_onnx is not None:
         contenders.append(peer("sentence-transformers onnx", st_onnx))
     contenders += [ours(k, e) for k, e in embedders.items()]
-    for c in contenders:  # warm-up: first calls allocate and, for ONNX Runtime, plan memory
-        c.embed(short[:64], 64), c.embed(long[:8], 8), c.embed(short[:1], 1)
+    # checked before timing (and the warm-up: first calls allocate and, for ONNX Runtime, plan memory)
+    reference = {name: ours("torch fp32", embedders["torch fp32"]).embed(texts, 64)
+                 for name, texts in (("short", short), ("long", long))}
+    checked = []
+    for c in contenders:
+        for name, texts in (("short", short), ("long", long)):
+            checked.append(check_vectors(f"{c.name} vs headfleet torch fp32, {name}", c.embed(texts, 64),
+                                         reference[name], c.min_cosine))
+        single = np.stack([c.embed([t], 1)[0] for t in short[: min(8, len(short))]])  # batch 1 is another path
+        checked.append(check_vectors(f"{c.name} vs headfleet torch fp32, batch 1", single,
+                                     reference["short"][: len(single)], c.min_cosine))
+    print("\n".join(checked), flush=True)
 
     best = best_of(args.rounds, contenders, workloads)
     st = "sentence-transformers"
@@ -137,6 +152,7 @@ def main() -> None:
     if st_onnx_skip:
         rows.append(("sentence-transformers onnx", f"not measured: {st_onnx_skip}"))
     rows.append(("load (export + int8 once)", f"{load_s:.1f} s for the three headfleet embedders, cache {cache_dir}"))
+    rows += [("checked", line) for line in checked]
     report("backbone backends: texts/s, all-MiniLM-L6-v2, CPU", rows,
            {f"{c} / {w}": round(v, 1) for (c, w), v in best.items()})
 
