@@ -12,6 +12,13 @@ is bounded by a request count and a time limit.
   (c) fairness: tenant B's single-text requests while tenant A floods with 32-text requests,
       against B alone
 
+Both servers are started first and checked before either is timed: the same 64 SMS texts x every
+classifier must get a label from each, and the two must agree on at least 90 % of the labels
+(they fit their heads on the same examples and the same vectors, with different fitting code);
+headfleet must answer a repeat from its memory tier and compute a new text (what phases a and b
+claim to measure). Otherwise no figure is printed. Throughput and latency count only 200 answers;
+every other status is counted beside them.
+
     .venv/bin/python bench/load.py [--seconds 10] [--connections 16] [--skip-peer]
 """
 
@@ -31,7 +38,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, percentiles_ms, report, sms_texts  # noqa: E402
+from _common import REPO, begin, check_labels, percentiles_ms, refuse, report, sms_texts  # noqa: E402
 
 KEYS = {"a": "bench-key-a", "b": "bench-key-b"}
 
@@ -119,7 +126,8 @@ class Phase:
                     if line[:15].lower() == b"content-length:":
                         length = int(line[15:])
                 await reader.readexactly(length)
-                self.latencies.append(time.perf_counter() - t0)
+                if status == 200:  # only answers count; a 429 or a 5xx is quick and says nothing of speed
+                    self.latencies.append(time.perf_counter() - t0)
                 self.statuses[status] = self.statuses.get(status, 0) + 1
         finally:
             writer.close()
@@ -132,8 +140,9 @@ class Phase:
 
     def summary(self) -> dict:
         out = percentiles_ms(self.latencies) if self.latencies else {"n": 0}
-        out["req_per_s"] = len(self.latencies) / self.wall if self.wall else 0.0
+        out["req_per_s"] = len(self.latencies) / self.wall if self.wall else 0.0  # 200s only
         out["statuses"] = self.statuses
+        out["not_200"] = sum(n for s, n in self.statuses.items() if s != 200)
         return out
 
 
@@ -148,6 +157,38 @@ def bodies(texts_per_request: int, classifiers: list[str], unique: bool, tag: st
         n = next(counter)
         texts = [f"{pool[(n * texts_per_request + j) % len(pool)]} [{tag} {n}.{j}]" for j in range(texts_per_request)]
         yield json.dumps({"texts": texts, "classifiers": classifiers}).encode()
+
+
+def verify(hf_port: int, peer_port: int | None, classifiers: list[str]) -> list[str]:
+    """The checks made before any timed phase (see the module docstring); returns the lines to print."""
+    texts = sms_texts(64)
+    body = {"texts": texts, "classifiers": classifiers}
+
+    def labels(port: int, key: str | None) -> list[str]:
+        r = httpx.post(f"http://127.0.0.1:{port}/classify", json=body, timeout=300,
+                       headers={"Authorization": f"Bearer {key}"} if key else {})
+        if r.status_code != 200:
+            refuse(f"port {port} answered {r.status_code} to the check request: {r.text[:300]}")
+        results = r.json()["results"]
+        try:
+            return [res["classifications"][c]["label"] for res in results for c in classifiers]
+        except KeyError as exc:
+            refuse(f"port {port} left out a classification: {exc}")
+
+    ours = labels(hf_port, KEYS["a"])
+    if ours != labels(hf_port, KEYS["b"]):
+        refuse("tenants a and b hold the same classifiers but label the same texts differently")
+    lines = [f"headfleet: {len(texts)} texts x {len(classifiers)} classifiers labelled, same for tenants a and b"]
+    if peer_port is not None:
+        lines.append(check_labels("headfleet vs naive server", ours, labels(peer_port, None), 0.9))
+    one = {"texts": [f"a check text nobody sent before {time.time_ns()}"], "classifiers": classifiers}
+    auth = {"Authorization": f"Bearer {KEYS['a']}"}
+    first = httpx.post(f"http://127.0.0.1:{hf_port}/classify", json=one, headers=auth, timeout=60).json()
+    again = httpx.post(f"http://127.0.0.1:{hf_port}/classify", json=one, headers=auth, timeout=60).json()
+    if first["cache"]["computed"] != 1 or again["cache"]["computed"] != 0 or again["cache"]["hits"]["memory"] != 1:
+        refuse(f"headfleet's cache does not behave as phases a and b assume: {first['cache']}, then {again['cache']}")
+    lines.append("headfleet: a new text is computed once, its repeat is a memory hit")
+    return lines
 
 
 async def run_phases(port: int, classifiers: list[str], args, tenant_keys: bool, label: str) -> dict:
@@ -186,25 +227,26 @@ def main() -> None:
     ap.add_argument("--classifiers", type=int, default=5)
     ap.add_argument("--skip-peer", action="store_true")
     args = ap.parse_args()
+    begin("HTTP load on loopback: headfleet vs a naive encode + predict_proba server")
 
     with tempfile.TemporaryDirectory() as tmp:
         names = train_classifiers(Path(tmp), args.classifiers)
         results = {}
-        port = free_port()
-        proc = start_headfleet(Path(tmp), port)
+        hf_port, peer_port = free_port(), None if args.skip_peer else free_port()
+        procs = [start_headfleet(Path(tmp), hf_port)]
+        if peer_port is not None:
+            procs.append(start_peer(peer_port, args.classifiers))
         try:
-            wait_ready(f"http://127.0.0.1:{port}", proc)
-            results["headfleet"] = asyncio.run(run_phases(port, names, args, True, "hf"))
-        finally:
-            proc.terminate()
-            proc.wait(30)
-        if not args.skip_peer:
-            port = free_port()
-            proc = start_peer(port, args.classifiers)
-            try:
+            for port, proc in zip((hf_port, peer_port), procs):
                 wait_ready(f"http://127.0.0.1:{port}", proc)
-                results["naive"] = asyncio.run(run_phases(port, names, args, False, "peer"))
-            finally:
+            checked = verify(hf_port, peer_port, names)  # both up, neither timed yet
+            print("\n".join(checked), flush=True)
+            # one side timed at a time; the other server sits idle
+            results["headfleet"] = asyncio.run(run_phases(hf_port, names, args, True, "hf"))
+            if peer_port is not None:
+                results["naive"] = asyncio.run(run_phases(peer_port, names, args, False, "peer"))
+        finally:
+            for proc in procs:
                 proc.terminate()
                 proc.wait(30)
 
@@ -212,7 +254,7 @@ def main() -> None:
 
     def fmt(s: dict) -> str:
         return (f"{s['req_per_s']:8.1f} req/s  p50 {s.get('p50_ms', float('nan')):7.2f} ms  "
-                f"p99 {s.get('p99_ms', float('nan')):7.2f} ms  (n={s['n']}, statuses {s['statuses']})")
+                f"p99 {s.get('p99_ms', float('nan')):7.2f} ms  (n={s['n']} answered; statuses {s['statuses']})")
 
     rows = []
     for phase, title in (("cached", f"(a) cached, 1 text x {args.classifiers}, {args.connections} conns"),
@@ -222,15 +264,19 @@ def main() -> None:
         rows.append((f"{title}: headfleet", fmt(ours[phase])))
         if peer:
             rows.append((f"{title}: naive", fmt(peer[phase])))
-    ratio_b = ours["b_during_flood"]["p99_ms"] / ours["b_alone"]["p99_ms"]
-    rows.append(("(c) headfleet B p99 during flood / alone", f"{ratio_b:.2f}x  (goal <= 2x)"))
+    def ratio(a: dict, b: dict, key: str, digits: int = 2) -> str:
+        """a[key] / b[key], or why there is none (a phase with no 200 answer has no latency)."""
+        if not a.get("n") or not b.get("n") or not b.get(key):
+            return "no ratio: a phase got no 200 answer"
+        return f"{a[key] / b[key]:.{digits}f}x"
+
+    rows.append(("(c) headfleet B p99 during flood / alone",
+                 f"{ratio(ours['b_during_flood'], ours['b_alone'], 'p99_ms')}  (goal <= 2x)"))
     if peer:
-        rows.append(("(a) cached req/s, headfleet / naive",
-                     f"{ours['cached']['req_per_s'] / peer['cached']['req_per_s']:.1f}x"))
-        rows.append(("(b) uncached p99, naive / headfleet",
-                     f"{peer['uncached']['p99_ms'] / ours['uncached']['p99_ms']:.2f}x"))
-        peer_ratio = peer["b_during_flood"]["p99_ms"] / peer["b_alone"]["p99_ms"]
-        rows.append(("(c) naive B p99 during flood / alone", f"{peer_ratio:.2f}x"))
+        rows.append(("(a) cached req/s, headfleet / naive", ratio(ours["cached"], peer["cached"], "req_per_s", 1)))
+        rows.append(("(b) uncached p99, naive / headfleet", ratio(peer["uncached"], ours["uncached"], "p99_ms")))
+        rows.append(("(c) naive B p99 during flood / alone", ratio(peer["b_during_flood"], peer["b_alone"], "p99_ms")))
+    rows += [("checked before timing", line) for line in checked]
     report("HTTP load on loopback: headfleet vs a naive encode + predict_proba server", rows,
            {"args": vars(args), **results})
 
