@@ -88,7 +88,7 @@ def check_vectors(what: str, ours: np.ndarray, theirs: np.ndarray, min_cosine: f
     worst = float(cos.min()) if len(cos) else 1.0
     if not np.isfinite(cos).all() or worst < min_cosine:
         refuse(f"{what}: cosine min {worst:.7f} on row {int(np.nanargmin(cos))}, below the bound {min_cosine}")
-    return f"{what}: cosine min {worst:.7f} over {len(cos)} rows (bound {min_cosine}), checked before timing"
+    return f"{what}: cosine min {worst:.7f} over {len(cos)} rows (bound {min_cosine})"
 
 
 def check_close(what: str, ours: np.ndarray, theirs: np.ndarray, atol: float) -> str:
@@ -99,7 +99,7 @@ def check_close(what: str, ours: np.ndarray, theirs: np.ndarray, atol: float) ->
     worst = float(np.abs(ours - theirs).max()) if ours.size else 0.0
     if not np.isfinite(worst) or worst > atol:
         refuse(f"{what}: max |difference| {worst:.2e} above the bound {atol:.0e}")
-    return f"{what}: max |difference| {worst:.1e} (bound {atol:.0e}), checked before timing"
+    return f"{what}: max |difference| {worst:.1e} (bound {atol:.0e})"
 
 
 def check_labels(what: str, ours: Sequence, theirs: Sequence, min_agreement: float = 1.0) -> str:
@@ -109,7 +109,7 @@ def check_labels(what: str, ours: Sequence, theirs: Sequence, min_agreement: flo
     agree = float(np.mean([a == b for a, b in zip(ours, theirs)]))
     if agree < min_agreement:
         refuse(f"{what}: labels agree on {agree:.2%} of {len(ours)}, below the bound {min_agreement:.2%}")
-    return f"{what}: labels agree on {agree:.2%} of {len(ours)} (bound {min_agreement:.2%}), checked before timing"
+    return f"{what}: labels agree on {agree:.2%} of {len(ours)} (bound {min_agreement:.2%})"
 
 
 def report(title: str, rows: list[tuple[str, str]], extra: dict | None = None) -> None:

@@ -152,7 +152,7 @@ def main() -> None:
     if st_onnx_skip:
         rows.append(("sentence-transformers onnx", f"not measured: {st_onnx_skip}"))
     rows.append(("load (export + int8 once)", f"{load_s:.1f} s for the three headfleet embedders, cache {cache_dir}"))
-    rows += [("checked", line) for line in checked]
+    rows += [("checked before timing", line) for line in checked]
     report("backbone backends: texts/s, all-MiniLM-L6-v2, CPU", rows,
            {f"{c} / {w}": round(v, 1) for (c, w), v in best.items()})
 

@@ -3,6 +3,9 @@ against a naive path (sentence-transformers ``encode`` + each classifier's sciki
 ``predict_proba``) measured in the same run.
 
 Runs on embedded defaults (memory LRU + local FAISS store, no Redis) in a temporary data folder.
+Checked before timing: on 64 other short SMS texts, headfleet's label and the naive path's agree on
+>= 95 % of (text, classifier) pairs (the same examples and vectors, fitted by different code; the
+MLPs differ most), and a cached answer equals the uncached one; otherwise no figure.
 
     .venv/bin/python bench/classify_latency.py [--calls 300] [--classifiers 10]
 """
@@ -16,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from _common import REPO, percentiles_ms, report, sms_texts
+import numpy as np
+
+from _common import REPO, begin, check_close, check_labels, percentiles_ms, refuse, report, sms_texts
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 
@@ -25,12 +30,17 @@ from headfleet.engine import Engine
 from headfleet.settings import Settings
 
 
+def _scores(answer: dict, names: list[str]) -> np.ndarray:
+    return np.array([s for r in answer["results"] for n in names for s in r["classifications"][n]["scores"].values()])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--classifiers", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    begin(f"classify 1 short text x {args.classifiers} classifiers, in process")
 
     with tempfile.TemporaryDirectory() as tmp:
         engine = Engine.open(Settings(data_dir=Path(tmp), threads=args.threads, device="cpu"))
@@ -47,6 +57,24 @@ def main() -> None:
             sk_models.append(peer_model.fit(X, ex.labels))
         texts = sms_texts()
         short = [t for t in texts if 20 <= len(t) <= 80]
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(str(engine.embedder.folder), device="cpu")
+
+        # checked before timing, on texts the timed calls do not send
+        probe = [f"{t} (probe {i})" for i, t in enumerate(short[-64:])]
+        first = engine.classify("bench", probe, names)
+        again = engine.classify("bench", probe, names)
+        ours_labels = [r["classifications"][n]["label"] for r in first["results"] for n in names]
+        V = st.encode(probe, convert_to_numpy=True)
+        peer_labels = [str(m.classes_[p.argmax()]) for i in range(len(probe)) for m in sk_models
+                       for p in m.predict_proba(V[i:i + 1])]
+        checked = [check_labels(f"headfleet vs naive path, {len(probe)} texts x {len(names)} classifiers",
+                                ours_labels, peer_labels, 0.95),
+                   check_close("cached vs uncached scores", _scores(again, names), _scores(first, names), 1e-6)]
+        if first["cache"]["computed"] != len(probe) or again["cache"]["computed"] != 0:
+            refuse(f"the probe was not computed once then cached: {first['cache']}, then {again['cache']}")
+        print("\n".join(checked), flush=True)
 
         # cached: the same text every call (first call fills the cache)
         engine.classify("bench", [short[0]], names)
@@ -64,9 +92,6 @@ def main() -> None:
             uncached.append(time.perf_counter() - t0)
             assert out["cache"]["computed"] == 1
         # the naive peer: encode + a loop of predict_proba, no cache
-        from sentence_transformers import SentenceTransformer
-
-        st = SentenceTransformer(str(engine.embedder.folder), device="cpu")
         peer = []
         for t in fresh:
             t0 = time.perf_counter()
@@ -84,7 +109,7 @@ def main() -> None:
         ("naive encode + predict_proba loop", f"p50 {p['p50_ms']:.1f} ms, p99 {p['p99_ms']:.1f} ms"),
         ("ratio naive/cached (p50)", f"{p['p50_ms'] / c['p50_ms']:.0f}x"),
         ("ratio naive/uncached (p50)", f"{p['p50_ms'] / u['p50_ms']:.2f}x"),
-    ], {"cached": c, "uncached": u, "peer": p})
+    ] + [("checked before timing", line) for line in checked], {"cached": c, "uncached": u, "peer": p})
 
 
 if __name__ == "__main__":

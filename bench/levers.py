@@ -201,7 +201,7 @@ def main() -> None:
         except Exception as exc:  # no compiler, an inductor failure: say so, do not hide it
             rows.append(("torch.compile", f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
 
-    rows += [("checked", line) for line in CHECKED]
+    rows += [("checked before timing", line) for line in CHECKED]
     report(f"levers on the miss path (ratios: lever on / off, best of {args.rounds} alternated rounds; "
            f"{len(short)} short, {len(long)} long texts; torch default {threads} threads)", rows, extra)
 
