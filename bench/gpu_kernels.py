@@ -11,7 +11,9 @@ no adapter): ours (one fused Triton launch) against
 Heads (softmax/sigmoid of the heads each row asked for): ours against the reference (one matmul
 per asked head) and a dense peer (all heads' logits in one matmul, then gather + activation).
 
-Every case is checked against the reference before it is timed. Times: triton.testing.do_bench,
+Every case is checked before it is timed: ours and every peer against the reference, within the
+dtype's tolerance (the kernel tests' (atol, rtol)); a miss stops the bench with no figure.
+Times: triton.testing.do_bench,
 median ms over CUDA events (L2 flushed between calls); ratio = peer / ours (> 1: ours faster).
 """
 
@@ -22,9 +24,22 @@ import sys
 
 import torch
 
-from _common import report
+from _common import begin, refuse, report
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# (atol, rtol) per dtype, as tests/kernels/kernel_helpers.py holds the kernels to (fp32 a little
+# looser: TF32-free but another summation order than the reference over wider rows)
+TOLERANCE = {"fp32": (1e-4, 1e-4), "fp16": (1e-2, 1e-2), "bf16": (6e-2, 2e-2)}
+
+
+def check(what: str, got: torch.Tensor, want: torch.Tensor, dtype: str) -> float:
+    """Refuse unless ``got`` is within the dtype's tolerance of ``want``; returns max |error|."""
+    atol, rtol = TOLERANCE[dtype]
+    got, want = got.float(), want.float()
+    err = float((got - want).abs().max()) if got.numel() else 0.0
+    if got.shape != want.shape or not torch.allclose(got, want, atol=atol, rtol=rtol):
+        refuse(f"{what}: max |error| {err:.2e} against the reference, outside atol {atol}, rtol {rtol} ({dtype})")
+    return err
 
 
 def ints(text: str) -> list[int]:
@@ -104,9 +119,14 @@ def bench_lora(args: argparse.Namespace, do_bench) -> None:
             for n_adapters in args.adapters:
                 for rows in args.rows:
                     inp = lora_inputs(rows, n_adapters, rank, hidden, dtype, args.no_adapter)
+                    name = f"h{hidden} r{rank} a{n_adapters} rows{rows}"
                     want = reference.lora_shrink_expand(**{**inp, "y": inp["y"].clone()})
-                    got = lora.lora_shrink_expand(**{**inp, "y": inp["y"].clone()})
-                    err = float((got.float() - want.float()).abs().max())
+                    err = check(f"lora {name}: ours", lora.lora_shrink_expand(**{**inp, "y": inp["y"].clone()}),
+                                want, args.dtype)
+                    for peer_name, make in (("loop", loop_peer), ("gather-bmm", gather_bmm_peer)):
+                        fresh = {**inp, "y": inp["y"].clone()}
+                        make(fresh)()  # in place on fresh["y"]
+                        check(f"lora {name}: {peer_name}", fresh["y"], want, args.dtype)
                     groups = group_rows_by_slot(inp["slots"], n_adapters)  # once per batch, as in a forward
                     t = {
                         "ours": do_bench(lambda: lora.lora_shrink_expand(**inp, groups=groups, validate=False),
@@ -118,7 +138,6 @@ def bench_lora(args: argparse.Namespace, do_bench) -> None:
                         "loop": do_bench(loop_peer(inp), warmup=args.warmup, rep=args.rep),
                         "gather-bmm": do_bench(gather_bmm_peer(inp), warmup=args.warmup, rep=args.rep),
                     }
-                    name = f"h{hidden} r{rank} a{n_adapters} rows{rows}"
                     ours = t["ours"]
                     table.append((name, "  ".join(
                         [f"ours {ours * 1e3:7.1f} us"]
@@ -169,9 +188,10 @@ def bench_heads(args: argparse.Namespace, do_bench) -> None:
             asked = torch.randint(0, args.heads, (rows, args.heads_per_row)).tolist()
             req = pack_head_requests(asked, n, device="cuda")
             kw = dict(x=x, W=W, b=b, head_offsets=offsets, n_labels=n_t, multi_label=multi, requests=req)
+            case = f"h{hidden} heads{args.heads} rows{rows} x{args.heads_per_row}"
             want = reference.batched_heads(**kw)
-            err = float((heads.batched_heads(**kw) - want).abs().max())
-            err_dense = float((dense_heads_peer(**kw)() - want).abs().max())
+            err = check(f"heads {case}: ours", heads.batched_heads(**kw), want, args.dtype)
+            err_dense = check(f"heads {case}: dense", dense_heads_peer(**kw)(), want, args.dtype)
             t = {
                 "ours": do_bench(lambda: heads.batched_heads(**kw, validate=False), warmup=args.warmup, rep=args.rep),
                 "reference": do_bench(lambda: reference.batched_heads(**kw, validate=False),
@@ -192,6 +212,7 @@ def bench_heads(args: argparse.Namespace, do_bench) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    begin("Triton kernels against torch peers")
     if not torch.cuda.is_available():
         print("bench/gpu_kernels.py needs a CUDA GPU: torch.cuda.is_available() is False here. "
               "The CPU path is the torch reference (tests/kernels check the kernels under TRITON_INTERPRET=1).",

