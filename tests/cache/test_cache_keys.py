@@ -50,5 +50,5 @@ def test_fields_cannot_bleed_into_each_other() -> None:
 
 
 def test_max_length_must_be_an_int() -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="max_length must be an int"):
         content_key("fp", "ns", "256", "t")  # type: ignore[arg-type]

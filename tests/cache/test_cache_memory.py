@@ -60,11 +60,11 @@ def test_caller_mutation_does_not_reach_the_cache() -> None:
     vecs[:] = 0
     for got, want in zip(lru.get_many(keys), expected):
         np.testing.assert_array_equal(got, want)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="read-only"):
             got[0] = 1.0  # served vectors are read-only
 
 
 def test_rejects_non_float32() -> None:
     lru = MemoryLRU(max_bytes=10 * ENTRY)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="vectors must be float32, got float64"):
         lru.put_many(keys_for(1), unit_vectors(1).astype(np.float64), ["ns"])

@@ -141,8 +141,8 @@ def test_close_saves_the_local_store(redis_tier: RedisTier, tmp_path: Path) -> N
 
 def test_malformed_store_raises_instead_of_being_swallowed(redis_tier: RedisTier) -> None:
     cache = build(redis_tier)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="vectors must be float32, got float64"):
         cache.store(keys_for(2), unit_vectors(2).astype(np.float64), ["ns"] * 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"keys \(2\), vectors \(3\) and namespaces \(2\) differ in length"):
         cache.store(keys_for(2), unit_vectors(3), ["ns"] * 2)
     assert all(n == 0 for n in cache.tier_errors.values())
