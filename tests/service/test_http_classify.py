@@ -143,27 +143,36 @@ def test_openai_client_gets_embeddings(single, minilm):
 
 
 def test_metrics_parse_and_count_what_happened(client):
-    client.post("/classify", json={"texts": ["metrics text one"], "classifiers": ["spam"]})
-    client.post("/classify", json={"texts": ["metrics text one"], "classifiers": ["spam"]})
-    client.post("/classify", json={"texts": ["x"], "classifiers": ["missing"]})
-    r = client.get("/metrics")
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    families = {f.name: f for f in text_string_to_metric_families(r.text)}
-    for name in ("headfleet_request_seconds", "headfleet_queue_seconds", "headfleet_embed_seconds",
-                 "headfleet_heads_seconds", "headfleet_cache_lookups", "headfleet_batch_texts",
-                 "headfleet_rejected", "headfleet_failures"):
-        assert name in families, name
+    def scrape() -> dict:
+        r = client.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        return {f.name: f for f in text_string_to_metric_families(r.text)}
 
-    def value(family, sample_name, **labels):
+    def value(families, family, sample_name, **labels):
+        if family not in families:  # a counter nothing has touched yet is 0
+            return 0.0
         return sum(s.value for s in families[family].samples
                    if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items()))
 
-    assert value("headfleet_cache_lookups", "headfleet_cache_lookups_total", tier="memory") >= 1
-    assert value("headfleet_cache_lookups", "headfleet_cache_lookups_total", tier="miss") >= 1
-    assert value("headfleet_failures", "headfleet_failures_total", error_type="not_found") >= 1
-    assert value("headfleet_request_seconds", "headfleet_request_seconds_count", endpoint="/classify",
-                 status="2xx") >= 2
-    assert value("headfleet_batch_texts", "headfleet_batch_texts_count") >= 1
+    counted = {  # (family, sample, labels) -> what the three requests below add (the server is shared: deltas)
+        ("headfleet_cache_lookups", "headfleet_cache_lookups_total", (("tier", "memory"),)): 1,
+        ("headfleet_cache_lookups", "headfleet_cache_lookups_total", (("tier", "miss"),)): 1,
+        ("headfleet_failures", "headfleet_failures_total", (("error_type", "not_found"),)): 1,
+        ("headfleet_request_seconds", "headfleet_request_seconds_count", (("endpoint", "/classify"), ("status", "2xx"))): 2,
+        ("headfleet_request_seconds", "headfleet_request_seconds_count", (("endpoint", "/classify"), ("status", "4xx"))): 1,
+        ("headfleet_batch_texts", "headfleet_batch_texts_count", ()): 1,
+    }
+    before = scrape()
+    client.post("/classify", json={"texts": ["metrics text one"], "classifiers": ["spam"]})  # a miss, one batch
+    client.post("/classify", json={"texts": ["metrics text one"], "classifiers": ["spam"]})  # a memory hit
+    client.post("/classify", json={"texts": ["x"], "classifiers": ["missing"]})  # a 404
+    after = scrape()
+    for name in ("headfleet_request_seconds", "headfleet_queue_seconds", "headfleet_embed_seconds",
+                 "headfleet_heads_seconds", "headfleet_cache_lookups", "headfleet_batch_texts",
+                 "headfleet_rejected", "headfleet_failures"):
+        assert name in after, name
+    got = {k: value(after, k[0], k[1], **dict(k[2])) - value(before, k[0], k[1], **dict(k[2])) for k in counted}
+    assert got == counted
 
 
 def _documented_operations(app) -> set[tuple[str, str]]:
