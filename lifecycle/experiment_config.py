@@ -45,9 +45,8 @@ def check_unit(unit: Any, field: str = "unit") -> str | None:
 def check_text(value: Any, field: str, default: str | None = None) -> str:
     if value is None and default is not None:
         return default
-    if not isinstance(value, str) or not value.strip() or len(value) > MAX_TEXT_CHARS:
-        raise ValidationError(f"{field} must be a non-blank string of at most {MAX_TEXT_CHARS} characters",
-                              param=field)
+    if not isinstance(value, str) or not value or len(value) > MAX_TEXT_CHARS:
+        raise ValidationError(f"{field} must be a string of 1-{MAX_TEXT_CHARS} characters", param=field)
     return value
 
 

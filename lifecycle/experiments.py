@@ -140,6 +140,11 @@ class Experiments:
         self._running = {(t, c): cfg for t, per in doc.items() for c, cfg in per.items()}
         self._refreshed = self.clock()
 
+    def summary(self) -> dict[str, int]:
+        """Fleet-wide counts for metrics: running experiments (as last read), auto-stops, dropped exposures."""
+        return {"running": len(self._running), "auto_stops": self.counts["auto_stops"],
+                "exposures_dropped": self.counts["exposures_dropped"]}
+
     # -- the request path --------------------------------------------------------------------------
     def choose(self, choice: Choice) -> None:
         """Engine chooser: re-point a bare ref (or ``@latest``) of a running experiment to its arm."""
@@ -183,32 +188,34 @@ class Experiments:
     def flush(self) -> None:
         """Fold queued exposures into the store: new units into each experiment's unit set, this
         replica's guardrail counters; then stop any experiment whose treatment breached a guardrail."""
-        self._to_check |= self._fold()
-        for tenant, exp_id in list(self._to_check):
+        with self._flush_lock:
+            self._to_check |= self._fold()
+            due = list(self._to_check)
+        for tenant, exp_id in due:
             self._check_guardrails(tenant, exp_id)
 
     def _fold(self) -> set[tuple[str, str]]:
-        with self._flush_lock:
-            fresh: dict[tuple[str, str], dict[str, str]] = {}
-            touched: set[tuple[str, str]] = set()
-            while self._queue:
-                tenant, exp_id, arm, unit, ms, error = self._queue.popleft()
-                key = (tenant, exp_id)
-                known = self._known.get(key)
-                if known is None or unit not in known:
-                    fresh.setdefault(key, {})[unit] = arm
-                counts = self._guard.setdefault(key, {a: guardrails.new_counts() for a in ARMS})
-                guardrails.add(counts[arm], ms, error)
-                touched.add(key)
-            for (tenant, exp_id), units in fresh.items():
-                with self.store.lock(f"{tenant}/{exp_id}"):
-                    doc = _load(self.store.get(f"{tenant}/{exp_id}/units"), {"units": {}})
-                    doc["units"].update(units)
-                    self.store.put(f"{tenant}/{exp_id}/units", _dump(doc))
-                self._known[(tenant, exp_id)] = set(doc["units"])
-            for tenant, exp_id in touched:
-                self.store.put(f"{tenant}/{exp_id}/guard/{self.replica}", _dump(self._guard[(tenant, exp_id)]))
-            return touched
+        """Drain the queue into the store (caller holds ``_flush_lock``); returns the experiments touched."""
+        fresh: dict[tuple[str, str], dict[str, str]] = {}
+        touched: set[tuple[str, str]] = set()
+        while self._queue:
+            tenant, exp_id, arm, unit, ms, error = self._queue.popleft()
+            key = (tenant, exp_id)
+            known = self._known.get(key)
+            if known is None or unit not in known:
+                fresh.setdefault(key, {})[unit] = arm
+            counts = self._guard.setdefault(key, {a: guardrails.new_counts() for a in ARMS})
+            guardrails.add(counts[arm], ms, error)
+            touched.add(key)
+        for (tenant, exp_id), units in fresh.items():
+            with self.store.lock(f"{tenant}/{exp_id}"):
+                doc = _load(self.store.get(f"{tenant}/{exp_id}/units"), {"units": {}})
+                doc["units"].update(units)
+                self.store.put(f"{tenant}/{exp_id}/units", _dump(doc))
+            self._known[(tenant, exp_id)] = set(doc["units"])
+        for tenant, exp_id in touched:
+            self.store.put(f"{tenant}/{exp_id}/guard/{self.replica}", _dump(self._guard[(tenant, exp_id)]))
+        return touched
 
     def _check_guardrails(self, tenant: str, exp_id: str) -> None:
         """Judge an experiment that had traffic since its last judgement (at most every GUARD_CHECK_S)."""
@@ -265,7 +272,7 @@ class Experiments:
         if after is not None:
             at = next((i for i, r in enumerate(records) if r["id"] == after), None)
             if at is None:
-                raise ValidationError(f"after: no experiment {after!r} in this listing", param="after")
+                raise NotFoundError(f"after: no experiment {after!r} in this tenant's listing")
             records = records[at + 1:]
         page = records[:limit]
         summary = [{k: r[k] for k in ("id", "name", "classifier", "control", "treatment", "state", "decision",

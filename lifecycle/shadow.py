@@ -121,6 +121,10 @@ class Shadows:
         self._active = {(t, n): cfg for t, per in doc.items() for n, cfg in per.items()}
         self._refreshed = self.clock()
 
+    def summary(self) -> dict[str, int]:
+        """Fleet-wide counts for metrics: active shadows (as last read), dropped observations."""
+        return {"active": len(self._active), "observations_dropped": self.counts["observations_dropped"]}
+
     # -- the request path ----------------------------------------------------------------------------
     def choose(self, choice: Choice) -> None:
         """Engine chooser: add the classifier's shadow beside the first ref that names it."""

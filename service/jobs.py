@@ -41,15 +41,16 @@ class JobManager:
         self._recover()
 
     # -- public ---------------------------------------------------------------------------------
-    def submit(self, tenant: str, name: str, examples: Examples, *, kind: str, seed: int) -> dict[str, Any]:
+    def submit(self, tenant: str, name: str, examples: Examples, *, kind: str, seed: int,
+               candidate: bool = False) -> dict[str, Any]:
         job_id = "job_" + secrets.token_hex(8)
-        job = {"id": job_id, "type": "train", "classifier": name, "kind": kind, "state": "queued",
+        job = {"id": job_id, "type": "train", "classifier": name, "kind": kind, "candidate": candidate, "state": "queued",
                "created": _now(), "started": None, "finished": None,
                "progress": {"embedded": 0, "total": len(examples.texts)}, "result": None, "error": None}
         with self._lock:
             self._jobs[(tenant, job_id)] = job
         self._save(tenant, job)
-        self._pool.submit(self._run, tenant, job_id, name, examples, kind, seed)
+        self._pool.submit(self._run, tenant, job_id, name, examples, kind, seed, candidate)
         return dict(job)
 
     def submit_run(self, tenant: str, name: str, run: Callable[..., dict], total: int, *, kind: str = "retrain",
@@ -90,9 +91,10 @@ class JobManager:
             snapshot = dict(job)
         self._save(tenant, snapshot)
 
-    def _run(self, tenant: str, job_id: str, name: str, examples: Examples, kind: str, seed: int) -> None:
+    def _run(self, tenant: str, job_id: str, name: str, examples: Examples, kind: str, seed: int,
+             candidate: bool = False) -> None:
         self._execute(tenant, job_id, len(examples.texts), lambda progress: self.engine.train(
-            tenant, name, examples, kind=kind, seed=seed, progress=progress, embed=self._embed))
+            tenant, name, examples, kind=kind, seed=seed, progress=progress, embed=self._embed, candidate=candidate))
 
     def _execute(self, tenant: str, job_id: str, total: int, train: Callable[[Callable[[int], None]], dict]) -> None:
         """Run ``train(progress) -> manifest`` as the job: state, progress, result or error."""

@@ -131,3 +131,30 @@ class MonitorCollector:
                                   "windows because the monitor's queue was full", value=s["observations_dropped"])
         yield CounterMetricFamily("headfleet_monitor_webhook_failures", "Alert webhooks given up after every "
                                   "retry, or dropped on a full queue", value=s["webhook_failures"])
+
+
+class ExperimentsCollector:
+    """Shadows and experiments, fleet-wide (no series per experiment or classifier)."""
+
+    def __init__(self, experiments, shadows, engine) -> None:
+        self.experiments, self.shadows, self.engine = experiments, shadows, engine
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        e, s = self.experiments.summary(), self.shadows.summary()
+        yield GaugeMetricFamily("headfleet_experiments_running", "A/B experiments running (as this replica last "
+                                "read them)", value=e["running"])
+        yield CounterMetricFamily("headfleet_experiments_auto_stops", "Experiments this replica stopped and rolled "
+                                  "back because the treatment breached a guardrail",
+                                  value=e["auto_stops"])
+        yield CounterMetricFamily("headfleet_experiments_exposures_dropped", "Experiment exposures left out "
+                                  "because the queue was full", value=e["exposures_dropped"])
+        yield GaugeMetricFamily("headfleet_shadows_active", "Classifiers with a shadow version",
+                                value=s["active"])
+        yield CounterMetricFamily("headfleet_shadows_observations_dropped", "Shadowed requests left out of the "
+                                  "shadow counts because the queue was full",
+                                  value=s["observations_dropped"])
+        yield CounterMetricFamily("headfleet_chooser_failures", "Live requests served as asked because an "
+                                  "experiment or shadow chooser failed", value=self.engine.chooser_failures)

@@ -65,8 +65,10 @@ def _statuses(path: str, method: str) -> list[int]:
     if path.startswith(("/classifiers", "/jobs", "/admin", "/v1/embeddings", "/feedback")) or "{" in path \
             or path == "/classify":
         out += [404, 422]
-    if path.startswith(("/classifiers", "/jobs", "/admin")):
+    if path.startswith(("/classifiers", "/jobs", "/admin", "/experiments")):
         out += [409]
+    if path.startswith("/experiments"):
+        out += [404, 422]
     if path.startswith(("/admin", "/metrics", "/jobs", "/classify", "/v1", "/embed")):
         out += [403]
     if path in ("/classify", "/embed", "/v1/embeddings", "/feedback") or path.startswith(("/classifiers", "/jobs")):
@@ -141,6 +143,7 @@ def precise(doc: dict[str, Any], settings, prompts=(), models=(), dim: int | Non
         props("FeedbackRequest").update(classifier=ref, items=_examples_schema())
     if "MonitorSettingsRequest" in schemas:
         _monitor_ranges(props("MonitorSettingsRequest"))
+    _experiment_schemas(props, name)
     canary = doc.get("paths", {}).get("/classifiers/{name}/canary", {}).get("put")
     if canary is not None:
         canary["requestBody"] = canary_body()
@@ -153,8 +156,12 @@ def precise(doc: dict[str, Any], settings, prompts=(), models=(), dim: int | Non
     if "OpenAIEmbeddingsRequest" in schemas and dim:
         props("OpenAIEmbeddingsRequest")["dimensions"] = {"oneOf": [{"type": "integer", "const": dim},
                                                                     {"type": "null"}]}
+    for param in doc.get("paths", {}).get("/experiments", {}).get("get", {}).get("parameters", []):
+        if param.get("name") == "after":
+            param["schema"] = {"oneOf": [{"type": "string", "pattern": EXPERIMENT_ID}, {"type": "null"}]}
     patterns = {"name": REF_PATTERN, "alias": ALIAS_PATTERN, "tenant_name": NAME_RE.pattern,
-                "namespace": NAME_RE.pattern, "key_id": "^[0-9a-f]{12}$", "job_id": "^[A-Za-z0-9_-]{1,64}$"}
+                "namespace": NAME_RE.pattern, "key_id": "^[0-9a-f]{12}$", "job_id": "^[A-Za-z0-9_-]{1,64}$",
+                "exp_id": EXPERIMENT_ID}
     for path, item in doc.get("paths", {}).items():
         for op in item.values():
             for param in op.get("parameters", []) if isinstance(op, dict) else []:
@@ -166,6 +173,7 @@ def precise(doc: dict[str, Any], settings, prompts=(), models=(), dim: int | Non
     return doc
 
 
+EXPERIMENT_ID = r"^exp-[0-9a-f]{12}$"
 REF_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}(@([1-9][0-9]{0,8}|[a-z][a-z0-9_-]{0,31}))?$"
 ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
 
@@ -211,7 +219,8 @@ def train_body() -> dict[str, Any]:
         "file": {"type": "string", "format": "binary", "description": ".csv with a header row, or .jsonl"},
         "name": {"type": "string", "pattern": NAME_RE.pattern}, "kind": {"type": "string", "enum": ["logreg", "mlp", "lora"]},
         "text_col": {"type": "string", "default": "text"}, "label_col": {"type": "string", "default": "label"},
-        "multi_label": {"type": "boolean", "default": False}, "seed": {"type": "integer", "minimum": 0}}}
+        "multi_label": {"type": "boolean", "default": False}, "seed": {"type": "integer", "minimum": 0},
+        "candidate": {"type": "boolean", "default": False}}}
     return {"required": True, "content": {"application/json": {"schema": schema},
                                           "multipart/form-data": {"schema": upload}}}
 
@@ -253,3 +262,29 @@ def _inline(struct: type) -> dict[str, Any]:
     schema = msgspec.json.schema(struct)
     name = schema["$ref"].rsplit("/", 1)[-1]
     return schema["$defs"][name]
+
+
+def _experiment_schemas(props, name: dict[str, Any]) -> None:
+    """What ``lifecycle.experiment_config`` and the shadow's ``set`` enforce, stated in the document."""
+    from headfleet.lifecycle.experiment_config import GUARDRAILS, MAX_TEXT_CHARS, MAX_UNIT_CHARS
+    from headfleet.lifecycle.experiments import MAX_ITEMS
+
+    nullable = lambda schema: {"oneOf": [schema, {"type": "null"}]}  # noqa: E731
+    version = {"oneOf": [{"type": "integer", "minimum": 1, "maximum": 999_999_999},
+                         {"type": "string", "pattern": r"^([1-9][0-9]{0,8}|[a-z][a-z0-9_-]{0,31})$"}],
+               "description": "a version number, or an alias (pinned to its version now)"}
+    label = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT_CHARS}
+    unit = {"type": "string", "minLength": 1, "maxLength": MAX_UNIT_CHARS, "pattern": "^[^\\u0000-\\u001f\\u007f]+$",
+            "description": "an experiment unit (user, session or account id): no control characters"}
+    props("ClassifyRequest")["unit"] = nullable(unit)
+    guard = {"type": "object", "additionalProperties": False, "properties": {
+        k: {"type": "number", "minimum": lo, "maximum": hi} for k, (lo, hi) in GUARDRAILS.items()}}
+    props("ExperimentRequest").update(
+        classifier=name, control=version, treatment=version, name=nullable(label), metric=nullable(label),
+        split=nullable({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}),
+        min_samples=nullable({"type": "integer", "minimum": 2, "maximum": 10**9}), guardrails=nullable(guard))
+    item = {"type": "object", "required": ["unit", "value"], "properties": {
+        "unit": unit, "value": {"type": "number"}, "id": label, "segment": label}}
+    props("OutcomesRequest")["items"] = {"type": "array", "minItems": 1, "maxItems": MAX_ITEMS, "items": item}
+    props("ShadowRequest").update(version=version, sample=nullable({"type": "number", "exclusiveMinimum": 0,
+                                                                    "maximum": 1}))

@@ -75,6 +75,7 @@ class TrainRequest(msgspec.Struct, forbid_unknown_fields=True):
     kind: Literal["logreg", "mlp", "lora"] = "logreg"  # lora: an adapter in the backbone plus a head
     multi_label: bool = False
     seed: int = 0
+    candidate: bool = False  # publish with the "candidate" alias; "latest" stays (a shadow's or an experiment's treatment)
 
 
 class AliasRequest(msgspec.Struct, forbid_unknown_fields=True):

@@ -22,7 +22,7 @@ from headfleet.lifecycle.monitor import Monitor
 from headfleet.lifecycle.shadow import Shadows
 from headfleet.lifecycle.store import open_store
 from headfleet.service.jobs import JobManager
-from headfleet.service.metrics import Metrics, MonitorCollector
+from headfleet.service.metrics import ExperimentsCollector, Metrics, MonitorCollector
 from headfleet.service.namespaces import NamespaceStore
 from headfleet.service.scheduler import Scheduler
 from headfleet.service.scoring_jobs import ScoringJobs, scheduler_classify
@@ -83,6 +83,7 @@ class Service:
         # choosers run in this order: an experiment picks the arm, then the shadow joins it
         service.experiments = Experiments(engine, open_store(settings, "experiments")).attach().start()
         service.shadows = Shadows(engine, service.monitor.store, service.monitor.book).attach().start()
+        metrics.registry.register(ExperimentsCollector(service.experiments, service.shadows, engine))
         service.scoring = ScoringJobs(engine, scheduler_classify(service, asyncio.get_running_loop()),
                                       settings.scoring_root, settings.layout.jobs,
                                       batch_size=settings.batch_size)

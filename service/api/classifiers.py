@@ -34,7 +34,8 @@ class ClassifiersController(Controller):
     async def train(self, request: Request, service: NamedDependency[Service], tenant: NamedDependency[str]) -> Response:
         """JSON ``{"name", "examples": [{"text", "label"}], "kind": "logreg"|"mlp"|"lora", "multi_label", "seed"}``,
         or ``multipart/form-data`` with a ``file`` (.csv with a header row, or .jsonl) and fields ``name``,
-        ``kind``, ``text_col``, ``label_col``, ``multi_label``. The data is checked before the job is queued:
+        ``kind``, ``text_col``, ``label_col``, ``multi_label``, ``candidate`` (publish with the ``candidate``
+        alias, ``latest`` unmoved). The data is checked before the job is queued:
         refusals (one class, empty texts, a class with one example, missing columns) answer 422 at once."""
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
@@ -46,11 +47,12 @@ class ClassifiersController(Controller):
             if not seed_text.isdigit():
                 raise ValidationError(f"seed must be a non-negative integer, got {seed_text!r}")
             seed = int(seed_text)
+            candidate = str(form.get("candidate") or "false").lower() in ("1", "true", "yes")
             examples = await uploaded_examples(form, multi_label=multi, missing=(
                 "multipart upload needs a 'file' part (.csv or .jsonl) and a 'name' field"))
         else:
             body = convert(decode_json_body(await request.body()), TrainRequest)
-            name, kind, multi, seed = body.name, body.kind, body.multi_label, body.seed
+            name, kind, multi, seed, candidate = body.name, body.kind, body.multi_label, body.seed, body.candidate
             label_col = "labels" if multi and body.examples and "labels" in body.examples[0] else "label"
             examples = examples_from_records(body.examples, label_col=label_col, multi_label=multi)
         check_name(name, "classifier name")
@@ -58,10 +60,13 @@ class ClassifiersController(Controller):
             raise ValidationError(f"unknown classifier kind {kind!r}; expected one of {[*KINDS, 'lora']}")
         if kind == "lora":
             service.engine.check_lora_backend(creating=True)
+            if candidate:
+                raise ValidationError("a LoRA classifier cannot be published as a candidate yet: train it under "
+                                      "another name, or move its aliases after training", param="candidate")
         if len(examples.texts) == 0:
             raise TrainingDataError("no examples given")
         await asyncio.to_thread(validate, examples)  # refusals raise here, before any job exists
-        job = service.jobs.submit(tenant, name, examples, kind=kind, seed=seed)
+        job = service.jobs.submit(tenant, name, examples, kind=kind, seed=seed, candidate=candidate)
         return Response({"job": job}, status_code=202, headers={"Location": f"/jobs/{job['id']}"})
 
     @get("/", summary="List this tenant's classifiers")
