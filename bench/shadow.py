@@ -97,8 +97,10 @@ def main() -> None:
                 checks.append(check_close(f"tenant {t}: answer vs. no shadow", scores(got, "c0"), scores(plain, "c0"), 0))
                 dbg = c[t].post("/classify", json=dict(body, debug=True)).json()
                 direct = c[t].post("/classify", json=dict(body, classifiers=["c0@2"])).json()
+                # scores are rounded to 6 decimals, and a head in a GEMM of 11 heads may differ from
+                # the same head alone in the last float32 bits: one rounding step apart at most
                 checks.append(check_close(f"tenant {t}: shadow entries vs. scoring c0@2", scores(dbg, "c0", "shadow"),
-                                          scores(direct, "c0@2"), 0))
+                                          scores(direct, "c0@2"), 2e-6))
             before = {t: c[t].get("/classifiers/c0/shadow").json()["n"] for t in ("one", "all")}
             samples: dict[str, list[float]] = {t: [] for t in (*KEYS, "mirror")}
             order = list(KEYS)
