@@ -149,3 +149,26 @@ def test_multi_label_flips_are_counted_per_label(engine, shadows):
             b = label in r["classifications"]["topics@2"]["labels"]
             want["on" if a else "off"]["on" if b else "off"] += 1
         assert flips[label] == want
+
+
+def test_a_lora_shadow_costs_a_forward_so_it_runs_on_its_sample_only(engine, shadows):
+    from headfleet.embedder.lora_train import LoraTrainConfig
+
+    data = examples_from_records([{"text": t, "label": lab} for t, lab in SPAM])
+    engine.train_lora("acme", "spam", data, config=LoraTrainConfig(epochs=1, rank=2, alpha=4))  # v3, latest
+    engine.registry.set_alias("acme", "spam", "latest", 1)
+    with pytest.raises(ValidationError, match="costs a backbone forward"):
+        shadows.set("acme", "spam", {"version": 3})
+    shadows.set("acme", "spam", {"version": 3, "sample": 1.0})
+    debug = engine.classify("acme", TEXTS[:6], ["spam"], debug=True)
+    direct = engine.classify("acme", TEXTS[:6], ["spam@3"], live=False)
+    for a, b in zip(debug["results"], direct["results"]):  # the adapter's own embedding, as served directly
+        assert a["classifications"]["spam"]["shadow"]["scores"] == pytest.approx(
+            b["classifications"]["spam@3"]["scores"], abs=2e-6)
+        assert a["classifications"]["spam"]["version"] == 1
+    assert shadows.report("acme", "spam")["n"] == 6
+    shadows.set("acme", "spam", {"version": 3, "sample": 0.25})  # a quarter of requests pay the forward
+    for i in range(40):
+        engine.classify("acme", [f"sampled text number {i}"], ["spam"])
+    shadowed = shadows.report("acme", "spam")["n"]
+    assert 2 <= shadowed <= 22  # binomial(40, 0.25): its 99.9 % interval
