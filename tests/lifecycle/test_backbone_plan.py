@@ -1,0 +1,112 @@
+"""The backbone-upgrade gate on real candidate backbones: MiniLM cut to one layer (as a distilled,
+smaller model would be) must be flagged; MiniLM's own ONNX int8 export (another fingerprint,
+near-identical vectors) must pass; a second plan reuses the cache and the partial results."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+
+from headfleet.embedder import Embedder, default_model_path
+from headfleet.engine import Engine
+from headfleet.heads import examples_from_records, load_examples
+from headfleet.lifecycle.backbone_plan import Thresholds, plan
+from headfleet.lifecycle.feedback import Labelled
+from headfleet.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def one_layer_dir(tmp_path_factory):
+    """all-MiniLM-L6-v2 with only its first encoder layer: another, weaker backbone."""
+    from transformers import BertModel
+
+    src = default_model_path()
+    folder = tmp_path_factory.mktemp("minilm-1-layer")
+    model = BertModel.from_pretrained(src)
+    model.encoder.layer = model.encoder.layer[:1]
+    model.config.num_hidden_layers = 1
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "modules.json"):
+        shutil.copy(src / name, folder / name)
+    (folder / "1_Pooling").mkdir()
+    shutil.copy(src / "1_Pooling" / "config.json", folder / "1_Pooling" / "config.json")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fleet(minilm, sms_spam_path, tmp_path_factory):
+    """A data folder with three classifiers of tenant acme (two SMS spam heads, one topic head with
+    a canary) and one of tenant bob, each trained on real texts and stored with its data."""
+    data = tmp_path_factory.mktemp("fleet")
+    sms = load_examples(sms_spam_path)
+    rng = random.Random(3)
+    with Engine.open(Settings(data_dir=data, device="cpu", faiss_store=False), embedder=minilm) as eng:
+        for tenant, name, kind, seed in (("acme", "spam", "logreg", 0), ("acme", "spam-mlp", "mlp", 1),
+                                         ("bob", "spam", "logreg", 2)):
+            idx = rng.sample(range(len(sms)), 200)
+            eng.train(tenant, name, examples_from_records(
+                [{"text": sms.texts[i], "label": sms.labels[i]} for i in idx]), kind=kind, seed=seed)
+        eng.train("acme", "spam", examples_from_records(
+            [{"text": sms.texts[i], "label": sms.labels[i]} for i in rng.sample(range(len(sms)), 200)]),
+            candidate=True)  # a candidate version is aliased too: it is gated as well
+    canary_idx = rng.sample(range(len(sms)), 80)
+    canary = Labelled([sms.texts[i] for i in canary_idx], [sms.labels[i] for i in canary_idx])
+    return data, canary
+
+
+def run_plan(minilm, data, candidate_embedder, out, canary, **kw):
+    """One plan as ``headfleet backbone plan`` runs it: both engines on the data folder's cache tiers
+    (the local store is saved when they close). Returns the plan, the progress calls and the
+    candidate backbone's forward passes during it."""
+    before = candidate_embedder.forwards
+    with Engine.open(Settings(data_dir=data, device="cpu"), embedder=minilm) as current, \
+            Engine.open(Settings(data_dir=data, device="cpu"), embedder=candidate_embedder) as cand:
+        seen = []
+        doc = plan(current, cand, ["acme", "bob"], out=out, progress=lambda d, t: seen.append((d, t)),
+                   canary_for=lambda t, n: canary if (t, n) == ("acme", "spam") else None, **kw)
+    return doc, seen, candidate_embedder.forwards - before
+
+
+def test_a_one_layer_backbone_is_flagged_and_a_second_plan_costs_no_forward(minilm, fleet, one_layer_dir, tmp_path):
+    data, canary = fleet
+    weak = Embedder.load(one_layer_dir, max_length=256, batch_size=32, device="cpu")
+    out = tmp_path / "plan.json"
+    doc, seen, first = run_plan(minilm, data, weak, out, canary,
+                                thresholds=Thresholds(max_drop=0.0, max_negative_flips=0.0))
+    assert first > 0
+    assert seen[-1] == (4, 4)  # acme: spam@1 (latest), spam@2 (candidate), spam-mlp@1; bob: spam@1
+    assert [r["key"] for r in doc["classifiers"]] == ["acme/spam@1", "acme/spam@2", "acme/spam-mlp@1", "bob/spam@1"]
+    assert doc["from"]["fingerprint"] == minilm.fingerprint and doc["to"]["fingerprint"] == weak.fingerprint
+    assert doc["summary"]["regression"] >= 1
+    bad = [r for r in doc["classifiers"] if r["verdict"] == "regression"]
+    for r in bad:
+        h = r["holdout"]
+        assert r["reasons"] and (h["drop"] > 0 or h["negative_flips"] > 0)
+        assert h["mcnemar_p"] is None or 0 <= h["mcnemar_p"] <= 1
+    spam = next(r for r in doc["classifiers"] if r["key"] == "acme/spam@1")
+    assert spam["canary"]["n"] == 80 and spam["holdout"]["n"] == 40  # 20 % of 200, the recorded split
+    assert json.loads(out.read_text()) == doc
+    staged = out.with_name("plan.json.staged") / spam["staged"]
+    assert (staged / "weights.safetensors").exists() or any(staged.iterdir())
+    # a second plan (another output, the same backbones) reads every vector from the cache
+    doc2, _, forwards = run_plan(minilm, data, weak, tmp_path / "again.json", canary,
+                                 thresholds=Thresholds(max_drop=0.0, max_negative_flips=0.0))
+    assert forwards == 0
+    assert [r["verdict"] for r in doc2["classifiers"]] == [r["verdict"] for r in doc["classifiers"]]
+    # resumable: the partial results of the first run are reused, nothing is recomputed
+    out.unlink()
+    doc3, _, forwards3 = run_plan(minilm, data, weak, out, canary,
+                                  thresholds=Thresholds(max_drop=0.0, max_negative_flips=0.0))
+    assert forwards3 == 0 and doc3["classifiers"] == doc["classifiers"]
+
+
+def test_the_int8_export_of_the_same_model_passes(minilm, fleet, onnx_cache, tmp_path):
+    data, canary = fleet
+    int8 = Embedder.load(max_length=256, batch_size=32, device="cpu", backend="onnx", precision="int8",
+                         cache_dir=onnx_cache)
+    assert int8.fingerprint != minilm.fingerprint
+    doc, _, _ = run_plan(minilm, data, int8, tmp_path / "int8.json", canary)
+    assert doc["summary"]["pass"] == doc["summary"]["classifiers"] == 4, doc["summary"]
