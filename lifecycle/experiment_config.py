@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable
 
 from headfleet.errors import ValidationError
+from headfleet.lifecycle.windows import iso
 from headfleet.names import check_name
 
 FIELDS = {"name", "classifier", "control", "treatment", "split", "metric", "min_samples", "guardrails",
@@ -109,6 +110,7 @@ def check_config(body: Any, resolve: Callable[[str], dict]) -> dict:
     missing = body.get("missing", "zero")
     if missing not in MISSING:
         raise ValidationError(f"missing must be one of {list(MISSING)}", param="missing")
+    now = time.time()
     return {
         "id": new_id(),
         "name": check_text(body.get("name"), "name", default=f"{classifier} {arms['control']['version']} vs "
@@ -122,5 +124,6 @@ def check_config(body: Any, resolve: Callable[[str], dict]) -> dict:
         "guardrails": limits,
         "sequential": sequential,
         "missing": missing,
-        "created": time.time(),
+        "created": iso(now),  # ISO 8601 UTC, like jobs and monitor windows
+        "created_ts": now,  # for ordering within a second
     }

@@ -46,6 +46,7 @@ from headfleet.heads.refs import LATEST
 from headfleet.lifecycle import experiment_stats, guardrails
 from headfleet.lifecycle.experiment_config import check_config
 from headfleet.lifecycle.experiment_outcomes import check_item, slices, unit_values
+from headfleet.lifecycle.windows import iso
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ class Experiments:
     # -- the API's operations ----------------------------------------------------------------------
     def create(self, tenant: str, body: Any) -> dict:
         """Start an experiment; 404 for an unknown classifier or arm, 409 when one already runs on
-        the classifier, 422 for a bad field. Returns its record."""
+        the classifier, 422 for a bad field. Returns what ``report`` returns (no units yet)."""
         cfg = check_config(body, lambda ref: self.registry.resolve(tenant, ref))
         record = dict(cfg, state="running", decision=None, stopped=None, reason=None)
         with self.store.lock(RUNNING):
@@ -254,7 +255,7 @@ class Experiments:
             doc.setdefault(tenant, {})[cfg["classifier"]] = cfg
             self.store.put(RUNNING, _dump(doc))
             self._running = {(t, c): v for t, per in doc.items() for c, v in per.items()}
-        return record
+        return self.report(tenant, cfg["id"], flush=False)
 
     def _config(self, tenant: str, exp_id: str) -> dict:
         raw = None
@@ -268,7 +269,7 @@ class Experiments:
         """The tenant's experiments, newest first, ``limit`` per page; ``next``: the ``after`` of the
         next page (None on the last)."""
         ids = [k.split("/")[1] for k in self.store.keys(tenant) if k.count("/") == 2 and k.endswith("/config")]
-        records = sorted((self._config(tenant, i) for i in ids), key=lambda r: (r["created"], r["id"]), reverse=True)
+        records = sorted((self._config(tenant, i) for i in ids), key=lambda r: (r.get("created_ts", 0.0), r["id"]), reverse=True)
         if after is not None:
             at = next((i for i, r in enumerate(records) if r["id"] == after), None)
             if at is None:
@@ -379,7 +380,7 @@ class Experiments:
 
     def _finish(self, tenant: str, cfg: dict, decision: str | None, reason: str, result: dict | None) -> None:
         """Freeze the record and take it out of ``running`` (caller holds the RUNNING lock)."""
-        cfg.update(state="stopped", decision=decision, stopped=self.clock(), reason=reason)
+        cfg.update(state="stopped", decision=decision, stopped=iso(self.clock()), reason=reason)
         if result is not None:
             cfg["result"] = {k: v for k, v in result.items()
                              if k not in ("state", "decision", "stopped", "reason")}

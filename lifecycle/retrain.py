@@ -14,6 +14,9 @@ The candidate is published **without moving ``latest``**; the ``candidate`` alia
     previous_holdout_accuracy   the candidate on the live version's holdout rows (the old data)
     live_holdout_accuracy       the live version's recorded holdout accuracy
     regression              true when the candidate loses more than ``accuracy_drop`` on the old holdout
+
+The manifest's ``canary_hash`` is the hash of that canary set (frozen core plus rolling feedback, by
+the training-data hash rule), null when there was none, so the figures can be traced to their data.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from headfleet.engine import Engine
-from headfleet.heads.examples import Examples
+from headfleet.heads.examples import Examples, content_hash
 from headfleet.heads.retrain import stored_examples
 from headfleet.lifecycle import signals
 from headfleet.lifecycle.feedback import Labelled, text_key
@@ -84,9 +87,12 @@ def _older_versions(engine: Engine, tenant: str, live: dict) -> list[Examples]:
 
 def make_review(engine: Engine, tenant: str, live: dict, canary: Labelled, live_canary: float | None,
                 trigger: dict, accuracy_drop: float, embed: Callable) -> Callable[[Any], dict]:
-    """``review(head) -> {"retrain": {...}}``: the candidate head scored on the canary and on the live
-    version's holdout rows (embeddings through ``embed``, i.e. the cache), before it is published."""
+    """``review(head) -> {"retrain": {...}, "canary_hash": str | None}``: the candidate head scored on the
+    canary and on the live version's holdout rows (embeddings through ``embed``, i.e. the cache), before
+    it is published; ``canary_hash`` names the canary it was scored on."""
     from headfleet.lifecycle.profile import holdout_rows
+
+    canary_hash = content_hash(canary.texts, canary.labels, live["multi_label"]) if canary.texts else None
 
     def review(head) -> dict:
         entry: dict[str, Any] = {"trigger": trigger, "from": live["id"], "live_canary_accuracy": live_canary,
@@ -109,6 +115,6 @@ def make_review(engine: Engine, tenant: str, live: dict, canary: Labelled, live_
                 entry["previous_holdout_accuracy"] = round(acc, 6)
                 ref = entry["live_holdout_accuracy"]
                 entry["regression"] = bool(ref is not None and acc < ref - accuracy_drop)
-        return {"retrain": entry}
+        return {"retrain": entry, "canary_hash": canary_hash}
 
     return review

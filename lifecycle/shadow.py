@@ -36,6 +36,7 @@ from headfleet.engine import Choice, Engine, Scored
 from headfleet.errors import ValidationError
 from headfleet.lifecycle.experiments import _replica_name
 from headfleet.lifecycle.feedback import FeedbackBook, text_key
+from headfleet.lifecycle.windows import iso
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ class Shadows:
             raise ValidationError("sample is only for LoRA shadows: a head shadow is one more row of the batched "
                                   "head operation and scores every request", param="sample")
         cfg = {"classifier": name, "version": int(shadow["version"]), "ref": str(version), "sample": sample,
-               "started": self.clock(), "run": os.urandom(4).hex(), "live_version": int(live["version"])}
+               "started": iso(self.clock()), "run": os.urandom(4).hex(), "live_version": int(live["version"])}
         with self.store.lock(INDEX):
             old = _load(self.store.get(f"{tenant}/{name}/shadow"), None)
             self.store.put(f"{tenant}/{name}/shadow", _dump(cfg))
@@ -281,14 +282,22 @@ class Shadows:
                 pairs[pair] = _merge(pairs.get(pair), counts)
         lv, sv = int(live["version"]), cfg["version"]
         counts = pairs.get(f"{lv}-{sv}") or _new_pair()
-        n = counts["n"]
+        n, multi = counts["n"], bool(live["multi_label"])
+        try:
+            shadow_labels = self.registry.resolve(tenant, f"{name}@{sv}")["labels"]
+        except Exception:  # the shadow version went with its classifier: its counts still read
+            shadow_labels = []
+        flips = _full_matrix(counts["flips"], live["labels"], shadow_labels, multi)
         out = self.state(tenant, name, cfg) | {
             "live": f"{name}@{lv}", "n": n, "agreement": round(counts["agree"] / n, 6) if n else None,
-            "flips": counts["flips"], "per_label": _per_label(counts, bool(live["multi_label"])),
+            "flips": flips, "per_label": _per_label(counts | {"flips": flips}, multi),
             "also_compared": {f"{name}@{p.split('-')[0]}": c["n"] for p, c in sorted(pairs.items())
                               if p != f"{lv}-{sv}"},
         }
-        out["with_feedback"] = self._with_feedback(tenant, name, prefix, lv, sv, bool(live["multi_label"]))
+        out["with_feedback"] = self._with_feedback(tenant, name, prefix, lv, sv, multi)
+        if lv == sv:
+            out["note"] = (f"latest now serves the shadow's version {sv}: nothing is compared until the shadow "
+                           "is set to another version (PUT) or stopped (DELETE)")
         return out
 
     def _with_feedback(self, tenant: str, name: str, prefix: str, lv: int, sv: int, multi: bool) -> dict:
@@ -343,6 +352,21 @@ def _add(pair: dict, live, shadow, labels: list[str] | None) -> None:
     for label in labels:
         m = flips.setdefault(label, {"on": {"on": 0, "off": 0}, "off": {"on": 0, "off": 0}})
         m["on" if label in on_live else "off"]["on" if label in on_shadow else "off"] += 1
+
+
+def _full_matrix(flips: dict, live_labels: list[str], shadow_labels: list[str], multi: bool) -> dict:
+    """``flips`` with a zero in every cell never counted: single-label, every live label (rows) by
+    every shadow label (columns), labels either version predicted included; multi-label, every label
+    of either version with its 2x2 on/off table."""
+    if multi:
+        out = {}
+        for label in dict.fromkeys([*live_labels, *shadow_labels, *flips]):
+            m = flips.get(label, {})
+            out[label] = {a: {b: m.get(a, {}).get(b, 0) for b in ("on", "off")} for a in ("on", "off")}
+        return out
+    rows = list(dict.fromkeys([*live_labels, *flips]))
+    cols = list(dict.fromkeys([*shadow_labels, *(c for row in flips.values() for c in row)]))
+    return {r: {c: flips.get(r, {}).get(c, 0) for c in cols} for r in rows}
 
 
 def _merge(a: dict | None, b: dict) -> dict:

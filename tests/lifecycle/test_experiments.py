@@ -46,7 +46,8 @@ def arm_of(engine, unit, ref="spam"):
 
 def test_assignment_is_sticky_and_only_the_bare_name_is_split(engine, exps):
     exp = exps.create("acme", {"classifier": "spam", "control": "latest", "treatment": "candidate"})
-    assert (exp["control"]["version"], exp["treatment"]["version"]) == (1, 2)
+    assert (exp["arms"]["control"]["version"], exp["arms"]["treatment"]["version"]) == (1, 2)
+    assert exp["config"]["control"] == {"ref": "latest", "version": 1} and exp["state"] == "running"
     for unit in ("user-1", "user-2", "user-3", "user-42"):
         seen = {arm_of(engine, unit)[0]["arm"] for _ in range(8)}
         assert len(seen) == 1  # the same unit, many requests: one arm

@@ -68,11 +68,10 @@ def test_the_answer_is_unchanged_and_agreement_and_flips_equal_direct_scoring(en
     agree = sum(a == b for a, b in zip(live, shadow))
     assert 0 < agree < len(TEXTS)  # the versions disagree on some texts, so the figures mean something
     assert report["agreement"] == pytest.approx(agree / len(TEXTS), abs=1e-6)
-    expected: dict = {}
+    expected = {a: {b: 0 for b in ("ham", "spam")} for a in ("ham", "spam")}
     for a, b in zip(live, shadow):
-        expected.setdefault(a, {}).setdefault(b, 0)
         expected[a][b] += 2
-    assert report["flips"] == expected  # the full matrix, diagonal included
+    assert report["flips"] == expected  # the full matrix: every cell, zeros and the diagonal included
     assert report["per_label"]["spam"]["live"] == 2 * live.count("spam")
     assert report["per_label"]["spam"]["shadow"] == 2 * shadow.count("spam")
     # pinned and bare refs in one request: the shadow joins the first only (texts counted once)

@@ -48,7 +48,8 @@ def test_an_experiment_from_creation_to_promotion(alice, server, tmp_path):
     assert r.status_code == 201, r.text
     exp = r.json()
     assert r.headers["location"] == f"/experiments/{exp['id']}"
-    assert (exp["control"]["version"], exp["treatment"]["version"]) == (1, 2)
+    assert (exp["arms"]["control"]["version"], exp["arms"]["treatment"]["version"]) == (1, 2)
+    assert exp["config"]["control"] == {"ref": "latest", "version": 1} and exp["state"] == "running"
     arms = {}
     for i in range(60):
         unit = f"user-{i}"
