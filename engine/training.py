@@ -8,21 +8,40 @@ import dataclasses
 import hashlib
 import logging
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from headfleet.cache import normalise_text
 from headfleet.embedder.lora import module_shapes
 from headfleet.embedder.lora_names import target_name
 from headfleet.errors import ValidationError
 from headfleet.heads.adapters import LoraAdapter
-from headfleet.heads import Examples, TokenStats, train_head, validate
+from headfleet.heads import Examples, HeadArrays, TokenStats, TrainedHead, ValidationReport, train_head, validate
 from headfleet.names import check_name
 from headfleet.heads.refs import CANDIDATE, LATEST
 from headfleet.heads.retrain import stale_versions, stored_examples, training_data_files
-from headfleet.engine.provenance import git_commit, library_versions
+from headfleet.engine.provenance import environment, git_commit, library_versions
 from headfleet.engine.types import EmbedBatch
 
 log = logging.getLogger(__name__)
+
+
+class HeadFit(NamedTuple):
+    """A head fitted on frozen embeddings, not yet published (:meth:`TrainingMixin.fit_head`)."""
+
+    trained: TrainedHead  # the shipped head (refit on every example), holdout metrics, data report
+    batch: EmbedBatch  # the embeddings it was fitted on, and which cache tier answered each
+
+
+class LoraFit(NamedTuple):
+    """A LoRA classifier fitted, not yet published (:meth:`TrainingMixin.fit_lora`)."""
+
+    adapter: LoraAdapter
+    head: HeadArrays  # logreg on the adapted embedding
+    metrics: dict  # holdout figures (embedder.lora_train, or heads.train for an imported adapter) and "seed"
+    report: ValidationReport
+    source: str  # "trained" | "imported"
+    train_config: dict | None  # the LoraTrainConfig as a dict ("trained" only)
+    seconds: float
 
 
 class TrainingMixin:
@@ -48,13 +67,22 @@ class TrainingMixin:
             return self.train_lora(tenant, name, examples, seed=seed, progress=progress, embed=embed,
                                    provenance=provenance)
         check_name(name, "classifier name")
-        report = self._validate(examples)
-        batch = (embed or self.embed)(tenant, examples.texts, progress=progress)
-        trained = train_head(batch.vectors, examples, kind=kind, seed=seed, report=report, refit=True)
+        trained, batch = self.fit_head(tenant, examples, kind=kind, seed=seed, progress=progress, embed=embed)
         extra = {"training_cache": batch.cache_report(), **(provenance or {}),
                  **(review(trained.head) if review is not None else {})}
-        return self._publish(tenant, name, trained.head, examples, metrics=trained.metrics, report=report,
+        return self._publish(tenant, name, trained.head, examples, metrics=trained.metrics, report=trained.report,
                              extra=extra, alias=CANDIDATE if candidate else LATEST)
+
+    def fit_head(self, tenant: str, examples: Examples, *, kind: str = "logreg", seed: int = 0,
+                 progress: Callable[[int], None] | None = None,
+                 embed: Callable[..., EmbedBatch] | None = None) -> HeadFit:
+        """What :meth:`train` fits, without publishing: validate (ValidationError for unusable data),
+        embed through the tenant's cache namespace, fit ``kind`` with ``seed`` on a stratified holdout
+        (the metrics), then refit on every example (the head). ``lifecycle.reproduce`` refits a
+        version with exactly this."""
+        report = self._validate(examples)
+        batch = (embed or self.embed)(tenant, examples.texts, progress=progress)
+        return HeadFit(train_head(batch.vectors, examples, kind=kind, seed=seed, report=report, refit=True), batch)
 
     def retrain(self, tenant: str, names: Sequence[str] | None = None, *, dry_run: bool = False,
                 progress: Callable[[int], None] | None = None,
@@ -123,12 +151,24 @@ class TrainingMixin:
         is fitted on the embeddings it gives. Only the adapter (PEFT format) and the head are saved,
         with the training data, under a manifest naming the parent backbone's fingerprint.
         """
+        check_name(name, "classifier name")
+        fit = self.fit_lora(tenant, examples, config=config, adapter_dir=adapter_dir, seed=seed, progress=progress,
+                            embed=embed)
+        return self.save_lora(tenant, name, fit.adapter, fit.head, examples, metrics=fit.metrics, report=fit.report,
+                              source=fit.source, train_config=fit.train_config, seconds=fit.seconds,
+                              provenance=provenance)
+
+    def fit_lora(self, tenant: str, examples: Examples, *, config=None, adapter_dir=None, seed: int = 0,
+                 progress: Callable[[int], None] | None = None,
+                 embed: Callable[..., EmbedBatch] | None = None) -> LoraFit:
+        """What :meth:`train_lora` fits, without publishing (same arguments, same errors); the
+        metrics record ``seed`` (the frozen head's), the train config its own."""
+        import torch
+
         from headfleet.embedder.lora_train import LoraTrainConfig, train_lora
         from headfleet.heads.split import per_class_holdout
         from headfleet.heads.examples import Examples as _Examples
-        from headfleet.heads.types import HeadArrays
 
-        check_name(name, "classifier name")
         self.check_lora_backend(creating=True)
         report = self._validate(examples)
         manager = self.adapter_manager()
@@ -156,16 +196,19 @@ class TrainingMixin:
             if init.labels != classes:
                 raise ValidationError("a class occurs only in the holdout; add examples of every class")
             steps = progress and (lambda step, total: progress(1))
-            out = train_lora(self.embedder, examples.texts, y, multi_label=examples.multi_label,
-                             head_init=(init.W1, init.b1), config=cfg, holdout_idx=holdout, progress=steps)
+            # the adapter's dropout draws from torch's global generator: seeded here (inside a forked
+            # state, so the caller's draws are untouched), a refit with the same seed draws the same masks
+            with torch.random.fork_rng():
+                torch.manual_seed(cfg.seed)
+                out = train_lora(self.embedder, examples.texts, y, multi_label=examples.multi_label,
+                                 head_init=(init.W1, init.b1), config=cfg, holdout_idx=holdout, progress=steps)
             adapter = LoraAdapter(rank=cfg.rank, alpha=cfg.alpha, use_rslora=cfg.use_rslora,
                                   targets=sorted({target_name(n) for n in out.A}), A=out.A, B=out.B,
                                   base_model=self._base_names()[0])
             head = HeadArrays("logreg", classes, examples.multi_label, out.W, out.b)
             metrics, source = out.metrics, "trained"
-        return self.save_lora(tenant, name, adapter, head, examples, metrics=metrics, report=report, source=source,
-                              train_config=dataclasses.asdict(cfg) if cfg is not None else None,
-                              seconds=time.perf_counter() - t0, provenance=provenance)
+        return LoraFit(adapter, head, {**metrics, "seed": seed}, report, source,
+                       dataclasses.asdict(cfg) if cfg is not None else None, time.perf_counter() - t0)
 
     def save_lora(self, tenant: str, name: str, adapter: LoraAdapter, head, examples: Examples, *,
                   metrics: dict | None = None, report=None, source: str = "imported", train_config: dict | None = None,
@@ -183,8 +226,9 @@ class TrainingMixin:
     def _publish(self, tenant: str, name: str, head, examples: Examples, *, metrics: dict | None, report,
                  extra: dict, files: dict[str, bytes] | None = None, alias: str = LATEST) -> dict:
         """The one manifest builder: the parent backbone, tokenizer and max length, the training
-        data (stored beside the version) and its hash, metrics, validation report, library versions
-        and git commit, plus ``extra``; publishes the version and unloads versions no alias names."""
+        data (stored beside the version) and its hash, metrics, validation report, library versions,
+        the environment lock (``provenance.environment``) and git commit, plus ``extra`` (a caller's
+        provenance, e.g. ``canary_hash``); publishes the version and unloads versions no alias names."""
         data_files, data_entry = training_data_files(examples)
         manifest = self.registry.save(tenant, name, head, {
             "parent_fingerprint": self.embedder.fingerprint,
@@ -194,6 +238,7 @@ class TrainingMixin:
             "metrics": metrics,
             "validation": report.to_dict() if report is not None else None,
             "library_versions": library_versions(),
+            "environment": environment(),
             "git_commit": git_commit(),
             "training_data": data_entry,
             **extra,

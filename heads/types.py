@@ -113,19 +113,30 @@ class HeadArrays:
 
     # --- persistence -------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
-        """Write ``folder/weights.safetensors``; labels/kind ride in the safetensors metadata
-        so the file alone is a complete head (the registry manifest repeats them for humans)."""
-        from safetensors.numpy import save_file
-
+        """Write ``folder/weights.safetensors`` (:meth:`to_bytes`); labels/kind ride in the safetensors
+        metadata so the file alone is a complete head (the registry manifest repeats them for humans)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        metadata = {
-            "format": FORMAT,
-            "kind": self.kind,
-            "labels": json.dumps(self.labels, ensure_ascii=False),
-            "multi_label": json.dumps(self.multi_label),
-        }
-        save_file(self._arrays(), str(folder / WEIGHTS_FILE), metadata=metadata)
+        (folder / WEIGHTS_FILE).write_bytes(self.to_bytes())
+
+    def to_bytes(self) -> bytes:
+        """The ``weights.safetensors`` file, byte for byte the same for equal heads, so the sha256 the
+        registry records names the weights (safetensors' own writer orders the metadata by a random
+        per-call hash seed). Layout as safetensors writes it: u64 little-endian header length, the JSON
+        header (``__metadata__`` with sorted keys, then each array in name order with dtype F32, shape
+        and data offsets) padded with spaces to a multiple of 8, then the little-endian float32 data."""
+        header: dict[str, Any] = {"__metadata__": {
+            "format": FORMAT, "kind": self.kind, "labels": json.dumps(self.labels, ensure_ascii=False),
+            "multi_label": json.dumps(self.multi_label)}}
+        blobs, offset = [], 0
+        for name, arr in sorted(self._arrays().items()):
+            data = np.ascontiguousarray(arr, dtype="<f4").tobytes()
+            header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
+            blobs.append(data)
+            offset += len(data)
+        text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        text += b" " * (-len(text) % 8)
+        return len(text).to_bytes(8, "little") + text + b"".join(blobs)
 
     @classmethod
     def load(cls, folder: Path) -> "HeadArrays":

@@ -38,6 +38,9 @@ class JobManager:
         self._lock = threading.Lock()
         self._jobs: dict[tuple[str, str], dict[str, Any]] = {}
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="headfleet-train")
+        # ``canary_hash(tenant, name) -> str | None``: the hash of the classifier's canary set, recorded
+        # in the manifests of the versions jobs train; set by the service once its monitor exists
+        self.canary_hash: Callable[[str, str], str | None] | None = None
         self._recover()
 
     # -- public ---------------------------------------------------------------------------------
@@ -93,8 +96,12 @@ class JobManager:
 
     def _run(self, tenant: str, job_id: str, name: str, examples: Examples, kind: str, seed: int,
              candidate: bool = False) -> None:
-        self._execute(tenant, job_id, len(examples.texts), lambda progress: self.engine.train(
-            tenant, name, examples, kind=kind, seed=seed, progress=progress, embed=self._embed, candidate=candidate))
+        def train(progress: Callable[[int], None]) -> dict:
+            provenance = None if self.canary_hash is None else {"canary_hash": self.canary_hash(tenant, name)}
+            return self.engine.train(tenant, name, examples, kind=kind, seed=seed, progress=progress, embed=self._embed,
+                                     candidate=candidate, provenance=provenance)
+
+        self._execute(tenant, job_id, len(examples.texts), train)
 
     def _execute(self, tenant: str, job_id: str, total: int, train: Callable[[Callable[[int], None]], dict]) -> None:
         """Run ``train(progress) -> manifest`` as the job: state, progress, result or error."""

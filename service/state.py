@@ -79,6 +79,7 @@ class Service:
                                   start_retrain=lambda tenant, name, run, total: jobs.submit_run(
                                       tenant, name, run, total, kind="retrain"),
                                   interval_s=settings.monitor_interval_s).attach().start()
+        jobs.canary_hash = lambda tenant, name: (service.monitor.book.canary_info(tenant, name, 0) or {}).get("hash")
         metrics.registry.register(MonitorCollector(service.monitor))
         # choosers run in this order: an experiment picks the arm, then the shadow joins it
         service.experiments = Experiments(engine, open_store(settings, "experiments")).attach().start()
