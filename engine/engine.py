@@ -96,7 +96,7 @@ class Engine(EmbeddingMixin, LoraRuntimeMixin, ResolutionMixin, RoutingMixin, Re
                             settings.redis_url)
             tiers.append(redis)
         stats = CacheStats()
-        registry = Registry(settings.layout.registry)
+        registry = Registry(settings.layout.registry, fingerprint=fp)
         swept = registry.sweep()
         if swept:
             log.info("removed %d leftover(s) of interrupted registry writes", swept)

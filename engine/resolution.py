@@ -48,6 +48,12 @@ class ResolutionMixin:
         except FileNotFoundError:
             self._resolved.pop((tenant, ref), None)
             ident = None
+        if ident is not None:  # a backbone upgrade's aliases (heads.registry.BACKBONE_ALIASES_FILE) count too
+            try:
+                st = os.stat(os.path.join(self._registry_root, tenant, name, "backbone_aliases.json"))
+                ident += (st.st_ino, st.st_mtime_ns, st.st_size)
+            except FileNotFoundError:
+                pass
         cached = self._resolved.get((tenant, ref))
         if ident is not None and cached is not None and cached[0] == ident:
             return cached[1]

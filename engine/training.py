@@ -48,8 +48,12 @@ class TrainingMixin:
     def train(self, tenant: str, name: str, examples: Examples, *, kind: str = "logreg", seed: int = 0,
               progress: Callable[[int], None] | None = None,
               embed: Callable[..., EmbedBatch] | None = None, provenance: dict | None = None,
-              candidate: bool = False, review: Callable[[Any], dict] | None = None) -> dict:
+              candidate: bool = False, review: Callable[[Any], dict] | None = None,
+              move_alias: bool = True) -> dict:
         """Validate, embed through the cache, fit, save a new immutable version; returns its manifest.
+
+        ``move_alias=False``: publish without moving any alias (a backbone upgrade aliases the new
+        version for its backbone only: ``Registry.set_backbone_aliases``).
 
         ``candidate``: publish without moving "latest" (bare-name requests keep the live version)
         and move the "candidate" alias to the new version instead. ``review(head) -> dict``: called
@@ -62,7 +66,7 @@ class TrainingMixin:
         on another backbone; ``provenance``: further manifest fields (e.g. ``retrained_from``).
         """
         if kind == "lora":
-            if candidate or review is not None:
+            if candidate or review is not None or not move_alias:
                 raise ValidationError("LoRA classifiers are not published as reviewed candidates")
             return self.train_lora(tenant, name, examples, seed=seed, progress=progress, embed=embed,
                                    provenance=provenance)
@@ -71,7 +75,7 @@ class TrainingMixin:
         extra = {"training_cache": batch.cache_report(), **(provenance or {}),
                  **(review(trained.head) if review is not None else {})}
         return self._publish(tenant, name, trained.head, examples, metrics=trained.metrics, report=trained.report,
-                             extra=extra, alias=CANDIDATE if candidate else LATEST)
+                             extra=extra, alias=(CANDIDATE if candidate else LATEST) if move_alias else None)
 
     def fit_head(self, tenant: str, examples: Examples, *, kind: str = "logreg", seed: int = 0,
                  progress: Callable[[int], None] | None = None,

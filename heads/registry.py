@@ -52,6 +52,7 @@ from headfleet.heads.types import WEIGHTS_FILE, HeadArrays
 
 MANIFEST_FILE = "manifest.json"
 ALIASES_FILE = "aliases.json"
+BACKBONE_ALIASES_FILE = "backbone_aliases.json"  # {backbone fingerprint: {alias: version}}: a backbone upgrade's
 LOCK_FILE = ".aliases.lock"
 VERSIONS_DIR = "versions"
 _TMP_PREFIX = ".tmp-"
@@ -61,17 +62,23 @@ _TRASH_PREFIX = ".trash-"
 class Registry:
     """Versioned heads under ``root``; safe for concurrent writers in several processes."""
 
-    def __init__(self, root: Path | str):
+    def __init__(self, root: Path | str, fingerprint: str | None = None):
+        """``fingerprint``: the backbone this registry's reader serves. Its backbone aliases (written
+        by ``headfleet backbone apply``) win over the plain ones for it, so an engine on the new
+        backbone resolves ``latest`` to the refit version while one on the old backbone still
+        resolves it to the version it was serving: both serve at once, nothing breaks in between."""
         self.root = Path(root)
+        self.fingerprint = fingerprint
 
     # --- writing ------------------------------------------------------------------------------
     def save(self, tenant: str, name: str, head: HeadArrays, manifest: dict[str, Any] | None = None,
-             files: dict[str, bytes] | None = None, alias: str = LATEST) -> dict[str, Any]:
+             files: dict[str, bytes] | None = None, alias: str | None = LATEST) -> dict[str, Any]:
         """Store ``head`` as the next version of ``tenant/name`` and point ``alias`` at it.
 
         ``alias`` is "latest" for an ordinary save. Another alias (a monitor's retrain publishes
         with "candidate") moves that alias only: "latest", and so every bare-name request, keeps
         the version it had (a classifier's first version becomes "latest" whatever ``alias`` says).
+        None moves no alias (a backbone upgrade's refit, aliased per backbone afterwards).
 
         ``files``: further artefacts of the version (a LoRA adapter, the training data), written
         into the same temp dir and published by the same rename, so they appear with the head or
@@ -139,7 +146,7 @@ class Registry:
         def point(aliases: dict[str, int]) -> None:
             if alias == LATEST or LATEST not in aliases:
                 aliases[LATEST] = max(int(aliases.get(LATEST, 0)), version)
-            if alias != LATEST:
+            if alias is not None and alias != LATEST:
                 aliases[check_alias(alias)] = version
 
         self._update_aliases(cdir, name, point)
@@ -236,9 +243,35 @@ class Registry:
     def versions(self, tenant: str, name: str) -> list[int]:
         return self._versions_of(self._existing_dir(tenant, name))
 
-    def aliases(self, tenant: str, name: str) -> dict[str, int]:
+    def set_backbone_aliases(self, tenant: str, name: str, fingerprint: str, aliases: dict[str, int]) -> None:
+        """Point ``aliases`` at versions for readers on the backbone ``fingerprint`` only (replacing
+        what that backbone had); plain aliases are untouched. A later plain move of an alias (a
+        save, ``set_alias``) removes it here, for every backbone: the newest decision wins."""
         cdir = self._existing_dir(tenant, name)
+        have = set(self._versions_of(cdir))
+        for alias, v in aliases.items():
+            check_alias(alias)
+            if int(v) not in have:
+                raise NotFoundError(f"classifier {name!r} has no version {v}")
+        with locked(cdir / LOCK_FILE):
+            doc = _read_backbone_aliases(cdir)
+            doc[fingerprint] = {a: int(v) for a, v in aliases.items()}
+            write_json_atomic(cdir / BACKBONE_ALIASES_FILE, doc)
+
+    def backbone_aliases(self, tenant: str, name: str) -> dict[str, dict[str, int]]:
+        """Every backbone's own aliases of ``name``: ``{fingerprint: {alias: version}}``."""
+        return _read_backbone_aliases(self._existing_dir(tenant, name))
+
+    def _effective(self, cdir: Path) -> dict[str, int]:
         aliases = _read_aliases(cdir)
+        if self.fingerprint is not None:
+            aliases.update(_read_backbone_aliases(cdir).get(self.fingerprint, {}))
+        return aliases
+
+    def aliases(self, tenant: str, name: str) -> dict[str, int]:
+        """The aliases as this registry's backbone sees them (its backbone aliases over the plain ones)."""
+        cdir = self._existing_dir(tenant, name)
+        aliases = self._effective(cdir)
         if LATEST not in aliases:  # a saver died between publishing and aliasing
             aliases[LATEST] = self._versions_of(cdir)[-1]
         return aliases
@@ -309,7 +342,7 @@ class Registry:
     def _version_for(self, cdir: Path, ref: Ref) -> int:
         if ref.version is not None:
             return ref.version
-        aliases = _read_aliases(cdir)
+        aliases = self._effective(cdir)
         if ref.alias in aliases:
             return int(aliases[ref.alias])
         if ref.alias == LATEST:
@@ -321,8 +354,14 @@ class Registry:
         try:
             with locked(cdir / LOCK_FILE):
                 aliases = _read_aliases(cdir)
+                before = dict(aliases)
                 change(aliases)
                 write_json_atomic(cdir / ALIASES_FILE, aliases)
+                moved = {a for a, v in aliases.items() if before.get(a) != v}
+                scoped = _read_backbone_aliases(cdir)
+                if moved and any(moved & set(m) for m in scoped.values()):  # the newest decision wins
+                    write_json_atomic(cdir / BACKBONE_ALIASES_FILE, {
+                        fp: {a: v for a, v in m.items() if a not in moved} for fp, m in scoped.items()})
         except FileNotFoundError:
             raise NotFoundError(_missing(name)) from None
         return aliases
@@ -344,6 +383,14 @@ def _read_aliases(cdir: Path) -> dict[str, int]:
     try:
         with open(cdir / ALIASES_FILE, encoding="utf-8") as f:
             return {k: int(v) for k, v in json.load(f).items()}
+    except FileNotFoundError:
+        return {}
+
+
+def _read_backbone_aliases(cdir: Path) -> dict[str, dict[str, int]]:
+    try:
+        with open(cdir / BACKBONE_ALIASES_FILE, encoding="utf-8") as f:
+            return {fp: {a: int(v) for a, v in m.items()} for fp, m in json.load(f).items()}
     except FileNotFoundError:
         return {}
 

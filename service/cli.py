@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 from headfleet.errors import HeadfleetError
+from headfleet.service.cli_backbone import add_parser as add_backbone_parser
+from headfleet.service.cli_reproduce import add_parser as add_reproduce_parser
 from headfleet.service.cli_output import (_print_json, _retrain_line, format_classify, format_experiment,
                                           format_experiments, format_monitor, format_report, format_shadow,
                                           progress_bar)
@@ -413,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--access-log", action="store_true", help="log every request")
     s.set_defaults(func=cmd_serve)
+    add_reproduce_parser(sub, common)
+    add_backbone_parser(sub, common)
     return p
 
 

@@ -67,7 +67,7 @@ class OpsController(Controller):
             "backbone": {**backbone, "fingerprint": e.fingerprint, "dim": e.dim,
                          "max_length": e.max_length, "device": str(e.device),
                          "backend": getattr(e, "backend", "torch"), "precision": getattr(e, "precision", "fp32"),
-                         "normalize": bool(e.pooling.normalize)},
+                         "normalize": bool(e.pooling.normalize), "source": s.backbone_source},
             "tenancy": "single" if service.keys.single_tenant else "multi",
             "cache_tiers": service.engine.cache.tier_names,
             "limits": {"max_texts_per_request": s.max_texts_per_request,

@@ -46,11 +46,11 @@ def fleet(minilm, sms_spam_path, tmp_path_factory):
     with Engine.open(Settings(data_dir=data, device="cpu", faiss_store=False), embedder=minilm) as eng:
         for tenant, name, kind, seed in (("acme", "spam", "logreg", 0), ("acme", "spam-mlp", "mlp", 1),
                                          ("bob", "spam", "logreg", 2)):
-            idx = rng.sample(range(len(sms)), 200)
+            idx = rng.sample(range(len(sms)), 300)
             eng.train(tenant, name, examples_from_records(
                 [{"text": sms.texts[i], "label": sms.labels[i]} for i in idx]), kind=kind, seed=seed)
         eng.train("acme", "spam", examples_from_records(
-            [{"text": sms.texts[i], "label": sms.labels[i]} for i in rng.sample(range(len(sms)), 200)]),
+            [{"text": sms.texts[i], "label": sms.labels[i]} for i in rng.sample(range(len(sms)), 300)]),
             candidate=True)  # a candidate version is aliased too: it is gated as well
     canary_idx = rng.sample(range(len(sms)), 80)
     canary = Labelled([sms.texts[i] for i in canary_idx], [sms.labels[i] for i in canary_idx])
@@ -87,7 +87,7 @@ def test_a_one_layer_backbone_is_flagged_and_a_second_plan_costs_no_forward(mini
         assert r["reasons"] and (h["drop"] > 0 or h["negative_flips"] > 0)
         assert h["mcnemar_p"] is None or 0 <= h["mcnemar_p"] <= 1
     spam = next(r for r in doc["classifiers"] if r["key"] == "acme/spam@1")
-    assert spam["canary"]["n"] == 80 and spam["holdout"]["n"] == 40  # 20 % of 200, the recorded split
+    assert spam["canary"]["n"] == 80 and spam["holdout"]["n"] == 60  # 20 % of 300, the recorded split
     assert json.loads(out.read_text()) == doc
     staged = out.with_name("plan.json.staged") / spam["staged"]
     assert (staged / "weights.safetensors").exists() or any(staged.iterdir())
@@ -110,3 +110,77 @@ def test_the_int8_export_of_the_same_model_passes(minilm, fleet, onnx_cache, tmp
     assert int8.fingerprint != minilm.fingerprint
     doc, _, _ = run_plan(minilm, data, int8, tmp_path / "int8.json", canary)
     assert doc["summary"]["pass"] == doc["summary"]["classifiers"] == 4, doc["summary"]
+
+
+def test_apply_refuses_a_regression_names_it_and_force_then_rollback_work(minilm, fleet, one_layer_dir, tmp_path):
+
+    from headfleet.errors import ConflictError
+    from headfleet.heads import Registry
+    from headfleet.lifecycle.backbone_apply import apply, rollback
+
+    data, canary = fleet
+    weak = Embedder.load(one_layer_dir, max_length=256, batch_size=32, device="cpu")
+    out = tmp_path / "plan.json"
+    doc, _, _ = run_plan(minilm, data, weak, out, canary, thresholds=Thresholds(max_drop=0.0, max_negative_flips=0.0))
+    bad = [r["key"] for r in doc["classifiers"] if r["verdict"] == "regression"]
+    settings = Settings(data_dir=data, device="cpu")
+    with pytest.raises(ConflictError) as refused:
+        apply(out, settings, open_engine=lambda s: Engine.open(s, embedder=weak))
+    assert all(k in refused.value.message for k in bad)
+    assert not settings.layout.backbone.exists()  # nothing written
+    done = apply(out, settings, force=True, open_engine=lambda s: Engine.open(s, embedder=weak))
+    assert {f["key"] for f in done["forced_past"]} == set(bad)
+    assert Settings.from_env(data_dir=data).model_path == str(one_layer_dir)  # the data folder's choice wins
+    old, new = Registry(settings.layout.registry, minilm.fingerprint), Registry(settings.layout.registry, weak.fingerprint)
+    assert old.aliases("acme", "spam") == {"latest": 1, "candidate": 2}  # the old backbone serves what it served
+    moved = new.aliases("acme", "spam")
+    assert moved["latest"] > 2 and moved["candidate"] > 2
+    assert new.resolve("acme", "spam")["parent_fingerprint"] == weak.fingerprint
+    assert new.resolve("acme", "spam")["upgraded_from"] == {"version": 1, "parent_fingerprint": minilm.fingerprint}
+    # a human alias move afterwards wins on every backbone
+    new.set_alias("acme", "spam", "candidate", 1)
+    assert new.aliases("acme", "spam")["candidate"] == 1
+    rollback(settings)
+    assert Settings.from_env(data_dir=data).model_path is None and not settings.layout.backbone.exists()
+    with pytest.raises(ConflictError):
+        rollback(settings)
+
+
+def test_the_int8_plan_applies_while_the_old_backbone_keeps_serving(minilm, fleet, onnx_cache, tmp_path):
+    import threading
+
+    from headfleet.lifecycle.backbone_apply import apply
+
+    data, canary = fleet
+    int8 = Embedder.load(max_length=256, batch_size=32, device="cpu", backend="onnx", precision="int8",
+                         cache_dir=onnx_cache)
+    out = tmp_path / "int8.json"
+    run_plan(minilm, data, int8, out, canary)
+    errors, answers, stop = [], [], threading.Event()
+    with Engine.open(Settings(data_dir=data, device="cpu", faiss_store=False), embedder=minilm) as serving:
+        def traffic():
+            while not stop.is_set():
+                try:
+                    answers.append(serving.classify("acme", ["free prize, call now"], ["spam", "spam-mlp"]))
+                except Exception as exc:  # the test fails on any
+                    errors.append(exc)
+
+        t = threading.Thread(target=traffic)
+        t.start()
+        try:
+            settings = Settings(data_dir=data, device="cpu")
+            apply(out, settings, open_engine=lambda s: Engine.open(s, embedder=int8))
+            n = len(answers)
+            while len(answers) < n + 3 and not errors:  # requests after the apply, on the old backbone
+                stop.wait(0.05)
+        finally:
+            stop.set()
+            t.join()
+    assert not errors and answers
+    assert {a["results"][0]["classifications"]["spam"]["version"] for a in answers} == {1}
+    # a restart picks the applied backbone from the data folder and serves the refit versions
+    restarted = Settings.from_env(data_dir=data)
+    assert (restarted.backend, restarted.precision) == ("onnx", "int8")
+    with Engine.open(Settings(data_dir=data, device="cpu", faiss_store=False), embedder=int8) as after:
+        got = after.classify("acme", ["free prize, call now"], ["spam"])["results"][0]["classifications"]["spam"]
+    assert got["version"] > 2 and got["label"] == answers[-1]["results"][0]["classifications"]["spam"]["label"]
