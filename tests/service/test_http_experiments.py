@@ -51,7 +51,7 @@ def test_an_experiment_from_creation_to_promotion(alice, server, tmp_path):
     assert (exp["arms"]["control"]["version"], exp["arms"]["treatment"]["version"]) == (1, 2)
     assert exp["config"]["control"] == {"ref": "latest", "version": 1} and exp["state"] == "running"
     arms = {}
-    for i in range(60):
+    for i in range(120):  # enough units that the always-valid p detects the planted lift for any experiment id
         unit = f"user-{i}"
         # the unit in the body or the X-Unit-Id header: the same arm either way, every time
         a = alice.post("/classify", json={"texts": TEXTS[:1], "classifiers": ["spam"], "unit": unit}).json()
