@@ -201,14 +201,7 @@ class Shadows:
     def remove(self, tenant: str, name: str) -> dict:
         """Stop the shadow of ``name``; returns its last report (404 when it has none)."""
         report = self.report(tenant, name)
-        with self.store.lock(INDEX):
-            self.store.delete(f"{tenant}/{name}/shadow")
-            doc = _load(self.store.get(INDEX), {})
-            if doc.get(tenant, {}).pop(name, None) is not None:
-                if not doc[tenant]:
-                    del doc[tenant]
-                self.store.put(INDEX, _dump(doc))
-            self._active = {(t, n): c for t, per in doc.items() for n, c in per.items()}
+        self.forget(tenant, name)
         self.store.delete_prefix(f"{tenant}/{name}/shadows")
         return report | {"stopped": True}
 
@@ -324,8 +317,10 @@ class Shadows:
                 "mcnemar_p": float(sps.binomtest(negative, discordant, 0.5).pvalue) if discordant else None}
 
     def forget(self, tenant: str, name: str) -> None:
-        """The classifier was deleted: drop its shadow (the monitor's ``forget`` clears its keys)."""
+        """Take ``name``'s shadow out of the index and drop its config (stopping it, or its classifier
+        was deleted: then the monitor's ``forget`` clears the rest of its keys)."""
         with self.store.lock(INDEX):
+            self.store.delete(f"{tenant}/{name}/shadow")
             doc = _load(self.store.get(INDEX), {})
             if doc.get(tenant, {}).pop(name, None) is not None:
                 if not doc[tenant]:
