@@ -150,10 +150,26 @@ def test_multi_label_flips_are_counted_per_label(engine, shadows):
         assert flips[label] == want
 
 
-def test_a_lora_shadow_costs_a_forward_so_it_runs_on_its_sample_only(engine, shadows):
+@pytest.fixture
+def own_backbone_engine(tmp_path):
+    """An engine on a backbone of its own: LoRA layers are injected into the backbone they serve on,
+    and its adapter slots are the backbone's, so the session's shared one stays untouched."""
+    from headfleet.embedder import Embedder
+
+    eng = Engine.open(Settings(data_dir=tmp_path / "lora-data", device="cpu", faiss_store=False),
+                      Embedder.load(max_length=128, batch_size=32, device="cpu"))
+    eng.train("acme", "spam", examples_from_records([{"text": t, "label": lab} for t, lab in SPAM]))
+    yield eng
+    eng.close()
+
+
+def test_a_lora_shadow_costs_a_forward_so_it_runs_on_its_sample_only(own_backbone_engine, tmp_path):
     from headfleet.embedder.lora_train import LoraTrainConfig
 
+    engine = own_backbone_engine
+    shadows = Shadows(engine, FileStore(tmp_path / "mon-lora")).attach()
     data = examples_from_records([{"text": t, "label": lab} for t, lab in SPAM])
+    engine.train("acme", "spam", data)  # v2 (a head), so the adapter below is v3 as with the other tests
     engine.train_lora("acme", "spam", data, config=LoraTrainConfig(epochs=1, rank=2, alpha=4))  # v3, latest
     engine.registry.set_alias("acme", "spam", "latest", 1)
     with pytest.raises(ValidationError, match="costs a backbone forward"):
@@ -171,3 +187,4 @@ def test_a_lora_shadow_costs_a_forward_so_it_runs_on_its_sample_only(engine, sha
         engine.classify("acme", [f"sampled text number {i}"], ["spam"])
     shadowed = shadows.report("acme", "spam")["n"]
     assert 2 <= shadowed <= 22  # binomial(40, 0.25): its 99.9 % interval
+    shadows.close()
