@@ -47,6 +47,7 @@ from headfleet.lifecycle import experiment_stats, guardrails
 from headfleet.lifecycle.experiment_config import check_config
 from headfleet.lifecycle.experiment_outcomes import check_item, slices, unit_values
 from headfleet.lifecycle.windows import iso
+from headfleet.lifecycle.worker import StoreWorker
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,11 @@ def _dump(doc: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
-class Experiments:
+class Experiments(StoreWorker):
     """Every tenant's experiments in ``store``; attach to an engine to route its live traffic."""
+
+    HOOKS = (("choosers", "choose"), ("scored_hooks", "observe"), ("failed_hooks", "failed"))
+    THREAD = "headfleet-experiments"
 
     def __init__(self, engine: Engine | None, store, *, registry=None, interval_s: float = 0.5,
                  refresh_s: float = 1.0, clock: Callable[[], float] = time.time, replica: str | None = None):
@@ -96,45 +100,9 @@ class Experiments:
         self._flush_lock = threading.Lock()
         self._checked: dict[tuple[str, str], float] = {}
         self._to_check: set[tuple[str, str]] = set()
-        self._refreshed = float("-inf")
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._init_worker()
 
-    # -- wiring ------------------------------------------------------------------------------------
-    def attach(self) -> "Experiments":
-        self.refresh()
-        self.engine.choosers.append(self.choose)
-        self.engine.scored_hooks.append(self.observe)
-        self.engine.failed_hooks.append(self.failed)
-        return self
-
-    def start(self) -> "Experiments":
-        self._thread = threading.Thread(target=self._loop, name="headfleet-experiments", daemon=True)
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        for hooks, fn in () if self.engine is None else ((self.engine.choosers, self.choose), (self.engine.scored_hooks, self.observe),
-                          (self.engine.failed_hooks, self.failed)):
-            if fn in hooks:
-                hooks.remove(fn)
-        try:
-            self.flush()
-        except Exception:
-            log.exception("last flush of experiment exposures failed")
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                if self.clock() - self._refreshed >= self.refresh_s:
-                    self.refresh()
-                self.flush()
-            except Exception:  # a store outage: logged, retried next tick
-                log.exception("experiments tick failed")
-
+    # -- wiring: attach, start, close (StoreWorker) ------------------------------------------------
     def refresh(self) -> None:
         """Reload the running experiments of every tenant (one store read)."""
         doc = _load(self.store.get(RUNNING), {})
@@ -186,7 +154,7 @@ class Experiments:
             self._queue.append((tenant, exp["id"], exp["arm"], route.unit, ms, error))
 
     # -- folding into the store ----------------------------------------------------------------------
-    def flush(self) -> None:
+    def flush(self, final: bool = False) -> None:
         """Fold queued exposures into the store: new units into each experiment's unit set, this
         replica's guardrail counters; then stop any experiment whose treatment breached a guardrail."""
         with self._flush_lock:

@@ -37,6 +37,7 @@ from headfleet.errors import ValidationError
 from headfleet.lifecycle.experiments import _replica_name
 from headfleet.lifecycle.feedback import FeedbackBook, text_key
 from headfleet.lifecycle.windows import iso
+from headfleet.lifecycle.worker import StoreWorker
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,11 @@ def _label(entry: dict, multi: bool):
     return sorted(entry["labels"]) if multi else entry["label"]
 
 
-class Shadows:
+class Shadows(StoreWorker):
     """Every tenant's shadows, kept in the monitor's ``store``; ``book`` reads ``/feedback`` labels."""
+
+    HOOKS = (("choosers", "choose"), ("scored_hooks", "observe"))
+    THREAD = "headfleet-shadows"
 
     def __init__(self, engine: Engine | None, store, book: FeedbackBook | None = None, *, registry=None,
                  interval_s: float = 0.5, refresh_s: float = 1.0, clock: Callable[[], float] = time.time,
@@ -79,44 +83,9 @@ class Shadows:
         self._texts_written: dict[tuple[str, str, str], float] = {}
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
-        self._refreshed = float("-inf")
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._init_worker()
 
-    # -- wiring ------------------------------------------------------------------------------------
-    def attach(self) -> "Shadows":
-        self.refresh()
-        self.engine.choosers.append(self.choose)
-        self.engine.scored_hooks.append(self.observe)
-        return self
-
-    def start(self) -> "Shadows":
-        self._thread = threading.Thread(target=self._loop, name="headfleet-shadows", daemon=True)
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        for hooks, fn in () if self.engine is None else ((self.engine.choosers, self.choose),
-                                                         (self.engine.scored_hooks, self.observe)):
-            if fn in hooks:
-                hooks.remove(fn)
-        try:
-            self.flush(force=True)
-        except Exception:
-            log.exception("last flush of shadow counters failed")
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                if self.clock() - self._refreshed >= self.refresh_s:
-                    self.refresh()
-                self.flush()
-            except Exception:
-                log.exception("shadows tick failed")
-
+    # -- wiring: attach, start, close (StoreWorker) ------------------------------------------------
     def refresh(self) -> None:
         doc = _load(self.store.get(INDEX), {})
         self._active = {(t, n): cfg for t, per in doc.items() for n, cfg in per.items()}
@@ -210,8 +179,9 @@ class Shadows:
                 "version": cfg["version"], "ref": cfg["ref"], "sample": cfg["sample"], "started": cfg["started"]}
 
     # -- counting ------------------------------------------------------------------------------------
-    def flush(self, force: bool = False) -> None:
+    def flush(self, force: bool = False, final: bool = False) -> None:
         """Count the queued requests, then write this replica's changed counter documents."""
+        force = force or final
         with self._lock:
             while self._queue:
                 self._count(self._queue.popleft())
