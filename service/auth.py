@@ -7,18 +7,28 @@ inject secrets. With neither and no admin key, the service is single-tenant: eve
 the ``default`` tenant, and ``serve`` binds to loopback only.
 
 Clients send ``Authorization: Bearer <key>`` (what the OpenAI client sends) or ``X-API-Key``.
+
+Shared by replicas (``headfleet serve --ray``, or several ``serve`` on one data folder): every
+lookup stats the keys file (one ``stat``) and re-reads it when its identity (inode, mtime, size)
+changed, so a key created or revoked through one replica is honoured by every other at its next
+request. ``create`` and ``revoke`` re-read the file and rewrite it under an ``flock`` on
+``<keys file>.lock``, so two replicas changing keys at once both land.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
+import logging
+import os
 import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from headfleet.errors import ConflictError, ForbiddenError, NotFoundError, UnauthorizedError, ValidationError
 from headfleet.atomic import write_json_atomic
@@ -59,11 +69,13 @@ class KeyStore:
                 raise ValidationError("HEADFLEET_API_KEYS must look like 'tenant:key,tenant:key'")
             check_name(tenant, "tenant")
             self._env[digest(key)] = tenant
+        self._ident: tuple | None = None  # (inode, mtime ns, size) of the keys file last read
         self._file: dict[str, dict[str, Any]] = self._read()  # digest -> {tenant, key_id, created}
 
     # -- mode -------------------------------------------------------------------------------------
     @property
     def single_tenant(self) -> bool:
+        self._refresh()
         return not (self._env or self._file or self.admin_digest)
 
     # -- lookups --------------------------------------------------------------------------------
@@ -76,6 +88,7 @@ class KeyStore:
         d = digest(key)
         tenant = self._env.get(d)
         if tenant is None:
+            self._refresh()
             entry = self._file.get(d)
             tenant = entry["tenant"] if entry else None
         if tenant is None:
@@ -100,6 +113,7 @@ class KeyStore:
     # -- management (admin) ---------------------------------------------------------------------
     def tenants(self) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {}
+        self._refresh()
         with self._lock:
             for entry in self._file.values():
                 out.setdefault(entry["tenant"], []).append({"key_id": entry["key_id"], "created": entry["created"],
@@ -114,30 +128,71 @@ class KeyStore:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         d = digest(key)
         entry = {"tenant": tenant, "key_id": d[:12], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        with self._lock:
-            if d in self._file:  # 256 random bits; never, but never silently overwrite either
+        with self._lock, self._file_lock():
+            current = self._read()  # what other replicas wrote since this one last looked
+            if d in current:  # 256 random bits; never, but never silently overwrite either
                 raise ConflictError("key collision; try again")
-            data = dict(self._file)
+            data = dict(current)
             data[d] = entry
             self._write(data)
             self._file = data
+            self._ident = self._stat()
         return {"key": key, **entry}
 
     def revoke(self, key_id: str) -> dict[str, Any]:
-        with self._lock:
-            hits = [d for d, e in self._file.items() if e["key_id"] == key_id]
+        with self._lock, self._file_lock():
+            current = self._read()
+            hits = [d for d, e in current.items() if e["key_id"] == key_id]
             if not hits:
+                self._file = current
                 if any(d[:12] == key_id for d in self._env):
                     raise ValidationError(f"key {key_id!r} comes from HEADFLEET_API_KEYS; remove it there")
                 raise NotFoundError(f"no key with id {key_id!r}")
-            data = {d: e for d, e in self._file.items() if d not in hits}
+            data = {d: e for d, e in current.items() if d not in hits}
             self._write(data)
-            entry = self._file[hits[0]]
+            entry = current[hits[0]]
             self._file = data
+            self._ident = self._stat()
         return entry
 
     # -- file -----------------------------------------------------------------------------------------
+    def _stat(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return self._ident  # cannot tell: keep what was read
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _refresh(self) -> None:
+        """Re-read the keys file when another process replaced it (one stat when it did not). A file
+        that became unreadable keeps the keys last read (logged), so a torn copy never locks everyone out."""
+        ident = self._stat()
+        if ident == self._ident:
+            return
+        with self._lock:
+            if ident == self._ident:
+                return
+            try:
+                self._file = self._read()
+            except ValidationError as exc:  # _read recorded the identity: warned once per bad copy
+                logging.getLogger(__name__).warning("keeping the keys read before: %s", exc)
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """An ``flock`` on ``<keys file>.lock`` across processes, for a read-modify-write of the file."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def _read(self) -> dict[str, dict[str, Any]]:
+        """The keys file's entries (``{}`` when there is none); records the identity it read."""
+        self._ident = self._stat()
         try:
             raw = json.loads(self.path.read_text())
         except FileNotFoundError:

@@ -305,6 +305,12 @@ def cmd_serve(args) -> int:
         max_length=args.max_length, threads=args.threads, host=args.host, port=args.port,
         keys_file=Path(args.keys_file) if args.keys_file else None,
         examples=False if args.no_examples else None)
+    if args.ray or args.replicas is not None or args.autoscale is not None:
+        from headfleet.service.server import serve_ray
+
+        serve_ray(settings, replicas=args.replicas, autoscale=args.autoscale, num_cpus=args.ray_cpus,
+                  log_level=args.log_level)
+        return 0
     serve(settings, log_level=args.log_level, access_log=args.access_log)
     return 0
 
@@ -414,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not train the example classifiers at first start (single-tenant mode)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--access-log", action="store_true", help="log every request")
+    s.add_argument("--ray", action="store_true",
+                   help="serve on Ray Serve (pip install 'headfleet[ray]'): the same app in N replicas behind Ray's "
+                        "proxy; joins RAY_ADDRESS when set, else starts a local Ray")
+    s.add_argument("--replicas", type=int, help="with --ray: this many replicas (default 1)")
+    s.add_argument("--autoscale", metavar="MIN:MAX", help="with --ray: autoscale between MIN and MAX replicas")
+    s.add_argument("--ray-cpus", type=float, help="with --ray: CPUs reserved per replica (default 1)")
     s.set_defaults(func=cmd_serve)
     add_reproduce_parser(sub, common)
     add_backbone_parser(sub, common)

@@ -2,8 +2,18 @@
 
 A job's embeddings go through the scheduler in its own lane (``<tenant>#train``), so a
 training run shares the backbone fairly with live traffic instead of racing it. Job records
-are JSON files under ``<data_dir>/jobs/<tenant>/`` written atomically; a job that was queued
-or running when the process stopped is marked failed at the next start, saying so.
+are JSON files under ``<data_dir>/jobs/<tenant>/`` written atomically, each with its owner's
+lease (``job_records``), so several replicas share one jobs folder:
+
+- a job runs once: on the replica that took it (submitted it, or took it over);
+- any replica answers ``GET /jobs/{id}``: its own jobs from memory, the others' from the record,
+  which the owner rewrites with its progress at every heartbeat (``lease_s / 3``, 10 s by default);
+- a replica that starts later never touches a job whose owner is alive; a job whose owner died
+  (or stopped renewing for ``lease_s``) is taken over at the next sweep (every ``sweep_s``) by
+  one replica: a ``POST /classifiers`` job runs again from its saved examples (``<id>.input``;
+  training is deterministic given the seed), a monitor's retrain (``type`` ``retrain``, a
+  closure that cannot be saved) is marked failed (``interrupted``), as every unfinished job was
+  before owners existed. ``restarts`` counts the takeovers.
 """
 
 from __future__ import annotations
@@ -19,42 +29,68 @@ from typing import Any, Callable
 
 from headfleet.errors import HeadfleetError, NotFoundError
 from headfleet.heads import Examples
-from headfleet.service.job_records import JobRecords
+from headfleet.service.job_records import UNFINISHED, JobRecords, LeaseLost
 
 log = logging.getLogger(__name__)
 
 CHUNK = 256  # texts per scheduler submission: progress moves, the queue stays short
+SWEEP_S = 2.0  # how often a replica renews its jobs' leases (at most) and looks for orphaned jobs
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def _public(job: dict[str, Any]) -> dict[str, Any]:
+    """What ``GET /jobs/{id}`` shows: the record without its lease (owners name hosts)."""
+    return json.loads(json.dumps({k: v for k, v in job.items() if k != "lease"}))
+
+
+def _examples_doc(examples: Examples) -> dict[str, Any]:
+    return {"texts": examples.texts, "labels": examples.labels, "multi_label": examples.multi_label,
+            "source_hash": examples.source_hash, "label_spellings": examples.label_spellings}
+
+
 class JobManager:
-    def __init__(self, engine, scheduler, root: Path, workers: int = 1):
+    """Training jobs of every tenant: submit, poll, list; owned and shared through ``JobRecords``.
+
+    ``root``: the jobs folder; ``workers``: jobs trained at once; ``lease_s`` (seconds): how long an
+    owner's heartbeat stays valid; ``sweep_s`` (seconds): how often leases are renewed and
+    orphans looked for (at most ``lease_s / 3``)."""
+
+    def __init__(self, engine, scheduler, root: Path, workers: int = 1, *, lease_s: float | None = None,
+                 sweep_s: float = SWEEP_S):
         self.engine = engine
         self.scheduler = scheduler
-        self.records = JobRecords(root)
+        self.records = JobRecords(root) if lease_s is None else JobRecords(root, lease_s=lease_s)
+        self.sweep_s = min(float(sweep_s), self.records.lease_s / 3)
         self._lock = threading.Lock()
-        self._jobs: dict[tuple[str, str], dict[str, Any]] = {}
+        self._jobs: dict[tuple[str, str], dict[str, Any]] = {}  # the jobs this replica runs or ran
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="headfleet-train")
         # ``canary_hash(tenant, name) -> str | None``: the hash of the classifier's canary set, recorded
         # in the manifests of the versions jobs train; set by the service once its monitor exists
         self.canary_hash: Callable[[str, str], str | None] | None = None
-        self._recover()
+        self._closing = threading.Event()
+        self.records.hold()
+        self._sweep()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="headfleet-train-leases", daemon=True)
+        self._sweeper.start()
 
     # -- public ---------------------------------------------------------------------------------
     def submit(self, tenant: str, name: str, examples: Examples, *, kind: str, seed: int,
                candidate: bool = False) -> dict[str, Any]:
         job_id = "job_" + secrets.token_hex(8)
         job = {"id": job_id, "type": "train", "classifier": name, "kind": kind, "candidate": candidate, "state": "queued",
-               "created": _now(), "started": None, "finished": None,
+               "created": _now(), "started": None, "finished": None, "restarts": 0,
                "progress": {"embedded": 0, "total": len(examples.texts)}, "result": None, "error": None}
+        # what another replica needs to run it again if this one dies first
+        self.records.save_input(tenant, job_id, {"name": name, "kind": kind, "seed": seed, "candidate": candidate,
+                                                 "examples": _examples_doc(examples)})
         with self._lock:
             self._jobs[(tenant, job_id)] = job
-        self._save(tenant, job)
+        self.records.create(tenant, job)
         self._pool.submit(self._run, tenant, job_id, name, examples, kind, seed, candidate)
-        return dict(job)
+        return _public(job)
 
     def submit_run(self, tenant: str, name: str, run: Callable[..., dict], total: int, *, kind: str = "retrain",
                    reason: str | None = None) -> dict[str, Any]:
@@ -62,37 +98,112 @@ class JobManager:
         tenant's training lane) and records the manifest it returns; the monitor's retrains."""
         job_id = "job_" + secrets.token_hex(8)
         job = {"id": job_id, "type": kind, "classifier": name, "kind": kind, "state": "queued", "reason": reason,
-               "created": _now(), "started": None, "finished": None,
+               "created": _now(), "started": None, "finished": None, "restarts": 0,
                "progress": {"embedded": 0, "total": total}, "result": None, "error": None}
         with self._lock:
             self._jobs[(tenant, job_id)] = job
-        self._save(tenant, job)
+        self.records.create(tenant, job)
         self._pool.submit(self._execute, tenant, job_id, total,
                           lambda progress: run(self._embed, progress))
-        return dict(job)
+        return _public(job)
 
     def get(self, tenant: str, job_id: str) -> dict[str, Any]:
+        """The job as this replica knows it (its own) or as its owner last wrote it (another's).
+        NotFoundError for another tenant's id and a made-up one alike."""
         with self._lock:
             job = self._jobs.get((tenant, job_id))
-            if job is None:  # another tenant's job id gets the same answer as a made-up one
-                raise NotFoundError(f"no job {job_id!r}")
-            return json.loads(json.dumps(job))
+            if job is not None:
+                return _public(job)
+        job = self.records.read(tenant, job_id) if job_id.startswith("job_") else None
+        if job is None:
+            raise NotFoundError(f"no job {job_id!r}")
+        return _public(job)
 
     def list(self, tenant: str) -> list[dict[str, Any]]:
+        jobs = {j["id"]: j for _, j in self.records.load("job_", tenant)}
         with self._lock:
-            jobs = [dict(j) for (t, _), j in self._jobs.items() if t == tenant]
-        return sorted(jobs, key=lambda j: j["created"], reverse=True)
+            jobs.update({i: j for (t, i), j in self._jobs.items() if t == tenant})
+        return sorted((_public(j) for j in jobs.values()), key=lambda j: j["created"], reverse=True)
 
     def close(self) -> None:
+        """Stop taking jobs; jobs in flight are abandoned and another replica (or the next start)
+        takes them over."""
+        self._closing.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._sweeper.join(timeout=5)
+        self.records.close()
+
+    # -- leases ---------------------------------------------------------------------------------
+    def _sweep_loop(self) -> None:
+        while not self._closing.wait(self.sweep_s):
+            try:
+                self._sweep()
+            except Exception:  # a full disk or a vanished folder: try again next time, keep serving
+                log.exception("training jobs' lease sweep failed")
+
+    def _sweep(self) -> None:
+        """Renew this replica's unfinished jobs (with their progress), then take over orphans."""
+        with self._lock:
+            mine = [(t, dict(j)) for (t, _), j in self._jobs.items() if j["state"] in UNFINISHED]
+        for tenant, job in mine:
+            try:
+                self.records.renew(tenant, job)
+            except LeaseLost:
+                log.warning("training job %s was taken over by another replica; this one lets it go", job["id"])
+                with self._lock:
+                    self._jobs.pop((tenant, job["id"]), None)
+        if self._closing.is_set():
+            return
+        for tenant, job in self.records.load("job_"):
+            if job.get("state") in UNFINISHED and (tenant, job["id"]) not in self._jobs \
+                    and self.records.orphaned(job):
+                self._take_over(tenant, job["id"])
+
+    def _take_over(self, tenant: str, job_id: str) -> None:
+        spec = self.records.read_input(tenant, job_id)
+
+        def change(job: dict[str, Any]) -> None:
+            if spec is None:  # a retrain (a closure), or a job from before inputs were saved
+                job.update(state="failed", finished=_now(),
+                           error={"error": "the replica running this job stopped before it finished; submit it again",
+                                  "error_type": "interrupted"})
+            else:
+                job.update(state="queued", restarts=int(job.get("restarts") or 0) + 1,
+                           progress={"embedded": 0, "total": job.get("progress", {}).get("total", 0)})
+
+        job = self.records.claim(tenant, job_id, change)
+        if job is None or spec is None:
+            return
+        try:
+            ex = spec["examples"]
+            examples = Examples(ex["texts"], ex["labels"], ex["multi_label"], ex.get("source_hash", ""),
+                                ex.get("label_spellings") or {})
+        except (KeyError, TypeError, HeadfleetError) as exc:
+            self._update(tenant, job_id, state="failed", finished=_now(),
+                         error={"error": f"the job's saved input is unusable ({exc}); submit it again",
+                                "error_type": "interrupted"})
+            return
+        with self._lock:
+            self._jobs[(tenant, job_id)] = job
+        self._pool.submit(self._run, tenant, job_id, spec["name"], examples, spec["kind"], spec["seed"],
+                          bool(spec.get("candidate")))
 
     # -- running --------------------------------------------------------------------------------
     def _update(self, tenant: str, job_id: str, **changes: Any) -> None:
         with self._lock:
-            job = self._jobs[(tenant, job_id)]
+            job = self._jobs.get((tenant, job_id))
+            if job is None:  # taken over by another replica
+                return
             job.update(changes)
             snapshot = dict(job)
-        self._save(tenant, snapshot)
+        try:
+            self.records.renew(tenant, snapshot)
+        except LeaseLost:
+            with self._lock:
+                self._jobs.pop((tenant, job_id), None)
+            return
+        if snapshot["state"] not in UNFINISHED:
+            self.records.drop_input(tenant, job_id)
 
     def _run(self, tenant: str, job_id: str, name: str, examples: Examples, kind: str, seed: int,
              candidate: bool = False) -> None:
@@ -111,7 +222,9 @@ class JobManager:
         def progress(n: int) -> None:
             done[0] += n
             with self._lock:
-                self._jobs[(tenant, job_id)]["progress"] = {"embedded": min(done[0], total), "total": total}
+                job = self._jobs.get((tenant, job_id))
+                if job is not None:
+                    job["progress"] = {"embedded": min(done[0], total), "total": total}
 
         try:
             manifest = train(progress)
@@ -154,16 +267,3 @@ class JobManager:
             return answers, {"embed": (time.perf_counter() - t0) * 1e3}
 
         return compute
-
-    # -- records --------------------------------------------------------------------------------
-    def _save(self, tenant: str, job: dict[str, Any]) -> None:
-        self.records.save(tenant, job)
-
-    def _recover(self) -> None:
-        for tenant, job in self.records.load("job_"):
-            if job.get("state") in ("queued", "running"):
-                job.update(state="failed", finished=_now(),
-                           error={"error": "the service restarted before this job finished; submit it again",
-                                  "error_type": "interrupted"})
-                self._save(tenant, job)
-            self._jobs[(tenant, job["id"])] = job

@@ -18,10 +18,15 @@ failed job is not resumed), so the output path can be used again.
 
 A job runs on its own worker thread; its texts go through the scheduler in the lane
 ``<tenant>#score``, so live traffic keeps its turns while a big store is scored. Job records
-are JSON files beside the training jobs' (``<data_dir>/jobs/<tenant>/score_*.json``). A job that
-was queued or running when the service stopped is resumed at the next start from its last
-committed chunk (``headfleet.scoring``); ``DELETE /jobs/{id}`` cancels one between two chunks
-and removes its partial output.
+are JSON files beside the training jobs' (``<data_dir>/jobs/<tenant>/score_*.json``), each with its
+owner's lease (``job_records``), so replicas sharing the folder run every job once: a job whose
+owner stopped (a clean stop, a crash, a killed replica) is resumed from its last committed chunk
+(``headfleet.scoring``) by the first replica to sweep after that (every ``sweep_s``; the restart
+of a single process at its start), and never while its owner is alive and renewing.
+``DELETE /jobs/{id}`` cancels one between two chunks and removes its partial output; sent to a
+replica that does not run the job, it marks the record (``cancel_requested``) and the owner stops
+at its next heartbeat (``lease_s / 3``). Any replica answers ``GET /jobs/{id}``: the owner from
+memory, the others from the record, rewritten with the progress at every heartbeat.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from headfleet.errors import ConflictError, ForbiddenError, HeadfleetError, NotFoundError, ValidationError
-from headfleet.service.job_records import JobRecords
+from headfleet.service.job_records import UNFINISHED, JobRecords, LeaseLost
 from headfleet.names import check_name
 from headfleet.scoring import Cancelled, JobSpec, ScoreJob, SourceSpec
 from headfleet.scoring.confined import Escape, Root, path_error
@@ -48,6 +53,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 512  # rows per committed chunk: a cancel or a stop waits for at most one chunk
 SAVE_EVERY_S = 5.0  # how often a running job's record is rewritten with its progress
+SWEEP_S = 2.0  # how often leases are renewed (at most) and orphaned jobs looked for
 FINISHED = ("succeeded", "failed", "cancelled")
 REPORT_KEYS = ("documents", "scored", "rejected", "rejects_by_reason", "truncated", "cache", "embeddings_computed",
                "backbone_forwards", "labels", "classifiers", "wall_s", "elapsed_s", "docs_per_s", "runs")
@@ -62,11 +68,13 @@ class ScoringJobs:
     called from the job's worker thread."""
 
     def __init__(self, engine, classify: Callable[..., dict], root: Path | None, records: Path, *,
-                 batch_size: int = 64, workers: int = 1):
+                 batch_size: int = 64, workers: int = 1, lease_s: float | None = None, sweep_s: float = SWEEP_S):
         self.engine = engine
         self.classify = classify
         self.root = Path(root).resolve() if root is not None else None
-        self.records = JobRecords(records)
+        self.records = JobRecords(records) if lease_s is None else JobRecords(records, lease_s=lease_s)
+        self.sweep_s = min(float(sweep_s), self.records.lease_s / 3)
+        self._lost: set[str] = set()  # job ids another replica took over while this one ran them
         self.batch_size = batch_size
         self._lock = threading.Lock()
         self._jobs: dict[tuple[str, str], dict[str, Any]] = {}
@@ -76,7 +84,10 @@ class ScoringJobs:
         self._submit_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="headfleet-score")
         self._futures = []
-        self._recover()
+        self.records.hold()
+        self._sweep()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="headfleet-score-leases", daemon=True)
+        self._sweeper.start()
 
     # -- paths ------------------------------------------------------------------------------------------
     def folder(self, tenant: str) -> Path:
@@ -182,30 +193,40 @@ class ScoringJobs:
                   "counts": None, "docs_per_s": None, "eta_s": None, "report": None, "error": None,
                   "spec": {"source": str(source), "out": str(out), "rejects": str(rejects), "format": req.format}}
         key = (tenant, job_id)
+        record["restarts"] = 0
         with self._lock:
             self._jobs[key] = record
             self._cancel[key] = threading.Event()
-        self._save(tenant, record)
+        self.records.create(tenant, record)
         self._futures.append(self._pool.submit(self._run, tenant, job_id))
         return self._public(record)
 
     def get(self, tenant: str, job_id: str) -> dict[str, Any]:
+        """The job from memory when this replica runs it, else its record as the owner last wrote it;
+        NotFoundError for another tenant's id and a made-up one alike."""
         with self._lock:
             record = self._jobs.get((tenant, job_id))
-            if record is None:  # another tenant's job id gets the same answer as a made-up one
-                raise NotFoundError(f"no job {job_id!r}")
+            if record is not None:
+                return self._public(record)
+        record = self.records.read(tenant, job_id) if job_id.startswith("score_") else None
+        if record is None:  # another tenant's job id gets the same answer as a made-up one
+            raise NotFoundError(f"no job {job_id!r}")
+        with self._lock:
             return self._public(record)
 
     def list(self, tenant: str) -> list[dict[str, Any]]:
+        records = {r["id"]: r for _, r in self.records.load("score_", tenant)}
         with self._lock:
-            return [self._public(r) for (t, _), r in self._jobs.items() if t == tenant]
+            records.update({i: r for (t, i), r in self._jobs.items() if t == tenant})
+            return [self._public(r) for r in records.values()]
 
     def cancel(self, tenant: str, job_id: str) -> dict[str, Any]:
         key = (tenant, job_id)
         with self._lock:
             record = self._jobs.get(key)
-            if record is None:
-                raise NotFoundError(f"no job {job_id!r}")
+        if record is None:
+            return self._cancel_elsewhere(tenant, job_id)
+        with self._lock:
             if record["state"] in FINISHED:
                 raise ConflictError(f"job {job_id!r} has already {record['state']}; there is nothing to cancel")
             self._cancel[key].set()
@@ -219,31 +240,63 @@ class ScoringJobs:
             self._remove_partial(tenant, snapshot)
         return self._public(snapshot)
 
+    def _cancel_elsewhere(self, tenant: str, job_id: str) -> dict[str, Any]:
+        """Cancel a job this replica does not run: mark its record; its owner stops at its next
+        heartbeat, or, when the owner is gone, the replica that takes it over finishes the cancel."""
+        if not job_id.startswith("score_"):
+            raise NotFoundError(f"no job {job_id!r}")
+
+        def change(record: dict[str, Any]) -> bool:
+            if record["state"] in FINISHED:
+                return False
+            record.update(state="cancelling", cancel_requested=True)
+            return True
+
+        record = self.records.update(tenant, job_id, change)
+        if record is None:
+            raise NotFoundError(f"no job {job_id!r}")
+        if record["state"] in FINISHED:
+            raise ConflictError(f"job {job_id!r} has already {record['state']}; there is nothing to cancel")
+        with self._lock:
+            return self._public(record)
+
     def close(self) -> None:
-        """Stop between chunks; jobs still queued or running are resumed at the next start."""
+        """Stop between chunks; jobs still queued or running are resumed by another replica or at the
+        next start (once :meth:`join` lets go of this owner)."""
         self._closing.set()
         for ev in self._cancel.values():
             ev.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def join(self, timeout: float = 60.0) -> None:
+        """Wait for the jobs' threads to stop (after :meth:`close`), then release this owner, so its
+        unfinished jobs become orphans another replica resumes."""
         deadline = time.monotonic() + timeout
         for f in self._futures:
             try:
                 f.result(timeout=max(0.0, deadline - time.monotonic()))
             except Exception:  # cancelled futures, or a run that already logged its failure
                 pass
+        self._sweeper.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self._closing.is_set():
+            self.records.close()
 
     # -- running ------------------------------------------------------------------------------------------
     def _run(self, tenant: str, job_id: str) -> None:
         key = (tenant, job_id)
         cancel = self._cancel[key]
         with self._lock:
-            record = self._jobs[key]
-            if record["state"] in FINISHED or cancel.is_set():
+            record = self._jobs.get(key)
+            if record is None or record["state"] in FINISHED:
                 return
-            record.update(state="running", started=record["started"] or _now())
+            stop = cancel.is_set()
+            if not stop:
+                record.update(state="running", started=record["started"] or _now())
             snapshot = dict(record)
+        if stop:  # cancelled (here or through another replica) before it started, or the service is stopping
+            if snapshot["state"] == "cancelling":
+                self._stopped(tenant, key)
+            return
         self._save(tenant, snapshot)
         sp = snapshot["spec"]
         spec = JobSpec(SourceSpec(sp["source"], id_col=snapshot["id_col"], text_col=snapshot["text_col"],
@@ -256,8 +309,11 @@ class ScoringJobs:
             if time.monotonic() - saved[0] > SAVE_EVERY_S:
                 saved[0] = time.monotonic()
                 with self._lock:
-                    snap = self._public(self._jobs[key])
-                self._save(tenant, {**self._jobs[key], **{k: snap[k] for k in ("progress", "counts")}})
+                    record = self._jobs.get(key)
+                    if record is None:
+                        return
+                    snap = self._public(record)
+                self._save(tenant, {**record, **{k: snap[k] for k in ("progress", "counts")}})
 
         try:
             # overwrite: the output was checked when the job was submitted; a restart may find it finished
@@ -269,6 +325,8 @@ class ScoringJobs:
             report = job.run(self._classify, on_commit=on_commit, cancelled=cancel.is_set, persist=self._persist)
         except Cancelled:
             self._stopped(tenant, key)
+            return
+        except LeaseLost:
             return
         except HeadfleetError as exc:
             if self._closing.is_set():
@@ -294,7 +352,9 @@ class ScoringJobs:
     def _failed(self, tenant: str, key: tuple[str, str], error: dict[str, str]) -> None:
         """A failed job is not resumed: its partial output goes, so the output path can be used again."""
         with self._lock:
-            record = self._jobs[key]
+            record = self._jobs.get(key)
+        if record is None:
+            return
         try:
             self._remove_partial(tenant, record)
         except (HeadfleetError, OSError):
@@ -315,16 +375,20 @@ class ScoringJobs:
         return self.classify(*args, **kwargs)
 
     def _stopped(self, tenant: str, key: tuple[str, str]) -> None:
-        if self._closing.is_set():
-            return  # not the user's cancel: the record stays running and the job resumes at start
+        if self._closing.is_set() or key[1] in self._lost:
+            return  # not the user's cancel: the record stays running and the job resumes elsewhere or at start
         with self._lock:
-            record = self._jobs[key]
+            record = self._jobs.get(key)
+        if record is None:
+            return
         self._remove_partial(tenant, record)
         self._finish(tenant, key, "cancelled")
 
     def _finish(self, tenant: str, key: tuple[str, str], state: str, **changes: Any) -> None:
         with self._lock:
-            record = self._jobs[key]
+            record = self._jobs.get(key)
+            if record is None:  # taken over by another replica
+                return
             public = self._public(record)
             record.update(state=state, finished=_now(), progress=public["progress"], counts=public["counts"],
                           docs_per_s=public["docs_per_s"], eta_s=None, **changes)
@@ -337,7 +401,7 @@ class ScoringJobs:
 
     def _public(self, record: dict[str, Any]) -> dict[str, Any]:
         """What ``GET /jobs/{id}`` shows: live progress while running, never a server path. Caller holds the lock."""
-        out = {k: v for k, v in record.items() if k != "spec"}
+        out = {k: v for k, v in record.items() if k not in ("spec", "lease")}
         job = self._live.get(record["id"])
         if job is not None and record["state"] in ("running", "cancelling"):
             p = job.progress()
@@ -350,26 +414,76 @@ class ScoringJobs:
             out["docs_per_s"], out["eta_s"] = p["docs_per_s"], p["eta_s"]
         return json.loads(json.dumps(out))
 
-    # -- records ------------------------------------------------------------------------------------------
+    # -- records and leases ------------------------------------------------------------------------------
     def _save(self, tenant: str, record: dict[str, Any]) -> None:
-        self.records.save(tenant, record)
+        """Write a job this replica runs (with a fresh heartbeat); a cancel request another replica
+        wrote into the record is kept and acted on. A job taken over by another replica is let go."""
+        key = (tenant, record["id"])
+        try:
+            saved = self.records.renew(tenant, record, keep=("cancel_requested",))
+        except LeaseLost:
+            log.warning("scoring job %s was taken over by another replica; this one lets it go", record["id"])
+            with self._lock:
+                self._lost.add(record["id"])
+                self._jobs.pop(key, None)
+                ev = self._cancel.get(key)
+            if ev is not None:
+                ev.set()
+            return
+        if saved.get("cancel_requested") and saved["state"] in ("queued", "running"):
+            with self._lock:
+                live = self._jobs.get(key)
+                if live is not None and live["state"] in ("queued", "running"):
+                    live.update(state="cancelling", cancel_requested=True)
+                ev = self._cancel.get(key)
+            if ev is not None:
+                ev.set()
 
-    def _recover(self) -> None:
+    def _sweep_loop(self) -> None:
+        while not self._closing.wait(self.sweep_s):
+            try:
+                self._sweep()
+            except Exception:  # a full disk or a vanished folder: try again next time, keep serving
+                log.exception("scoring jobs' lease sweep failed")
+
+    def _sweep(self) -> None:
+        """Renew this replica's unfinished jobs (with their progress), then take over orphans."""
+        with self._lock:
+            mine = [(key[0], {**r, **{k: v for k, v in self._public(r).items() if k in ("progress", "counts")}})
+                    for key, r in self._jobs.items() if r["state"] in UNFINISHED]
+        for tenant, record in mine:
+            self._save(tenant, record)
+        if self._closing.is_set():
+            return
         for tenant, record in self.records.load("score_"):
-            key = (tenant, record["id"])
+            if record.get("state") in UNFINISHED and (tenant, record["id"]) not in self._jobs \
+                    and self.records.orphaned(record):
+                self._take_over(tenant, record["id"])
+
+    def _take_over(self, tenant: str, job_id: str) -> None:
+        """Claim an orphaned job: a cancel in progress is finished; anything else resumes from its
+        last committed chunk on this replica."""
+        def change(record: dict[str, Any]) -> None:
+            if record.get("state") == "cancelling":
+                record.update(state="cancelled", finished=_now())
+            else:
+                record.update(state="queued", restarts=int(record.get("restarts") or 0) + 1)
+
+        record = self.records.claim(tenant, job_id, change)
+        if record is None:
+            return
+        key = (tenant, job_id)
+        if record["state"] == "cancelled":
+            try:
+                self._remove_partial(tenant, record)
+            except (HeadfleetError, OSError):
+                log.warning("could not remove the partial output of cancelled job %s", job_id)
+            return
+        log.info("resuming scoring job %s of tenant %s", job_id, tenant)
+        with self._lock:
             self._jobs[key] = record
             self._cancel[key] = threading.Event()
-            if record.get("state") == "cancelling":
-                try:
-                    self._remove_partial(tenant, record)
-                except (HeadfleetError, OSError):
-                    log.warning("could not remove the partial output of cancelled job %s", record["id"])
-                record.update(state="cancelled", finished=_now())
-                self._save(tenant, record)
-            elif record.get("state") in ("queued", "running"):
-                log.info("resuming scoring job %s of tenant %s", record["id"], tenant)
-                record["state"] = "queued"
-                self._futures.append(self._pool.submit(self._run, tenant, record["id"]))
+        self._futures.append(self._pool.submit(self._run, tenant, job_id))
 
 
 def scheduler_classify(service, loop) -> Callable[..., dict]:

@@ -1,4 +1,5 @@
-"""``headfleet serve``: run the app under uvicorn, loopback-only when no keys are configured."""
+"""``headfleet serve``: run the app under uvicorn (or, ``--ray``, as a Ray Serve deployment of
+replicas), loopback-only when no keys are configured."""
 
 from __future__ import annotations
 
@@ -22,17 +23,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(settings: Settings, *, log_level: str = "info", access_log: bool = False) -> None:
-    import uvicorn
-
-    from headfleet.service.app import create_app
-
+def check_exposure(settings: Settings) -> KeyStore:
+    """The keys; ValidationError when no keys are configured and the host is not loopback."""
     keys = KeyStore(settings.layout.keys, settings.api_keys, settings.admin_key)
     if keys.single_tenant and not is_loopback(settings.host):
         raise ValidationError(
             f"no API keys are configured, so headfleet runs single-tenant without authentication and binds to "
             f"loopback only; refusing host {settings.host!r}. Set HEADFLEET_ADMIN_KEY (then create keys with "
             "POST /admin/tenants/<tenant>/keys) or HEADFLEET_API_KEYS='tenant:key,...' to serve other machines")
+    return keys
+
+
+def serve(settings: Settings, *, log_level: str = "info", access_log: bool = False) -> None:
+    import uvicorn
+
+    from headfleet.service.app import create_app
+
+    keys = check_exposure(settings)
     sock = bind(settings.host, settings.port)  # before the model loads: a busy port fails in milliseconds
     if keys.single_tenant:
         print(f"headfleet: single-tenant mode (no API keys configured): every request is tenant 'default'; "
@@ -64,3 +71,24 @@ def bind(host: str, port: int) -> socket.socket:
         raise ValidationError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
     return sock
+
+
+def serve_ray(settings: Settings, *, replicas: int | None = None, autoscale: str | None = None,
+              num_cpus: float | None = None, log_level: str = "info") -> None:
+    """``headfleet serve --ray``: the app as a Ray Serve deployment (``headfleet.service.ray_serve``)
+    of ``replicas`` replicas or ``autoscale`` ``"MIN:MAX"``; Ray Serve's proxy listens on
+    ``settings.host:settings.port``. ValidationError without Ray Serve installed, ConflictError
+    when the port is taken (checked before Ray starts)."""
+    try:
+        from headfleet.service import ray_serve
+    except ImportError as exc:
+        raise ValidationError(f"--ray needs Ray Serve: pip install 'headfleet[ray]' ({exc})") from None
+    bounds = ray_serve.parse_autoscale(autoscale) if autoscale else None
+    keys = check_exposure(settings)
+    bind(settings.host, settings.port).close()  # a busy port fails in milliseconds, before Ray starts
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    shape = f"autoscaling {bounds[0]}..{bounds[1]} replicas" if bounds else f"{replicas or 1} replica(s)"
+    mode = "single-tenant mode (no API keys configured)" if keys.single_tenant else \
+        f"multi-tenant mode ({len(keys.tenants())} tenant(s) with keys)"
+    print(f"headfleet: Ray Serve, {shape}, {mode}; http://{settings.host}:{settings.port}", file=sys.stderr)
+    ray_serve.run(settings, replicas=replicas, autoscale=bounds, num_cpus=num_cpus)

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from pathlib import Path
 from typing import Sequence
 
 from headfleet.errors import TooLargeError, ValidationError
@@ -41,6 +42,16 @@ def batch_tokens(settings: Settings, engine: Engine) -> int:
     if settings.batch_tokens is not None:
         return settings.batch_tokens
     return 16384 if str(engine.embedder.device).startswith("cuda") else 256
+
+
+def _examples_once(engine: Engine, settings: Settings) -> None:
+    """Train the example classifiers unless they exist, under an flock on the data folder, so
+    replicas starting together on one folder train them once (the others find them)."""
+    from headfleet.atomic import locked
+    from headfleet.engine.examples import ensure_examples
+
+    with locked(Path(settings.data_dir) / ".examples.lock"):
+        ensure_examples(engine, "default", log.info)
 
 
 @dataclasses.dataclass
@@ -92,8 +103,7 @@ class Service:
             log.warning("no API keys configured: single-tenant mode, every request is tenant 'default'; "
                         "configure HEADFLEET_API_KEYS or HEADFLEET_ADMIN_KEY before exposing the service")
             if settings.examples:
-                from headfleet.engine.examples import ensure_examples
-                await asyncio.to_thread(ensure_examples, engine, "default", log.info)
+                await asyncio.to_thread(_examples_once, engine, settings)
         return service
 
     async def stop(self) -> None:
