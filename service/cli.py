@@ -305,11 +305,11 @@ def cmd_serve(args) -> int:
         max_length=args.max_length, threads=args.threads, host=args.host, port=args.port,
         keys_file=Path(args.keys_file) if args.keys_file else None,
         examples=False if args.no_examples else None)
-    if args.ray or args.replicas is not None or args.autoscale is not None:
+    if args.ray or args.replicas is not None or args.autoscale is not None or args.affinity:
         from headfleet.service.server import serve_ray
 
         serve_ray(settings, replicas=args.replicas, autoscale=args.autoscale, num_cpus=args.ray_cpus,
-                  log_level=args.log_level)
+                  affinity=args.affinity, log_level=args.log_level)
         return 0
     serve(settings, log_level=args.log_level, access_log=args.access_log)
     return 0
@@ -426,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--replicas", type=int, help="with --ray: this many replicas (default 1)")
     s.add_argument("--autoscale", metavar="MIN:MAX", help="with --ray: autoscale between MIN and MAX replicas")
     s.add_argument("--ray-cpus", type=float, help="with --ray: CPUs reserved per replica (default 1)")
+    s.add_argument("--affinity", action="store_true",
+                   help="with --ray: a router sends a one-text request to the replica that saw the text (memory-tier "
+                        "hits) and retries idempotent requests whose replica died")
     s.set_defaults(func=cmd_serve)
     add_reproduce_parser(sub, common)
     add_backbone_parser(sub, common)

@@ -74,10 +74,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve_ray(settings: Settings, *, replicas: int | None = None, autoscale: str | None = None,
-              num_cpus: float | None = None, log_level: str = "info") -> None:
+              num_cpus: float | None = None, affinity: bool = False, log_level: str = "info") -> None:
     """``headfleet serve --ray``: the app as a Ray Serve deployment (``headfleet.service.ray_serve``)
     of ``replicas`` replicas or ``autoscale`` ``"MIN:MAX"``; Ray Serve's proxy listens on
-    ``settings.host:settings.port``. ValidationError without Ray Serve installed, ConflictError
+    ``settings.host:settings.port``; ``affinity``: the router in front (cache affinity, retries). ValidationError without Ray Serve installed, ConflictError
     when the port is taken (checked before Ray starts)."""
     try:
         from headfleet.service import ray_serve
@@ -88,7 +88,9 @@ def serve_ray(settings: Settings, *, replicas: int | None = None, autoscale: str
     bind(settings.host, settings.port).close()  # a busy port fails in milliseconds, before Ray starts
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     shape = f"autoscaling {bounds[0]}..{bounds[1]} replicas" if bounds else f"{replicas or 1} replica(s)"
+    if affinity:
+        shape += ", cache-affinity router"
     mode = "single-tenant mode (no API keys configured)" if keys.single_tenant else \
         f"multi-tenant mode ({len(keys.tenants())} tenant(s) with keys)"
     print(f"headfleet: Ray Serve, {shape}, {mode}; http://{settings.host}:{settings.port}", file=sys.stderr)
-    ray_serve.run(settings, replicas=replicas, autoscale=bounds, num_cpus=num_cpus)
+    ray_serve.run(settings, replicas=replicas, autoscale=bounds, num_cpus=num_cpus, affinity=affinity)
