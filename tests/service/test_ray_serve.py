@@ -212,15 +212,20 @@ def test_a_scoring_job_finishes_after_the_replica_running_it_is_killed(cluster, 
     statuses: list[int] = []
     stop = threading.Event()
 
-    def load() -> None:  # live traffic while the replica dies: what a client sees is recorded
+    def load(lane: int) -> None:  # live traffic while the replica dies: what a client sees is recorded
         with cluster.client(cluster.keys["acme"]) as c:
+            i = 0
             while not stop.is_set():
+                i += 1
+                texts = [f"call me later about order {lane}-{i}-{k}" for k in range(4)]  # uncached: in flight a while
                 try:
-                    statuses.append(c.post("/classify", json={"texts": ["call me later"],
-                                                              "classifiers": ["spam"]}).status_code)
-                except httpx.HTTPError:
+                    r = c.post("/classify", json={"texts": texts, "classifiers": ["spam"]})
+                    statuses.append(r.status_code)
+                    if r.status_code != 200:
+                        print(f"\n  {r.status_code} {r.text[:200]}")
+                except httpx.HTTPError as exc:
+                    print(f"\n  {type(exc).__name__}: {exc}")
                     statuses.append(-1)
-                time.sleep(0.05)
 
     with cluster.client(cluster.keys["acme"]) as acme:
         r = acme.post("/jobs", json={"source": "docs.jsonl", "classifiers": ["spam"], "output": "out.jsonl"})
@@ -234,14 +239,16 @@ def test_a_scoring_job_finishes_after_the_replica_running_it_is_killed(cluster, 
                 break
             assert time.monotonic() < deadline, p
             time.sleep(0.3)
-        loader = threading.Thread(target=load, daemon=True)
-        loader.start()
+        loaders = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(2)]
+        for t in loaders:
+            t.start()
+        time.sleep(1)  # requests in flight on both replicas
         ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT}#{owner}", namespace="serve"), no_restart=True)
-        try:
-            done = wait_job(acme, job_id, tolerate_errors=True)
-        finally:
-            stop.set()
-            loader.join(30)
+        time.sleep(5)  # the replica's death as a client sees it; then the job has the CPUs to itself
+        stop.set()
+        for t in loaders:
+            t.join(60)
+        done = wait_job(acme, job_id, tolerate_errors=True)
     assert done["state"] == "succeeded", done
     assert done["restarts"] == 1 and done["report"]["runs"] == 2 and done["report"]["documents"] == n
     ids = [json.loads(line)["id"] for line in (cluster.root / "acme" / "out.jsonl").read_text().splitlines()]
