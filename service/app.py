@@ -17,6 +17,7 @@ from headfleet.service.api.embeddings import EmbeddingsController
 from headfleet.service.api.experiments import ExperimentsController, ShadowController
 from headfleet.service.api.monitoring import FeedbackController, MonitorController
 from headfleet.service.api.ops import OpsController
+from headfleet.service.dashboard import DashboardController
 from headfleet.service.errors import HANDLERS
 from headfleet.service.metrics import ENDPOINTS
 from headfleet.service.openapi import document_errors, openapi_config
@@ -29,7 +30,7 @@ def _endpoint(path: str) -> str:
     """A bounded label for the request histogram (ids in paths would explode its cardinality)."""
     if path in ENDPOINTS:
         return path
-    for prefix in ("/classifiers", "/jobs", "/admin", "/schema", "/v1", "/experiments"):
+    for prefix in ("/classifiers", "/jobs", "/admin", "/schema", "/v1", "/experiments", "/dashboard"):
         if path.startswith(prefix):
             return prefix
     return "other"
@@ -106,7 +107,7 @@ def create_app(settings: Settings | None = None, *, embedder=None) -> Litestar:
     app = Litestar(
         route_handlers=[ClassifyController, ClassifiersController, JobsController, EmbeddingsController,
                         OpsController, AdminController, FeedbackController, MonitorController, ShadowController,
-                        ExperimentsController],
+                        ExperimentsController, DashboardController],
         dependencies={"service": Provide(provide_service), "tenant": Provide(provide_tenant)},
         exception_handlers=HANDLERS,
         lifespan=[lifespan],
