@@ -86,3 +86,17 @@ def test_the_secret_file_is_private(world):
 def test_the_dashboard_is_not_in_the_api_document(world):
     doc = httpx.get(f"{world.url}/schema/openapi.json", timeout=60).json()
     assert not [p for p in doc["paths"] if p.startswith("/dashboard")]
+
+
+def test_single_tenant_mode_needs_no_login(minilm, tmp_path):
+    from http_server import running
+
+    with running(minilm, tmp_path / "single", examples=False) as server, \
+            httpx.Client(base_url=server.url, timeout=120, follow_redirects=False) as c:
+        r = c.get("/dashboard")
+        assert r.status_code == 303 and r.headers["location"] == "/dashboard/t/default"
+        assert c.get("/dashboard/login").headers["location"] == "/dashboard/t/default"
+        page = c.get("/dashboard/t/default")
+        assert page.status_code == 200 and "Tenant default" in page.text and "Sign out" not in page.text
+        _error(c.get("/dashboard/t/other"), 404, "not_found")
+        _error(c.get("/dashboard/fleet"), 403, "forbidden")
