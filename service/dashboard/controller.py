@@ -28,6 +28,7 @@ import importlib.resources
 import json
 import time
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import jinja2
 from litestar import Controller, MediaType, Request, Response, get, post
@@ -175,12 +176,14 @@ def _to_login() -> Redirect:
 
 
 def _check_origin(request: Request) -> None:
-    """A POST naming another origin (or ``null``) in ``Origin`` is refused (403)."""
+    """A POST whose ``Origin`` names another host (or is ``null``) is refused (403); none sent: allowed
+    (the CSRF token still has to match)."""
     origin = request.headers.get("origin")
     if origin is None:
         return
-    own = f"{request.url.scheme}://{request.headers.get('host', request.url.netloc)}"
-    if origin != own:
+    # host and port only: behind a TLS-terminating proxy the browser's https origin reaches us as http
+    host = request.headers.get("host", request.url.netloc)
+    if origin == "null" or urlsplit(origin).netloc != host:
         raise ForbiddenError("cross-origin form post refused: sign in from this server's own login page")
 
 
