@@ -309,7 +309,7 @@ def cmd_serve(args) -> int:
         from headfleet.service.server import serve_ray
 
         serve_ray(settings, replicas=args.replicas, autoscale=args.autoscale, num_cpus=args.ray_cpus,
-                  affinity=args.affinity, log_level=args.log_level)
+                  affinity=args.affinity, log_level=args.log_level, access_log=args.access_log)
         return 0
     serve(settings, log_level=args.log_level, access_log=args.access_log)
     return 0

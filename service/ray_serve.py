@@ -164,12 +164,13 @@ def parse_autoscale(text: str) -> tuple[int, int]:
 
 def application(settings: Settings, *, replicas: int | None = None, autoscale: tuple[int, int] | None = None,
                 num_cpus: float | None = None, target_ongoing: float = 16.0, max_ongoing: int = MAX_ONGOING,
-                affinity: bool = False):
+                affinity: bool = False, access_log: bool = False):
     """The bound Ray Serve application: ``replicas`` fixed replicas (default 1), or ``autoscale``
     ``(min, max)`` replicas scaled on ``target_ongoing`` requests in flight per replica.
     ``num_cpus``: CPUs Ray reserves per replica (default 1; torch threads follow it unless
     ``settings.threads`` is set). ``affinity``: the router in front (cache affinity and retries;
-    see the module docstring). ValidationError for a replica count below 1."""
+    see the module docstring). ``access_log``: Ray's per-request log lines in the replicas' logs (off:
+    headfleet's own metrics count requests). ValidationError for a replica count below 1."""
     if replicas is not None and autoscale is not None:
         raise ValidationError("give --replicas or --autoscale, not both")
     if replicas is not None and replicas < 1:
@@ -185,6 +186,7 @@ def application(settings: Settings, *, replicas: int | None = None, autoscale: t
         # a replica loads the backbone in its lifespan; a slow disk must not make Ray kill it
         "health_check_timeout_s": 60,
         "graceful_shutdown_timeout_s": 30,
+        "logging_config": {"enable_access_log": access_log},
     }
     if autoscale is not None:
         options["autoscaling_config"] = {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
@@ -196,7 +198,8 @@ def application(settings: Settings, *, replicas: int | None = None, autoscale: t
         return serve.deployment(HeadfleetReplica).options(**options).bind(settings)
     backend = serve.deployment(HeadfleetBackend).options(**options).bind(settings)
     router = serve.deployment(RouterReplica).options(
-        name=ROUTER, num_replicas=1, max_ongoing_requests=4 * max_ongoing, ray_actor_options={"num_cpus": 0})
+        name=ROUTER, num_replicas=1, max_ongoing_requests=4 * max_ongoing, ray_actor_options={"num_cpus": 0},
+        logging_config={"enable_access_log": access_log})
     return router.bind(backend, settings.max_body_bytes)
 
 
@@ -204,20 +207,20 @@ def build(args: dict[str, Any]):
     """The application builder for ``serve run`` / ``serve deploy``
     (``import_path: headfleet.service.ray_serve:build``). ``args`` (the config's ``args``):
     ``replicas`` (int), ``autoscale`` (``"MIN:MAX"``), ``num_cpus`` (per replica),
-    ``target_ongoing_requests``, ``affinity`` (bool); everything else comes from the ``HEADFLEET_*`` environment."""
+    ``target_ongoing_requests``, ``affinity`` and ``access_log`` (bools); everything else comes from the ``HEADFLEET_*`` environment."""
     args = dict(args or {})
-    unknown = set(args) - {"replicas", "autoscale", "num_cpus", "target_ongoing_requests", "affinity"}
+    unknown = set(args) - {"replicas", "autoscale", "num_cpus", "target_ongoing_requests", "affinity", "access_log"}
     if unknown:
         raise ValidationError(f"unknown headfleet application args: {sorted(unknown)}")
     autoscale = parse_autoscale(args["autoscale"]) if args.get("autoscale") else None
     replicas = int(args["replicas"]) if args.get("replicas") is not None else None
     return application(Settings.from_env(), replicas=replicas, autoscale=autoscale,
                        num_cpus=args.get("num_cpus"), target_ongoing=float(args.get("target_ongoing_requests", 16)),
-                       affinity=bool(args.get("affinity", False)))
+                       affinity=bool(args.get("affinity", False)), access_log=bool(args.get("access_log", False)))
 
 
 def run(settings: Settings, *, replicas: int | None = None, autoscale: tuple[int, int] | None = None,
-        num_cpus: float | None = None, affinity: bool = False, address: str | None = None,
+        num_cpus: float | None = None, affinity: bool = False, access_log: bool = False, address: str | None = None,
         blocking: bool = True) -> None:
     """Start (or join, ``address`` / ``RAY_ADDRESS``) a Ray cluster, put Ray Serve's HTTP proxy on
     ``settings.host:settings.port`` and deploy the application; with ``blocking``, serve until
@@ -227,7 +230,8 @@ def run(settings: Settings, *, replicas: int | None = None, autoscale: tuple[int
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    app = application(settings, replicas=replicas, autoscale=autoscale, num_cpus=num_cpus, affinity=affinity)
+    app = application(settings, replicas=replicas, autoscale=autoscale, num_cpus=num_cpus, affinity=affinity,
+                      access_log=access_log)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     if not blocking:
         return

@@ -74,7 +74,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve_ray(settings: Settings, *, replicas: int | None = None, autoscale: str | None = None,
-              num_cpus: float | None = None, affinity: bool = False, log_level: str = "info") -> None:
+              num_cpus: float | None = None, affinity: bool = False, log_level: str = "info",
+              access_log: bool = False) -> None:
     """``headfleet serve --ray``: the app as a Ray Serve deployment (``headfleet.service.ray_serve``)
     of ``replicas`` replicas or ``autoscale`` ``"MIN:MAX"``; Ray Serve's proxy listens on
     ``settings.host:settings.port``; ``affinity``: the router in front (cache affinity, retries). ValidationError without Ray Serve installed, ConflictError
@@ -93,4 +94,5 @@ def serve_ray(settings: Settings, *, replicas: int | None = None, autoscale: str
     mode = "single-tenant mode (no API keys configured)" if keys.single_tenant else \
         f"multi-tenant mode ({len(keys.tenants())} tenant(s) with keys)"
     print(f"headfleet: Ray Serve, {shape}, {mode}; http://{settings.host}:{settings.port}", file=sys.stderr)
-    ray_serve.run(settings, replicas=replicas, autoscale=bounds, num_cpus=num_cpus, affinity=affinity)
+    ray_serve.run(settings, replicas=replicas, autoscale=bounds, num_cpus=num_cpus, affinity=affinity,
+                  access_log=access_log)
