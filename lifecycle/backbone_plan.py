@@ -150,6 +150,8 @@ def plan(current: Engine, candidate: Engine, tenants: Sequence[str], *, out: Pat
                 done[row["key"]] = row
     todo = [(t, name, v, aliases) for t in tenants for name, v, aliases in aliased_versions(current, t)]
     t0 = time.perf_counter()
+    if progress is not None:
+        progress(0, len(todo))
     with open(partial, "a", encoding="utf-8") as log_file:
         for i, (tenant, name, version, aliases) in enumerate(todo):
             k = f"{tenant}/{name}@{version}"

@@ -18,6 +18,7 @@ from headfleet.service.api.experiments import ExperimentsController, ShadowContr
 from headfleet.service.api.monitoring import FeedbackController, MonitorController
 from headfleet.service.api.ops import OpsController
 from headfleet.service.dashboard import DashboardController
+from headfleet.service.backbone_admin import PlanJob, Reloader, reload_gate
 from headfleet.service.errors import HANDLERS
 from headfleet.service.metrics import ENDPOINTS
 from headfleet.service.openapi import document_errors, openapi_config
@@ -97,12 +98,14 @@ def create_app(settings: Settings | None = None, *, embedder=None) -> Litestar:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        service = await Service.start(settings, embedder)
-        app.state.service = service
+        app.state.service = await Service.start(settings, embedder)
+        app.state.plan_job = PlanJob(settings)
+        app.state.reloader = Reloader()
         try:
             yield
         finally:
-            await service.stop()
+            app.state.plan_job.close()
+            await app.state.service.stop()  # the one serving now: a backbone reload may have replaced it
 
     app = Litestar(
         route_handlers=[ClassifyController, ClassifiersController, JobsController, EmbeddingsController,
@@ -111,7 +114,7 @@ def create_app(settings: Settings | None = None, *, embedder=None) -> Litestar:
         dependencies={"service": Provide(provide_service), "tenant": Provide(provide_tenant)},
         exception_handlers=HANDLERS,
         lifespan=[lifespan],
-        middleware=[timing_middleware, options_middleware],
+        middleware=[reload_gate, timing_middleware, options_middleware],
         request_max_body_size=settings.max_body_bytes,
         request_class=HeadfleetRequest,
         openapi_config=openapi_config(),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 from headfleet.service.cli_output import _print_json
@@ -29,6 +30,8 @@ def add_parser(sub, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-negative-flips", type=float, default=0.02,
                    help="right-to-wrong flips allowed, as a share of the holdout (default 0.02)")
     p.add_argument("--out", help="the plan file (default: <data dir>/backbone-plan.json; the same --out resumes)")
+    p.add_argument("--progress-file", metavar="FILE",
+                   help='rewrite FILE with {"done": N, "total": M} after each classifier (the HTTP plan job reads it)')
     p.set_defaults(func=cmd_plan)
     a = bsub.add_parser("apply", parents=[common], help="publish a plan's refit heads and switch the data folder's backbone")
     a.add_argument("plan", help="the plan file")
@@ -46,6 +49,7 @@ def _plan_path(args, settings) -> Path:
 def cmd_plan(args) -> int:
     from tqdm import tqdm
 
+    from headfleet.atomic import write_json_atomic
     from headfleet.engine import Engine
     from headfleet.errors import ValidationError
     from headfleet.lifecycle.backbone_plan import Thresholds, plan
@@ -78,6 +82,11 @@ def cmd_plan(args) -> int:
                 bar.total = total
                 bar.n = done
                 bar.refresh()
+                if args.progress_file:
+                    write_json_atomic(Path(args.progress_file), {"done": done, "total": total, "at": time.time()})
+
+            if args.progress_file:
+                write_json_atomic(Path(args.progress_file), {"done": 0, "total": None, "at": time.time()})
 
             doc = plan(current, candidate, tenants, out=out, canary_for=canary_for, progress=progress,
                        thresholds=Thresholds(max_drop=args.max_drop, max_negative_flips=args.max_negative_flips))
@@ -116,7 +125,8 @@ def cmd_apply(args) -> int:
         b = done["backbone"]
         print(f"applied: {len(done['published'])} refit version(s) published on {b['backend']}/{b['precision']} "
               f"{b['fingerprint'][:12]}; the data folder's backbone is now {b['model']}. A running service keeps "
-              "serving the old backbone until it restarts; `headfleet backbone rollback` goes back.")
+              "serving the old backbone until it reloads (POST /admin/backbone/reload) or restarts; "
+              "`headfleet backbone rollback` goes back.")
         for f in done["forced_past"]:
             print(f"  forced past {f['key']} ({f['verdict']}: {f['why']})")
     return 0
@@ -131,5 +141,6 @@ def cmd_rollback(args) -> int:
         _print_json(done)
     else:
         print(f"rolled back from {done['rolled_back']['backend']}/{done['rolled_back']['precision']} "
-              f"{(done['rolled_back']['fingerprint'] or '')[:12]}; now: {done['now']}. Restart the service to load it.")
+              f"{(done['rolled_back']['fingerprint'] or '')[:12]}; now: {done['now']}. A running service loads it at "
+              "POST /admin/backbone/reload or a restart.")
     return 0

@@ -73,6 +73,8 @@ def _statuses(path: str, method: str) -> list[int]:
         out += [403]
     if path in ("/classify", "/embed", "/v1/embeddings", "/feedback") or path.startswith(("/classifiers", "/jobs")):
         out += [429, 503]
+    if path == "/admin/backbone/reload":
+        out += [503]  # the recorded backbone failed to start (the previous one serves again)
     if path in _PUBLIC:
         out = []
     return sorted(set(out))
@@ -144,6 +146,7 @@ def precise(doc: dict[str, Any], settings, prompts=(), models=(), dim: int | Non
     if "MonitorSettingsRequest" in schemas:
         _monitor_ranges(props("MonitorSettingsRequest"))
     _experiment_schemas(props, name)
+    _plan_schema(schemas, name)
     canary = doc.get("paths", {}).get("/classifiers/{name}/canary", {}).get("put")
     if canary is not None:
         canary["requestBody"] = canary_body()
@@ -288,3 +291,22 @@ def _experiment_schemas(props, name: dict[str, Any]) -> None:
     props("OutcomesRequest")["items"] = {"type": "array", "minItems": 1, "maxItems": MAX_ITEMS, "items": item}
     props("ShadowRequest").update(version=version, sample=nullable({"type": "number", "exclusiveMinimum": 0,
                                                                     "maximum": 1}))
+
+
+def _plan_schema(schemas: dict[str, Any], name: dict[str, Any]) -> None:
+    """``PlanRequest`` as ``PlanRequest.checked`` enforces it: fractions in [0, 1], exactly one of
+    ``tenant``/``all_tenants``, and at least one of ``to``/``backend``/``precision`` naming the candidate."""
+    body = schemas.get("PlanRequest")
+    if body is None:
+        return
+    fraction = {"type": "number", "minimum": 0, "maximum": 1}
+    body["properties"].update(tenant={"oneOf": [name, {"type": "null"}]}, max_drop=fraction,
+                              max_negative_flips=fraction,
+                              to={"oneOf": [{"type": "string", "minLength": 1, "maxLength": 4096}, {"type": "null"}],
+                                  "description": "a model folder on the server (404 when it is not one)"})
+    body["allOf"] = [
+        {"oneOf": [{"required": ["tenant"], "properties": {"tenant": name, "all_tenants": {"const": False}}},
+                   {"required": ["all_tenants"], "properties": {"all_tenants": {"const": True},
+                                                                "tenant": {"type": "null"}}}]},
+        {"anyOf": [{"required": [field], "properties": {field: {"type": "string"}}}
+                   for field in ("to", "backend", "precision")]}]
