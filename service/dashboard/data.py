@@ -31,6 +31,7 @@ class Page:
 
     items: list[str]
     number: int  # 1-based
+    size: int  # names per page
     pages: int  # at least 1
     matched: int  # names matching the query
     total: int  # names before the query
@@ -43,7 +44,7 @@ def paginate(names: Sequence[str], query: str, number: int, size: int = PAGE_SIZ
     hits = [n for n in names if q in n.lower()] if q else list(names)
     pages = max(1, math.ceil(len(hits) / size))
     number = min(max(1, number), pages)
-    return Page(hits[(number - 1) * size: number * size], number, pages, len(hits), len(names), query.strip())
+    return Page(hits[(number - 1) * size: number * size], number, size, pages, len(hits), len(names), query.strip())
 
 
 def stats_view(service, tenant: str) -> dict[str, Any]:
@@ -70,20 +71,22 @@ def minute_series(cache_stats, tenant: str, minutes: int = 60) -> list[dict[str,
     (the ones ``/stats`` sums into its 1m / 5m / 1h windows) under its lock; returns None when
     that class no longer keeps them, and the page says the series is unavailable."""
     lock, tenants = getattr(cache_stats, "_lock", None), getattr(cache_stats, "_tenants", None)
-    span = getattr(cache_stats, "_clock", time.time)
+    clock = getattr(cache_stats, "_clock", time.time)
     if lock is None or not isinstance(tenants, dict):
         return None
-    now = span()
+    now = clock()
     last = int(now // 60)
     rows: dict[int, dict[str, Any]] = {}
     with lock:
         t = tenants.get(tenant)
-        buckets = getattr(t, "buckets", {}) if t is not None else {}
-        for m, b in buckets.items():
-            if m > last - minutes:
-                c = b.counts
-                rows[m] = {"lookups": c.lookups, "hits": {k: c.hits.get(k, 0) for k in TIER_NAMES},
-                           "misses": c.misses, "computed": b.computed}
+        try:
+            for m, b in (t.buckets.items() if t is not None else ()):
+                if m > last - minutes:
+                    c = b.counts
+                    rows[m] = {"lookups": c.lookups, "hits": {k: c.hits.get(k, 0) for k in TIER_NAMES},
+                               "misses": c.misses, "computed": b.computed}
+        except (AttributeError, TypeError):  # CacheStats changed shape: say so on the page, never a 500
+            return None
     out = []
     for m in range(last - minutes + 1, last + 1):
         r = rows.get(m) or {"lookups": 0, "hits": dict.fromkeys(TIER_NAMES, 0), "misses": 0, "computed": 0}

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from browsing import check_figures, figures, login, serious_violations, shot
-from conftest import ACME, ADMIN, BULK, GLOBEX, GLOBEX_CLASSIFIER, GLOBEX_TEXT
+from dashboard_world import ACME, ADMIN, BULK, GLOBEX, GLOBEX_CLASSIFIER, GLOBEX_TEXT
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import re
 import httpx
 import pytest
 
-from conftest import ACME
+from dashboard_world import ACME
 
 
 @pytest.fixture
