@@ -1,5 +1,7 @@
 """Backbone backends side by side: headfleet's torch fp32, ONNX fp32 and ONNX int8 against
-sentence-transformers ``encode`` (and its own ONNX backend where it installs).
+sentence-transformers ``encode`` (and its own ONNX backend where it installs) and fastembed, the
+ONNX Runtime embedder CPU users pick (the shipped model exported to ONNX in a local folder: no
+download).
 
 Same model folder, same texts, same thread count, same process. Throughput is texts/s on short
 (SMS) and long (~250-character) texts, at batch 1 (one call per text, as a lone request) and at
@@ -81,6 +83,46 @@ def sentence_transformers_onnx(folder: Path):
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:140]}"
 
 
+def fastembed_contender(folder: Path, cache_dir: Path, threads: int):
+    """fastembed's ``TextEmbedding`` for all-MiniLM-L6-v2 on a plain ONNX export of the shipped
+    weights (token embeddings out; fastembed pools and normalises), or the reason it is not available."""
+    import shutil
+
+    try:
+        from fastembed import TextEmbedding
+    except ImportError:
+        return None, "fastembed is not installed (scripts/setup bench installs it)"
+    from transformers import BertModel
+
+    out = cache_dir / "fastembed-all-MiniLM-L6-v2"
+    if not (out / "model.onnx").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        bert = BertModel.from_pretrained(folder).eval()
+
+        class TokenEmbeddings(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.bert = bert
+
+            def forward(self, input_ids, attention_mask, token_type_ids):
+                return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                                 token_type_ids=token_type_ids).last_hidden_state
+
+        model = TokenEmbeddings()
+        ids = torch.ones(2, 16, dtype=torch.long)
+        axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                "token_type_ids": {0: "batch", 1: "seq"}, "last_hidden_state": {0: "batch", 1: "seq"}}
+        with torch.inference_mode():
+            torch.onnx.export(model, (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(out / "model.onnx"),
+                              dynamo=False, opset_version=17, dynamic_axes=axes,
+                              input_names=["input_ids", "attention_mask", "token_type_ids"],
+                              output_names=["last_hidden_state"])
+        for name in ("tokenizer.json", "config.json", "special_tokens_map.json", "tokenizer_config.json", "vocab.txt"):
+            shutil.copy(Path(folder) / name, out / name)
+    model = TextEmbedding("sentence-transformers/all-MiniLM-L6-v2", specific_model_path=str(out), threads=threads)
+    return Contender("fastembed", lambda texts, bs: np.stack(list(model.embed(texts, batch_size=bs)))), None
+
+
 def best_of(rounds: int, contenders: list[Contender], workloads: dict[str, tuple[list[str], int]]):
     best = {(c.name, w): 0.0 for c in contenders for w in workloads}
     for _ in range(rounds):
@@ -125,6 +167,9 @@ def main() -> None:
     st_onnx, st_onnx_skip = sentence_transformers_onnx(folder)
     if st_onnx is not None:
         contenders.append(peer("sentence-transformers onnx", st_onnx))
+    fe, fe_skip = fastembed_contender(folder, cache_dir, threads)
+    if fe is not None:
+        contenders.append(fe)
     contenders += [ours(k, e) for k, e in embedders.items()]
     # checked before timing (and the warm-up: first calls allocate and, for ONNX Runtime, plan memory)
     reference = {name: ours("torch fp32", embedders["torch fp32"]).embed(texts, 64)
@@ -151,6 +196,8 @@ def main() -> None:
         rows.append((c.name, f"{figs}   {ratio}"))
     if st_onnx_skip:
         rows.append(("sentence-transformers onnx", f"not measured: {st_onnx_skip}"))
+    if fe_skip:
+        rows.append(("fastembed", f"not measured: {fe_skip}"))
     rows.append(("load (export + int8 once)", f"{load_s:.1f} s for the three headfleet embedders, cache {cache_dir}"))
     rows += [("checked before timing", line) for line in checked]
     report("backbone backends: texts/s, all-MiniLM-L6-v2, CPU", rows,

@@ -1,0 +1,133 @@
+"""How close each backbone backend runs to this machine's measured peak.
+
+Measures the peak first — fp32 GEMM (the best of torch ``matmul`` and ONNX Runtime ``MatMul``) and
+int8 GEMM (ONNX Runtime ``MatMulInteger``, uint8 x int8 -> int32, the VNNI path) on 1024^3 — then
+each contender's texts/s at batch 64 on short (SMS) and long (~250-character) texts, and turns
+texts/s into useful GFLOP/s: the FLOPs of the *real* tokens only (no padding), per layer and token
+``2 * (4 d^2 + 2 d f) + 4 L d`` (the four attention projections, the two feed-forward matrices, and
+QK^T plus AV over the text's own length L; Vaswani et al. 2017, Kaplan et al. 2020 eq. 2.1 for the
+counting convention). all-MiniLM-L6-v2: d = 384, f = 1536, 6 layers -> 21.2 MFLOP per token before
+attention. The fraction of peak says how much is left to win on this CPU: a backend near its
+precision's peak can only go faster by computing less (padding, shorter inputs).
+
+    .venv/bin/python bench/roofline.py [--n-short 1000] [--n-long 500] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _common import begin, long_texts, report, sms_texts
+from backends import best_of, fastembed_contender, ours, peer
+from headfleet.embedder import Embedder
+
+
+def _best_s(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _ort_matmul(dtype: str, n: int, threads: int):
+    """An ONNX Runtime session computing one n x n x n GEMM: ``fp32`` MatMul or ``int8`` MatMulInteger."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    if dtype == "fp32":
+        b = rng.standard_normal((n, n)).astype(np.float32)
+        node = helper.make_node("MatMul", ["a", "b"], ["y"])
+        a_type, y_type, feed = TensorProto.FLOAT, TensorProto.FLOAT, rng.standard_normal((n, n)).astype(np.float32)
+    else:
+        b = rng.integers(-127, 127, (n, n), dtype=np.int8)
+        node = helper.make_node("MatMulInteger", ["a", "b"], ["y"])
+        a_type, y_type, feed = TensorProto.UINT8, TensorProto.INT32, rng.integers(0, 255, (n, n), dtype=np.uint8)
+    graph = helper.make_graph([node], "gemm", [helper.make_tensor_value_info("a", a_type, [n, n])],
+                              [helper.make_tensor_value_info("y", y_type, [n, n])],
+                              [onnx.numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return lambda: sess.run(None, {"a": feed})
+
+
+def peaks(threads: int, n: int = 1024, repeats: int = 10) -> dict[str, float]:
+    """GFLOP/s (GOP/s for int8) of one n^3 GEMM, best of ``repeats``."""
+    flops = 2.0 * n ** 3
+    x, y = torch.randn(n, n), torch.randn(n, n)
+    fp32 = max(flops / _best_s(lambda: x @ y, repeats), flops / _best_s(_ort_matmul("fp32", n, threads), repeats))
+    int8 = flops / _best_s(_ort_matmul("int8", n, threads), repeats)
+    return {"fp32": fp32 / 1e9, "int8": int8 / 1e9}
+
+
+def useful_flops(embedder: Embedder, texts: list[str]) -> float:
+    """FLOPs of the real tokens of ``texts`` through the encoder (see the module docstring)."""
+    cfg = embedder.model.config if hasattr(embedder, "model") and embedder.model is not None else None
+    d, f, layers = (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) if cfg else (384, 1536, 6)
+    lengths = np.array([min(len(e.ids), embedder.max_length) for e in embedder.tokenizer.encode_batch(list(texts))],
+                       dtype=np.float64)
+    per_token = 2.0 * (4 * d * d + 2 * d * f)
+    return float(layers * (lengths.sum() * per_token + (4.0 * d * lengths ** 2).sum()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-short", type=int, default=1000)
+    ap.add_argument("--n-long", type=int, default=500)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cache-dir", default=None, help="where ONNX exports are kept (default: a temp dir)")
+    args = ap.parse_args()
+    title = "roofline: each backend's useful GFLOP/s against this machine's GEMM peak, batch 64"
+    begin(title)
+    from sentence_transformers import SentenceTransformer
+
+    threads = torch.get_num_threads()
+    peak = peaks(threads)
+    cache_dir = Path(args.cache_dir or tempfile.mkdtemp(prefix="headfleet-onnx-"))
+    torch_fp32 = Embedder.load(device="cpu", threads=threads)
+    embedders = {"torch fp32": torch_fp32,
+                 "onnx fp32": Embedder.load(device="cpu", threads=threads, backend="onnx", cache_dir=cache_dir),
+                 "onnx int8": Embedder.load(device="cpu", threads=threads, backend="onnx", precision="int8",
+                                            cache_dir=cache_dir)}
+    contenders = [peer("sentence-transformers", SentenceTransformer(str(torch_fp32.folder), device="cpu"))]
+    fe, fe_skip = fastembed_contender(torch_fp32.folder, cache_dir, threads)
+    contenders += ([fe] if fe is not None else []) + [ours(k, e) for k, e in embedders.items()]
+    work = {"short": (sms_texts(args.n_short), 64), "long": (long_texts(args.n_long), 64)}
+    for c in contenders:  # warm-up (ONNX Runtime plans memory at its first calls)
+        c.embed(work["short"][0][:128], 64)
+    best = best_of(args.rounds, contenders, work)
+    flops = {w: useful_flops(torch_fp32, texts) / len(texts) for w, (texts, _) in work.items()}
+    rows = [("peak, measured", f"fp32 GEMM {peak['fp32']:.1f} GFLOP/s; int8 GEMM (MatMulInteger) {peak['int8']:.1f} "
+                               f"GOP/s ({peak['int8'] / peak['fp32']:.2f}x fp32); {threads} thread(s)"),
+            ("useful work per text", " | ".join(f"{w}: {flops[w] / 1e6:.0f} MFLOP" for w in work)
+             + "  (real tokens only)"),
+            ("roofline, texts/s", " | ".join(f"{w}: fp32 {peak['fp32'] * 1e9 / flops[w]:,.0f}, int8 "
+                                             f"{peak['int8'] * 1e9 / flops[w]:,.0f}" for w in work))]
+    st = "sentence-transformers"
+    for c in contenders:
+        ceiling = peak["int8"] if "int8" in c.name else peak["fp32"]
+        parts = []
+        for w in work:
+            gflops = best[c.name, w] * flops[w] / 1e9
+            parts.append(f"{w}: {best[c.name, w]:6,.0f} texts/s = {gflops:5.1f} GFLOP/s, {gflops / ceiling:4.0%} of "
+                         f"{'int8' if 'int8' in c.name else 'fp32'} peak, {best[c.name, w] / best[st, w]:.2f}x ST")
+        rows.append((c.name, " | ".join(parts)))
+    if fe_skip:
+        rows.append(("fastembed", f"not measured: {fe_skip}"))
+    report(title, rows, {"peak_gflops": peak, **{f"{c} / {w}": round(v, 1) for (c, w), v in best.items()}})
+
+
+if __name__ == "__main__":
+    main()
