@@ -12,8 +12,11 @@ scheduler task packs batches across lanes by deficit round-robin:
 so tenant A's 512-text request is served a quantum at a time and tenant B's single text rides
 in the next batch, not after A's queue drains. A batch runs in a worker thread (``Engine.fill``:
 Redis, then the backbone for what is still missing). While one batch runs, a second may start
-for lanes the running batch does not serve: B's text starts at once and shares the CPU with A's
-batch instead of waiting for it to end. The Redis write-back of new vectors goes to its own
+for lanes the running batch does not serve: B's text starts at once instead of waiting for A's
+batch to end. With ``yield_tokens`` (the CPU default), a batch's forward is cut into pieces of
+about that many tokens, and between pieces a batch waits while a smaller one runs: B shares the
+cores only until A's current piece ends, then has them to itself (smaller waits for nobody, so
+two batches never wait for each other). The Redis write-back of new vectors goes to its own
 thread so the reply never waits on it.
 
 Admission: a tenant with more than ``tenant_queue_texts`` texts waiting, or a queue holding
@@ -29,6 +32,7 @@ import collections
 import dataclasses
 import logging
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable
@@ -88,11 +92,14 @@ class Scheduler:
     def __init__(self, fill: Callable[[list[bytes], list[str], list[str]], Filled],
                  write_back: Callable[[Filled], None], *, max_length: int, batch_texts: int, batch_tokens: int,
                  tenant_queue_texts: int, queue_texts: int, metrics: SchedulerMetrics | None = None,
-                 workers: int = 2):
+                 workers: int = 2, yield_tokens: int | None = None):
         """``fill(keys, texts, namespaces) -> Filled``: the compute step for one batch of distinct keys
         (the engine's Redis lookup and backbone forward), run in a worker thread; ``write_back(Filled)``:
         the remote-tier write, run on its own thread off the reply path; ``max_length``: the
-        backbone's token limit (for cost estimates). The queue knows nothing else of its backend."""
+        backbone's token limit (for cost estimates); ``yield_tokens``: cut a batch's compute into
+        ``fill`` calls of about this many estimated tokens and wait between them while a batch of
+        fewer tokens runs (None: one call per batch, as on a GPU, where big batches pay). The queue
+        knows nothing else of its backend."""
         self._fill = fill
         self._write_back_fn = write_back
         self.max_length = int(max_length)
@@ -114,6 +121,10 @@ class Scheduler:
         self.workers = max(1, int(workers))
         self._compute = ThreadPoolExecutor(self.workers, thread_name_prefix="headfleet-backbone")
         self._in_flight: dict[int, set[str]] = {}  # batch id -> lanes it serves
+        self.yield_tokens = int(yield_tokens) if yield_tokens else None
+        self._running_tokens: dict[int, int] = {}  # batch id -> estimated tokens, while its compute runs
+        self._yield = threading.Condition()
+        self.pieces_waited = 0  # times a piece waited for a smaller batch (tests, metrics)
         self._batch_ids = 0
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="headfleet-writeback")
         self._rate = 0.0  # texts/s, moving average over batches (for Retry-After)
@@ -327,15 +338,15 @@ class Scheduler:
 
     async def _process(self, loop: asyncio.AbstractEventLoop, rows: list[tuple[Work, int]], bid: int) -> None:
         try:
-            await self._compute_batch(loop, rows)
+            await self._compute_batch(loop, rows, bid)
         finally:
             self._in_flight.pop(bid, None)
             self._wake.set()
 
-    async def _compute_batch(self, loop: asyncio.AbstractEventLoop, rows: list[tuple[Work, int]]) -> None:
-        unique: dict[bytes, tuple[str, str]] = {}  # two requests of one tenant asking the same text: once
+    async def _compute_batch(self, loop: asyncio.AbstractEventLoop, rows: list[tuple[Work, int]], bid: int = 0) -> None:
+        unique: dict[bytes, tuple[str, str, int]] = {}  # two requests of one tenant asking the same text: once
         for work, i in rows:
-            unique.setdefault(work.keys[i], (work.texts[i], work.namespaces[i]))
+            unique.setdefault(work.keys[i], (work.texts[i], work.namespaces[i], work.costs[i]))
         keys = list(unique)
         t0 = time.perf_counter()
         for work, _ in rows:
@@ -344,8 +355,9 @@ class Scheduler:
                 self.metrics.queued(t0 - work.enqueued)
         self.in_flight += len(keys)
         try:
-            filled = await loop.run_in_executor(self._compute, self._fill, keys,
-                                                [unique[k][0] for k in keys], [unique[k][1] for k in keys])
+            filled = await loop.run_in_executor(self._compute, self._fill_yielding, bid, keys,
+                                                [unique[k][0] for k in keys], [unique[k][1] for k in keys],
+                                                [unique[k][2] for k in keys])
         except Exception as exc:  # the backbone failed: every request in the batch gets the error
             log.exception("backbone batch of %d texts failed", len(keys))
             err = BackendError(f"embedding failed: {type(exc).__name__}: {exc}")
@@ -374,9 +386,54 @@ class Scheduler:
             if work.answered == len(work.keys) and not work.future.done():
                 work.future.set_result(work.answers)
 
+    def _fill_yielding(self, bid: int, keys: list[bytes], texts: list[str], namespaces: list[str],
+                       costs: list[int]) -> Filled:
+        """``fill`` for one batch (in a worker thread): in pieces of about ``yield_tokens`` estimated
+        tokens, each piece waiting while a batch of fewer tokens runs; the pieces' results joined."""
+        total = sum(costs)
+        if self.yield_tokens is None or total <= self.yield_tokens:
+            pieces = [(0, len(keys))]
+        else:
+            pieces, start, acc = [], 0, 0
+            for j, c in enumerate(costs):
+                if acc and acc + c > self.yield_tokens:
+                    pieces.append((start, j))
+                    start, acc = j, 0
+                acc += c
+            pieces.append((start, len(keys)))
+        with self._yield:
+            self._running_tokens[bid] = total
+        try:
+            parts = []
+            for a, b in pieces:
+                if len(pieces) > 1:
+                    with self._yield:
+                        waited = False
+                        while any(t < total for other, t in self._running_tokens.items() if other != bid):
+                            waited = True
+                            self._yield.wait()
+                        self.pieces_waited += waited
+                parts.append(self._fill(keys[a:b], texts[a:b], namespaces[a:b]))
+        finally:
+            with self._yield:
+                self._running_tokens.pop(bid, None)
+                self._yield.notify_all()
+        return parts[0] if len(parts) == 1 else join_filled(parts)
+
     def _write_back(self, filled) -> None:
         try:
             self._write_back_fn(filled)
         except Exception:  # the tiers count their own failures; never let the writer thread die
             log.exception("write-back to the remote tier failed")
 
+
+
+def join_filled(parts: list[Filled]) -> Filled:
+    """Consecutive pieces of one batch's :class:`Filled`, in order, as one."""
+    import numpy as np
+
+    return Filled(np.concatenate([p.vectors for p in parts]), [t for p in parts for t in p.tiers],
+                  np.concatenate([p.truncated for p in parts]), np.concatenate([p.computed for p in parts]),
+                  [c for p in parts for c in p.corrupt],
+                  ([k for p in parts for k in p.write[0]], np.concatenate([p.write[1] for p in parts]),
+                   [n for p in parts for n in p.write[2]]))

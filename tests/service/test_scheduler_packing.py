@@ -83,3 +83,55 @@ def test_admission_is_per_tenant_then_global(engine):
         assert sched.rejected == 2 and sched.waiting == 151
 
     asyncio.run(scenario())
+
+
+def test_a_flood_batch_yields_between_pieces_while_a_smaller_batch_runs(engine):
+    """On a CPU a batch is computed in pieces of ``yield_tokens``; while another tenant's smaller
+    batch runs, the flood's next piece waits, so the small one has the cores to itself. The pieces'
+    answers are the same vectors as one whole forward."""
+    import threading
+    import time
+
+    import numpy as np
+
+    calls, lock = [], threading.Lock()
+
+    def fill(keys, texts, namespaces):
+        t0 = time.perf_counter()
+        out = engine.fill(keys, texts, namespaces)
+        with lock:
+            calls.append((texts[0].split()[0], t0, time.perf_counter(), len(keys)))
+        return out
+
+    BOB = "bob asks: " + " ".join(f"is lunch at noon on day {d} of the offsite, and who books the table?"
+                                  for d in range(6))  # about 100 tokens: a forward long enough to overlap
+    flood_texts = [f"tenant a sends a rather long message number {i} about the quarterly invoices and the "
+                   f"delivery schedule for the northern warehouse" for i in range(24)]
+
+    async def scenario():
+        sched = Scheduler(fill, engine.write_back, max_length=engine.embedder.max_length, batch_texts=64,
+                          batch_tokens=4096, tenant_queue_texts=1000, queue_texts=1000, yield_tokens=48)
+        await sched.start()
+        try:
+            keys = [f"a{i}".encode().ljust(16, b"_") for i in range(len(flood_texts))]
+            flood = asyncio.ensure_future(sched.run("a", keys, flood_texts, ["tenant:a"] * len(keys)))
+            while not calls:  # the flood's first piece has run: its batch is in flight
+                await asyncio.sleep(0.001)
+            small = await sched.run("b", [b"b0".ljust(16, b"_")], [BOB], ["tenant:b"])
+            big = await flood
+            return sched, big, small
+        finally:
+            await sched.stop()
+
+    sched, big, small = asyncio.run(scenario())
+    a_pieces = [c for c in calls if c[0] == "tenant"]
+    b_calls = [c for c in calls if c[0] == "bob"]
+    assert len(a_pieces) >= 4 and sum(c[3] for c in a_pieces) == len(flood_texts)  # one batch, in pieces
+    assert len(b_calls) == 1
+    _, b_start, b_end, _ = b_calls[0]
+    # no piece of the flood started while the small batch ran: it waited at its piece boundary
+    assert not [c for c in a_pieces if b_start < c[1] < b_end], (b_start, b_end, a_pieces)
+    whole = engine.embedder.embed(flood_texts).vectors
+    got = np.stack([big[0][f"a{i}".encode().ljust(16, b"_")].vector for i in range(len(flood_texts))])
+    assert np.allclose(got, whole, atol=1e-5)
+    assert small[0][b"b0".ljust(16, b"_")].computed
