@@ -82,6 +82,7 @@ class JobRecords:
         self.lease_s = float(lease_s)
         self._alive: int | None = None  # fd holding the flock on .owners/<owner>
         self._alive_lock = threading.Lock()
+        self._finished: set[Path] = set()  # records seen finished: never unfinished again, not re-read
 
     # -- plain records --------------------------------------------------------------------------
     def _folder(self, tenant: str) -> Path:
@@ -122,6 +123,29 @@ class JobRecords:
                     log.warning("ignoring unreadable job record %s", path)
                 elif "id" in record:
                     yield name, record
+
+    def unfinished(self, prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Like :meth:`load`, but only queued, running or cancelling records; a record once seen
+        finished is not read again (a sweep over many old jobs lists their names and reads nothing)."""
+        if not self.root.is_dir():
+            return
+        for tdir in sorted(self.root.iterdir()):
+            try:
+                tenant = check_name(tdir.name, "tenant")
+            except HeadfleetError:
+                continue
+            if not tdir.is_dir():
+                continue
+            for path in sorted(tdir.glob(f"{prefix}*.json")):
+                if path in self._finished:
+                    continue
+                record = _read_json(path)
+                if record is None or "id" not in record:
+                    continue
+                if record.get("state") in UNFINISHED:
+                    yield tenant, record
+                else:
+                    self._finished.add(path)
 
     # -- inputs ---------------------------------------------------------------------------------
     def save_input(self, tenant: str, job_id: str, doc: dict[str, Any]) -> None:

@@ -154,7 +154,7 @@ class JobManager:
                     self._jobs.pop((tenant, job["id"]), None)
         if self._closing.is_set():
             return
-        for tenant, job in self.records.load("job_"):
+        for tenant, job in self.records.unfinished("job_"):
             if job.get("state") in UNFINISHED and (tenant, job["id"]) not in self._jobs \
                     and self.records.orphaned(job):
                 self._take_over(tenant, job["id"])

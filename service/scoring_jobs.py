@@ -455,7 +455,7 @@ class ScoringJobs:
             self._save(tenant, record)
         if self._closing.is_set():
             return
-        for tenant, record in self.records.load("score_"):
+        for tenant, record in self.records.unfinished("score_"):
             if record.get("state") in UNFINISHED and (tenant, record["id"]) not in self._jobs \
                     and self.records.orphaned(record):
                 self._take_over(tenant, record["id"])

@@ -105,3 +105,26 @@ def test_requests_in_flight_when_a_replica_is_killed_are_retried_on_the_other(ur
         t.join(120)
     assert len(statuses) > before  # traffic went on after the kill
     assert set(statuses) == {200}, statuses
+
+
+def test_serve_ray_refuses_before_starting_ray(tmp_path):
+    import socket
+
+    from headfleet.errors import ConflictError, ValidationError
+    from headfleet.service.ray_serve import parse_autoscale
+    from headfleet.service.server import serve_ray
+
+    assert parse_autoscale("1:4") == (1, 4) and parse_autoscale("0:2") == (0, 2)
+    for bad in ("4:1", "2", "a:b", "-1:3", "0:0", ""):
+        with pytest.raises(ValidationError):
+            parse_autoscale(bad)
+    with pytest.raises(ValidationError, match="loopback"):  # no keys: loopback only, as plain serve
+        serve_ray(Settings(data_dir=tmp_path, host="0.0.0.0"), replicas=2)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        with pytest.raises(ConflictError, match="already in use"):
+            serve_ray(Settings(data_dir=tmp_path, port=busy.getsockname()[1]), replicas=2)
+    with pytest.raises(ValidationError, match="at least 1"):
+        application(Settings(data_dir=tmp_path), replicas=0)
+    assert not ray.is_initialized()
