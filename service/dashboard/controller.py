@@ -203,11 +203,11 @@ SearchQuery = Annotated[str, QueryParameter(max_length=100)]
 
 class DashboardController(Controller):
     path = COOKIE_PATH
-    include_in_schema = False
+    include_in_schema = False  # HTML for people; every handler says so too (tests read the handler's own flag)
     exception_handlers = {HeadfleetError: on_error, ValidationException: on_error, HTTPException: on_error,
                           Exception: on_error}
 
-    @get("/")
+    @get("/", include_in_schema=False)
     async def index(self, request: Request, service: NamedDependency[Service]) -> Redirect:
         session = _session(request, _dashboard(request))
         if session is None:
@@ -215,13 +215,13 @@ class DashboardController(Controller):
         target = "fleet" if session.admin else f"t/{session.tenant}"
         return Redirect(f"{COOKIE_PATH}/{target}", status_code=303, headers=HEADERS)
 
-    @get("/login")
+    @get("/login", include_in_schema=False)
     async def login_form(self, request: Request, service: NamedDependency[Service]) -> Response:
         if service.keys.single_tenant:
             return _to_login_done()
         return _login_page(request)
 
-    @post("/login", status_code=303)
+    @post("/login", status_code=303, include_in_schema=False)
     async def login(self, request: Request, service: NamedDependency[Service]) -> Response:
         """Form ``key`` and ``csrf``: 303 to ``/dashboard`` with the session cookie; 401 for a key that
         maps to nobody, 403 for a missing or stale CSRF token or a foreign ``Origin``, 422 for a body
@@ -254,14 +254,14 @@ class DashboardController(Controller):
             _cookie(request, SESSION_COOKIE, value, ctx.signer.session_seconds),
             _cookie(request, CSRF_COOKIE, None, 0)])
 
-    @post("/logout", status_code=303)
+    @post("/logout", status_code=303, include_in_schema=False)
     async def logout(self, request: Request) -> Response:
         """Clears the session cookie (whatever state it was in); 303 to the login form."""
         _check_origin(request)
         return Redirect(f"{COOKIE_PATH}/login", status_code=303, headers=HEADERS,
                         cookies=[_cookie(request, SESSION_COOKIE, None, 0)])
 
-    @get("/static/{file_name:str}")
+    @get("/static/{file_name:str}", include_in_schema=False)
     async def static(self, file_name: FromPath[str]) -> Response:
         if file_name != "dashboard.css":
             raise NotFoundError(f"no dashboard asset {file_name!r}")
@@ -269,7 +269,7 @@ class DashboardController(Controller):
         return Response(css, media_type="text/css", headers={"Cache-Control": "public, max-age=3600",
                                                               "X-Content-Type-Options": "nosniff"})
 
-    @get("/fleet")
+    @get("/fleet", include_in_schema=False)
     async def fleet(self, request: Request, service: NamedDependency[Service], q: SearchQuery = "",
                     page: PageQuery = 1) -> Response:
         session = _session(request, _dashboard(request))
@@ -287,7 +287,7 @@ class DashboardController(Controller):
                      forwards_saved=data.forwards_saved(view["total"]["embeddings_avoided"],
                                                         service.settings.batch_size))
 
-    @get("/t/{tenant_name:str}")
+    @get("/t/{tenant_name:str}", include_in_schema=False)
     async def tenant(self, request: Request, service: NamedDependency[Service], tenant_name: FromPath[str],
                      q: SearchQuery = "", page: PageQuery = 1) -> Response:
         session = _session(request, _dashboard(request))
@@ -315,7 +315,7 @@ class DashboardController(Controller):
                                      [("since_start", view["stats"]["since_start"]), *view["stats"]["windows"].items()]},
                      **view)
 
-    @get("/t/{tenant_name:str}/classifiers/{ref:str}")
+    @get("/t/{tenant_name:str}/classifiers/{ref:str}", include_in_schema=False)
     async def classifier(self, request: Request, service: NamedDependency[Service], tenant_name: FromPath[str],
                          ref: FromPath[str]) -> Response:
         session = _session(request, _dashboard(request))
@@ -339,7 +339,7 @@ class DashboardController(Controller):
         return _page("classifier.html", session=session, tenant=tenant_name, ref=ref,
                      title=f"Classifier {view['name']}", **view)
 
-    @get("/t/{tenant_name:str}/experiments/{exp_id:str}")
+    @get("/t/{tenant_name:str}/experiments/{exp_id:str}", include_in_schema=False)
     async def experiment(self, request: Request, service: NamedDependency[Service], tenant_name: FromPath[str],
                          exp_id: FromPath[str]) -> Response:
         session = _session(request, _dashboard(request))

@@ -64,15 +64,20 @@ def check_figures(page, docs: dict[str, Any]) -> int:
     return n
 
 
-def serious_violations(page) -> list[dict]:
+def serious_violations(page, report: Path | None = None) -> list[dict]:
     """axe-core (bundled by the axe-playwright-python package) on the page: violations whose impact is
-    serious or critical, as ``{"id", "impact", "help", "nodes"}``."""
+    serious or critical, as ``{"id", "impact", "help", "nodes"}``. Every violation, whatever its
+    impact, is written to ``report`` (JSON) when given."""
     from axe_playwright_python.sync_playwright import Axe
 
     result = Axe().run(page)
-    return [{"id": v["id"], "impact": v["impact"], "help": v["help"],
-             "nodes": [n.get("target") for n in v["nodes"]][:5]}
-            for v in result.response["violations"] if v.get("impact") in ("serious", "critical")]
+    assert len(result.response["passes"]) >= 10, "axe checked almost nothing: is the page empty?"
+    found = [{"id": v["id"], "impact": v["impact"], "help": v["help"],
+              "nodes": [n.get("target") for n in v["nodes"]][:5]} for v in result.response["violations"]]
+    if report is not None:
+        report.write_text(json.dumps({"url": page.url, "violations": found,
+                                      "passes": len(result.response["passes"])}, indent=1))
+    return [v for v in found if v["impact"] in ("serious", "critical")]
 
 
 def shot(page, artefacts: Path, name: str) -> Path:

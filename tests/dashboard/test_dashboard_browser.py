@@ -37,7 +37,7 @@ def _open(context, url: str):
 
 def _accessible(page, name: str, artefacts) -> None:
     shot(page, artefacts, name)
-    bad = serious_violations(page)
+    bad = serious_violations(page, artefacts / f"axe-{name}.json")
     assert not bad, f"{name}: axe found serious/critical violations: {bad}"
 
 
