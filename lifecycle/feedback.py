@@ -131,6 +131,17 @@ class FeedbackBook:
         return {"hash": doc.get("hash"), "size": len(texts), "per_label": label_counts(labels),
                 "rolling": len(roll.texts)}
 
+    def scored_hash(self, tenant: str, name: str, rolling: int) -> str | None:
+        """The ``canary_hash`` a version records: the training-data hash (``heads.examples.content_hash``)
+        of the canary set as the monitor scores it — the frozen core then up to ``rolling`` feedback
+        items — so a job's version and a monitor candidate name the same set the same way. None when
+        there is no canary."""
+        labelled = self.canary(tenant, name, rolling)
+        if not labelled.texts:
+            return None
+        doc = _load(self.store.get(f"{tenant}/{name}/canary"), {})
+        return content_hash(labelled.texts, labelled.labels, bool(doc.get("multi_label", False)))
+
     def canary(self, tenant: str, name: str, rolling: int) -> Labelled:
         """The canary examples to score: the frozen core, then the rolling part (may be empty)."""
         core = self._core(tenant, name)

@@ -20,6 +20,7 @@ from headfleet.service.auth import KeyStore
 from headfleet.engine import EmbedBatch, Engine
 from headfleet.lifecycle.experiments import Experiments
 from headfleet.lifecycle.monitor import Monitor
+from headfleet.lifecycle.settings import MonitorSettings
 from headfleet.lifecycle.shadow import Shadows
 from headfleet.lifecycle.store import open_store
 from headfleet.service.jobs import JobManager
@@ -54,6 +55,15 @@ def _examples_once(engine: Engine, settings: Settings) -> None:
         ensure_examples(engine, "default", log.info)
 
 
+def yield_tokens(settings: Settings, engine: Engine) -> int | None:
+    """Pieces a CPU batch's forward is cut into (``Scheduler(yield_tokens=)``): half a batch, so
+    another tenant's text waits for at most half of a flood's batch and then has the cores to
+    itself. None on a GPU, where a forward is short and big batches pay."""
+    if str(engine.embedder.device).startswith("cuda"):
+        return None
+    return max(1, batch_tokens(settings, engine) // 2)
+
+
 @dataclasses.dataclass
 class Service:
     settings: Settings
@@ -79,6 +89,7 @@ class Service:
         engine.adapter_load_hooks.append(metrics.adapter_load.observe)
         scheduler = Scheduler(engine.fill, engine.write_back, max_length=engine.embedder.max_length,
                               batch_texts=settings.batch_size, batch_tokens=batch_tokens(settings, engine),
+                              yield_tokens=yield_tokens(settings, engine),
                               tenant_queue_texts=settings.tenant_queue_texts, queue_texts=settings.queue_texts,
                               metrics=metrics.scheduler_hooks())
         await scheduler.start()
@@ -90,7 +101,8 @@ class Service:
                                   start_retrain=lambda tenant, name, run, total: jobs.submit_run(
                                       tenant, name, run, total, kind="retrain"),
                                   interval_s=settings.monitor_interval_s).attach().start()
-        jobs.canary_hash = lambda tenant, name: (service.monitor.book.canary_info(tenant, name, 0) or {}).get("hash")
+        jobs.canary_hash = lambda tenant, name: service.monitor.book.scored_hash(  # as a monitor candidate names it
+            tenant, name, (service.monitor.settings(tenant, name) or MonitorSettings()).rolling_canary)
         metrics.registry.register(MonitorCollector(service.monitor))
         # choosers run in this order: an experiment picks the arm, then the shadow joins it
         service.experiments = Experiments(engine, open_store(settings, "experiments")).attach().start()

@@ -22,7 +22,7 @@ from headfleet.service.state import Service
 def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
     keep = ("id", "name", "version", "created", "labels", "multi_label", "kind", "metrics", "validation",
             "parent_fingerprint", "training_data_hash", "training_data", "retrained_from", "training_cache",
-            "library_versions", "type", "adapter")
+            "library_versions", "type", "adapter", "canary_hash")
     return {k: manifest[k] for k in keep if k in manifest}
 
 

@@ -154,6 +154,18 @@ def test_only_drift_and_an_accuracy_drop_together_make_a_candidate(http, sms, se
     r = http.post("/classify", json={"texts": fraud()[:20], "classifiers": ["spam@candidate"]}).json()
     assert sum(row["classifications"]["spam@candidate"]["label"] == "spam" for row in r["results"]) >= 15
 
+    # a version a training job makes names its canary as the monitor's candidate does: the set as
+    # scored, frozen core plus rolling feedback (not the core alone)
+    r = http.post("/classifiers", json={"name": "spam", "candidate": True,
+                                        "examples": [{"text": t, "label": lab} for t, lab in sms[:400]]})
+    assert r.status_code == 202, r.text
+    assert wait_for_job(http, r.json()["job"]["id"])["state"] == "succeeded"
+    by_job = http.get("/classifiers/spam@3").json()["classifier"]
+    assert review["canary_hash"] and by_job["canary_hash"] == review["canary_hash"]
+    core = http.put("/classifiers/spam/canary", json={"examples": [{"text": t, "label": lab}
+                                                                   for t, lab in sms[400:550]]}).json()
+    assert core["hash"] != review["canary_hash"]  # the rolling part is in the hash
+
     # the same report on the command line and a fleet-level count on /metrics
     from headfleet.service import cli
 
