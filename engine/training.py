@@ -121,9 +121,15 @@ class TrainingMixin:
                 out.append({**entry, "status": "would_retrain"})
                 continue
             latest_before = self.registry.aliases(tenant, stale.name)[LATEST]
-            manifest = self.train(tenant, stale.name, examples, kind=stale.kind, seed=stale.seed, progress=progress,
-                                  embed=embed, provenance={"retrained_from": {
-                                      "version": stale.version, "parent_fingerprint": stale.parent_fingerprint}})
+            provenance = {"retrained_from": {"version": stale.version, "parent_fingerprint": stale.parent_fingerprint}}
+            if stale.manifest.get("adapter"):  # LoRA: trained again with the recorded settings (rank, alpha, ...)
+                config = recorded_lora_config(stale.manifest)
+                manifest = self.train_lora(tenant, stale.name, examples, config=config, seed=stale.seed,
+                                           progress=progress, embed=embed, provenance=provenance)
+                entry["lora_config"] = "recorded" if config is not None else "default (the adapter was imported)"
+            else:
+                manifest = self.train(tenant, stale.name, examples, kind=stale.kind, seed=stale.seed,
+                                      progress=progress, embed=embed, provenance=provenance)
             new = int(manifest["version"])
             for alias in stale.aliases:
                 if alias != LATEST:
@@ -258,3 +264,16 @@ class TrainingMixin:
                                truncated_share=float(counts.truncated.mean()))
         return validate(examples, stats)
 
+
+def recorded_lora_config(manifest: dict):
+    """The ``LoraTrainConfig`` a LoRA version was trained with (its manifest's ``adapter.train_config``;
+    settings this code no longer knows are dropped), or None for an imported adapter, which records none."""
+    import dataclasses
+
+    from headfleet.embedder.lora_train import LoraTrainConfig
+
+    recorded = (manifest.get("adapter") or {}).get("train_config")
+    if not recorded:
+        return None
+    known = {f.name for f in dataclasses.fields(LoraTrainConfig)}
+    return LoraTrainConfig(**{k: v for k, v in recorded.items() if k in known})

@@ -245,3 +245,33 @@ def test_a_thousand_adapters_behind_four_slots_answer_a_random_tenant_stream_rig
     assert snap["slot_evictions"] > 100 and snap["loaded"] <= 64  # churned through slots and host memory
     assert snap["slots_used"] <= 4 and snap["pinned"] == 0  # nothing left pinned after the batches
     eng.close()
+
+
+def test_retrain_on_another_backbone_trains_a_lora_version_again_with_its_recorded_settings(
+        tiny_model_dir, sms, tmp_path):
+    """A backbone switch makes a LoRA version stale; ``retrain`` trains its adapter again with the
+    rank, alpha and epochs it was trained with, not the defaults."""
+    import shutil
+
+    from transformers import BertModel
+
+    other = tmp_path / "tiny-patched"  # the same architecture with one weight changed: another fingerprint
+    shutil.copytree(tiny_model_dir, other)
+    model = BertModel.from_pretrained(other)
+    with torch.no_grad():
+        model.pooler.dense.bias += 0.01
+    model.save_pretrained(other)
+    old = Embedder.load(tiny_model_dir, max_length=64, batch_size=32, device="cpu")
+    new = Embedder.load(other, max_length=64, batch_size=32, device="cpu")
+    assert old.fingerprint != new.fingerprint
+    data = _subset(sms, 60, seed=4)
+    with _engine(old, tmp_path) as eng:
+        first = eng.train_lora("acme", "spam", data, seed=2, config=LoraTrainConfig(epochs=1, rank=4, alpha=6, seed=2))
+    with _engine(new, tmp_path) as eng:
+        done = eng.retrain("acme")
+        assert [(d["classifier"], d["status"], d["lora_config"]) for d in done] == [("spam", "retrained", "recorded")]
+        again = eng.registry.resolve("acme", "spam")
+    assert again["version"] == 2 and again["parent_fingerprint"] == new.fingerprint
+    assert again["adapter"]["rank"] == 4 and again["adapter"]["train_config"]["alpha"] == 6
+    assert again["adapter"]["train_config"] == first["adapter"]["train_config"]
+    assert again["retrained_from"]["version"] == 1
