@@ -28,7 +28,7 @@ content hash as its ``multiplexed_model_id`` (``bucket``: xxh3_64 of the normali
 before (each replica registers its buckets with ``@serve.multiplexed``) and that replica's memory
 tier answers. The router also retries an idempotent request (every GET; POST ``/classify``,
 ``/embed``, ``/v1/embeddings``) on another replica when the one it was sent to dies under it
-(``RETRIES`` times); anything else answers 503 ``backend_error`` saying the replica stopped.
+(``RETRIES`` times; the answer then carries ``X-Headfleet-Retried: <n>``); anything else answers 503 ``backend_error`` saying the replica stopped.
 
 ``headfleet serve --ray`` calls :func:`run`; ``serve run`` / ``serve deploy`` use :func:`build`
 (``import_path: headfleet.service.ray_serve:build``) with settings from the ``HEADFLEET_*``
@@ -60,6 +60,7 @@ DEPLOYMENT = "headfleet"
 #: answers 429 itself (per tenant) when its queue is full; Ray's default (5) would starve batching.
 MAX_ONGOING = 256
 REPLICA_HEADER = "x-headfleet-replica"
+RETRIED_HEADER = "x-headfleet-retried"  # on an answer the router got after retrying: the retries
 ROUTER = "headfleet-router"
 #: Affinity buckets (multiplexed model ids); each replica keeps every bucket it was given
 #: (``max_num_models_per_replica``), so a bucket stays where it was first placed.
@@ -360,7 +361,10 @@ class HeadfleetRouter:
         attempts = 1 + (RETRIES if idempotent else 0)
         for attempt in range(attempts):
             try:
-                return await handle.http.remote(request)
+                out = await handle.http.remote(request)
+                if attempt:  # the client can tell its request was answered by a second replica
+                    out["headers"] = [*out["headers"], (RETRIED_HEADER.encode(), str(attempt).encode())]
+                return out
             except RayActorError:  # the replica died (or became unreachable) under the request
                 log.warning("replica died under %s %s (attempt %d of %d)", request["method"], request["path"],
                             attempt + 1, attempts)
