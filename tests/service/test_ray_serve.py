@@ -260,3 +260,27 @@ def test_a_scoring_job_finishes_after_the_replica_running_it_is_killed(cluster, 
     print(f"\nlive /classify while a replica died: {len(statuses)} requests, not 200: {sorted(set(failed))} "
           f"x{len(failed)}")
     assert all(s == 200 or s >= 500 or s == -1 for s in statuses)  # never a 4xx for a good request
+
+
+def test_replicas_share_keys_through_the_keys_file(tmp_path):
+    """What each replica's KeyStore does on one keys file (no Ray needed): a key made or revoked by one
+    is honoured by the other at its next lookup, and keys made at once by both all land."""
+    from headfleet.errors import UnauthorizedError
+    from headfleet.service.auth import KeyStore
+
+    path = tmp_path / "keys.json"
+    a, b = KeyStore(path, admin_key=ADMIN), KeyStore(path, admin_key=ADMIN)
+    made = a.create("acme")
+    assert b.tenant_for(made["key"]) == "acme" and "acme" in b.tenants()
+    b.revoke(made["key_id"])
+    with pytest.raises(UnauthorizedError):
+        a.tenant_for(made["key"])
+    keys: list[str] = []
+    threads = [threading.Thread(target=lambda s=s, i=i: keys.append(s.create(f"t{i}")["key"]))
+               for i in range(20) for s in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    fresh = KeyStore(path, admin_key=ADMIN)
+    assert len(keys) == 40 and sorted(fresh.tenant_for(k) for k in keys) == sorted(f"t{i}" for i in range(20) for _ in "ab")
