@@ -233,12 +233,16 @@ def _fmt_p(p: float) -> str:
     return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
 
 
-def compare(control, treatment, *, split: float, min_samples: int, sequential: bool, alpha: float = ALPHA) -> dict:
+def compare(control, treatment, *, split: float, min_samples: int, sequential: bool, alpha: float = ALPHA,
+            p_floor: float | None = None) -> dict:
     """Every figure of the experiment and what to do about it, as one JSON-able dict.
 
     ``control``, ``treatment``: [n_c], [n_t] outcomes; ``split``: the treatment's configured share
     of units; ``min_samples``: units each arm needs before any verdict; ``sequential``: the
-    experiment is watched as it runs, so the decision reads ``msprt_p`` rather than Welch's p.
+    experiment is watched as it runs, so the decision reads ``msprt_p`` rather than Welch's p;
+    ``p_floor``: the smallest always-valid p of the earlier looks — the always-valid p-value is the
+    running minimum over looks (Johari, Koomen, Pekelis & Walsh 2022, "Always valid inference",
+    section 3), so a look never raises it.
 
         {"arms": {"control": arm_summary, "treatment": arm_summary},
          "lift", "relative_lift", "ci95",         # as ``lift`` (95% Welch interval)
@@ -262,6 +266,8 @@ def compare(control, treatment, *, split: float, min_samples: int, sequential: b
     srm = srm_p(int(c.size), int(t.size), split)
     flagged = srm is not None and srm < SRM_ALPHA
     seq_p = _msprt(c, t, MSPRT_TAU_SD) if sequential else None
+    if seq_p is not None and p_floor is not None:
+        seq_p = min(seq_p, float(p_floor))
     p = seq_p if sequential else welch_d["p"]
     diff = lift_d["lift"]
     test = "always-valid mSPRT" if sequential else "Welch t-test"

@@ -55,6 +55,7 @@ RUNNING = "running"
 ARMS = ("control", "treatment")
 QUEUE_MAX = 100_000
 MAX_ITEMS = 10_000  # outcome items per post
+MAX_LOOKS = 500  # looks kept per experiment; beyond, every other older look is thinned out
 GUARD_CHECK_S = 2.0  # how often the background thread judges an experiment's guardrails
 _NOT_THE_ARMS_FAULT = (ValidationError, NotFoundError, OverloadedError, ClientGoneError, Cancelled)
 
@@ -69,6 +70,12 @@ def assign(exp_id: str, unit: str, split: float) -> str:
 def _replica_name() -> str:
     host = re.sub(r"[^a-z0-9_.-]", "-", socket.gethostname().lower())[:40].strip("-.") or "host"
     return f"{host}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+def _p_floor(looks: list[dict]) -> float | None:
+    """The smallest always-valid p among recorded looks (None before any)."""
+    ps = [look["sequential_p"] for look in looks if look.get("sequential_p") is not None]
+    return min(ps) if ps else None
 
 
 def _load(raw: bytes | None, default: Any) -> Any:
@@ -287,7 +294,25 @@ class Experiments(StoreWorker):
                 accepted += 1
             if accepted:
                 self.store.put(f"{tenant}/{exp_id}/outcomes", _dump(doc))
+                self._record_look(tenant, exp_id, cfg, units, doc["values"])
         return {"accepted": accepted, "duplicates": duplicates, "refused": refused}
+
+    def _record_look(self, tenant: str, exp_id: str, cfg: dict, units: dict, values: dict) -> None:
+        """Append this look (the figures after an accepted outcomes post) to the experiment's looks:
+        the lift as it accrues, and the running minimum of the always-valid p. Caller holds the
+        experiment's lock."""
+        looks = _load(self.store.get(f"{tenant}/{exp_id}/looks"), [])
+        arms = {a: unit_values(units, values, a, cfg["missing"]) for a in ARMS}
+        stats = experiment_stats.compare(arms["control"], arms["treatment"], split=cfg["split"],
+                                         min_samples=cfg["min_samples"], sequential=cfg["sequential"],
+                                         p_floor=_p_floor(looks))
+        looks.append({"at": iso(time.time()), "n_control": int(arms["control"].size),
+                      "n_treatment": int(arms["treatment"].size), "lift": stats["lift"], "ci95": stats["ci95"],
+                      "sequential_p": stats["sequential_p"]})
+        if len(looks) > MAX_LOOKS:  # thin the older half; the newest half stays whole
+            half = len(looks) // 2
+            looks = looks[:half:2] + looks[half:]
+        self.store.put(f"{tenant}/{exp_id}/looks", _dump(looks))
 
     def report(self, tenant: str, exp_id: str, *, flush: bool = True) -> dict:
         """The experiment's record and its statistics now (a stopped one: as frozen at the stop)."""
@@ -302,8 +327,10 @@ class Experiments(StoreWorker):
         doc = _load(self.store.get(f"{tenant}/{exp_id}/outcomes"), {"values": {}, "ids": {}, "segments": {}})
         values, segments = doc["values"], doc["segments"]
         arms = {a: unit_values(units, values, a, cfg["missing"]) for a in ARMS}
+        looks = _load(self.store.get(f"{tenant}/{exp_id}/looks"), [])
         stats = experiment_stats.compare(arms["control"], arms["treatment"], split=cfg["split"],
-                                         min_samples=cfg["min_samples"], sequential=cfg["sequential"])
+                                         min_samples=cfg["min_samples"], sequential=cfg["sequential"],
+                                         p_floor=_p_floor(looks))
         guard = self._guardrails(tenant, exp_id, cfg, stats)
         recommendation, reason = stats["recommendation"], stats["reason"]
         if guard["judged"] and guard["treatment"]["breached"]:
@@ -316,7 +343,7 @@ class Experiments(StoreWorker):
                 "lift": stats["lift"], "relative_lift": stats["relative_lift"], "ci95": stats["ci95"],
                 "welch": stats["welch"], "srm_p": stats["srm_p"], "srm": stats["srm"],
                 "sequential_p": stats["sequential_p"], "p": stats["p"], "guardrails": guard,
-                "slices": slices(units, values, segments, cfg),
+                "slices": slices(units, values, segments, cfg), "looks": looks,
                 "recommendation": recommendation, "recommendation_reason": reason}
 
     def _guardrails(self, tenant: str, exp_id: str, cfg: dict, stats: dict) -> dict:

@@ -312,6 +312,37 @@ def experiment_lift(report: dict[str, Any]) -> str:
     return _render(key, label, draw, (6.0, 1.6), dict(LEGEND_RIGHT, left=0.04, bottom=0.3))
 
 
+def experiment_looks(looks: list[dict[str, Any]]) -> str:
+    """The lift as it accrued: one point per look (an accepted outcomes post, numbered from 1), its
+    95 % CI as a hatched band, and zero as a dashed line. Empty string with fewer
+    than two looks (the single-look chart says it all)."""
+    pts = [lk for lk in looks if lk.get("lift") is not None]
+    if len(pts) < 2:
+        return ""
+    key = repr([(lk["n_control"], lk["n_treatment"], lk["lift"], lk.get("ci95")) for lk in pts])
+    last = pts[-1]
+    label = (f"Lift over {len(pts)} looks, from {_fmt(pts[0]['lift'])} at the first to {_fmt(last['lift'])} "
+             "at the last, with its 95% confidence interval")
+
+    def draw(fig):
+        ax = fig.subplots()
+        x = list(range(1, len(pts) + 1))
+        lo = [_nan((lk.get("ci95") or [None, None])[0]) for lk in pts]
+        hi = [_nan((lk.get("ci95") or [None, None])[1]) for lk in pts]
+        ax.fill_between(x, lo, hi, facecolor="none", edgecolor=PALETTE[0], hatch="//", linewidth=0,
+                        label="95 % CI")
+        ax.plot(x, [lk["lift"] for lk in pts], marker="D", markersize=4, color=PALETTE[0], label="lift")
+        ax.axhline(0, color="#222222", linestyle="--", linewidth=1, label="no difference")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("look (accepted outcomes post)")
+        ax.set_ylabel("treatment − control")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
+
+    return _render(key, label, draw, (6.4, 2.4), dict(LEGEND_RIGHT, left=0.13))
+
+
 def fleet_tenants(rows: list[tuple[str, int, int]]) -> str:
     """Stacked horizontal bars for up to 20 tenants: (tenant, computed, avoided) embeddings."""
     rows = rows[:20]

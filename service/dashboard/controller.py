@@ -347,13 +347,13 @@ class DashboardController(Controller):
             return _to_login()
         _tenant_allowed(request, service, session, tenant_name)
 
-        def gather() -> tuple[dict, str]:
+        def gather() -> tuple[dict, str, str]:
             report = service.experiments.report(tenant_name, exp_id)
-            return report, charts.experiment_lift(report)
+            return report, charts.experiment_lift(report), charts.experiment_looks(report.get("looks") or [])
 
-        report, chart = await asyncio.to_thread(gather)
+        report, chart, looks_chart = await asyncio.to_thread(gather)
         return _page("experiment.html", session=session, tenant=tenant_name, title=f"Experiment {exp_id}",
-                     x=report, chart=chart)
+                     x=report, chart=chart, looks_chart=looks_chart)
 
 
 def _to_login_done() -> Redirect:

@@ -141,6 +141,9 @@ def test_experiment_page_shows_what_the_experiment_says(acme_context, world, art
     assert after["recommendation"] in page.text_content("h2#rec-h")
     chart = page.locator("svg.chart").first.get_attribute("aria-label")
     assert f"recommendation: {after['recommendation']}" in chart and f"{after['ci95'][0]:.3f}" in chart
+    # the lift as it accrued: one table row and one chart point per look
+    assert len(after["looks"]) == 2 and page.locator("#looks tbody tr").count() == 2
+    assert "Lift over 2 looks" in page.locator("#looks-h + figure svg.chart").get_attribute("aria-label")
     _accessible(page, "experiment", artefacts)
     page.close()
 

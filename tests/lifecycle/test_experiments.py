@@ -10,6 +10,7 @@ from scipy import stats as sps
 from headfleet.engine import Engine
 from headfleet.errors import ConflictError, NotFoundError, ValidationError
 from headfleet.heads import examples_from_records
+from headfleet.lifecycle import experiment_stats
 from headfleet.lifecycle.experiments import Experiments, assign
 from headfleet.lifecycle.store_file import FileStore
 from headfleet.settings import Settings
@@ -208,3 +209,39 @@ def test_configuration_errors_and_tenant_isolation(engine, exps):
     page = exps.list("acme", limit=1)
     assert [e["id"] for e in page["experiments"]] == [second["id"]] and page["next"] == second["id"]
     assert [e["id"] for e in exps.list("acme", limit=1, after=page["next"])["experiments"]] == [exp["id"]]
+
+
+def test_each_outcomes_post_is_a_look_and_the_always_valid_p_never_rises(engine, exps):
+    """The lift as it accrues, one look per accepted post; the always-valid p is the running minimum
+    over looks (Johari et al. 2022), so an unlucky later look cannot take back what an earlier one
+    showed — and a post that only repeats ids is no look."""
+    exp = exps.create("acme", {"classifier": "spam", "control": 1, "treatment": 2, "min_samples": 20,
+                               "missing": "exclude"})
+    rng = np.random.default_rng(11)
+    units = [f"user-{i}" for i in range(300)]
+    arms = {u: arm_of(engine, u)[0]["arm"] for u in units}
+    posted, values = 0, {}
+    for part in range(6):
+        chunk = units[part * 50:(part + 1) * 50]
+        # the treatment wins in the first half and loses in the second: the current look's p rises again
+        better = "treatment" if part < 3 else "control"
+        items = [{"unit": u, "value": float(rng.random() < (0.6 if arms[u] == better else 0.2)), "id": f"{u}-o"}
+                 for u in chunk]
+        values.update({it["unit"]: it["value"] for it in items})
+        assert exps.add_outcomes("acme", exp["id"], {"items": items})["accepted"] == 50
+        posted += 1
+    assert exps.add_outcomes("acme", exp["id"], {"items": items[:3]})["duplicates"] == 3
+    report = exps.report("acme", exp["id"])
+    looks = report["looks"]
+    assert len(looks) == posted
+    assert [lk["n_control"] + lk["n_treatment"] for lk in looks] == [50 * (k + 1) for k in range(posted)]
+    assert looks[2]["lift"] > looks[-1]["lift"]  # the lift as it accrued: strong, then diluted
+    ps = [lk["sequential_p"] for lk in looks]
+    assert all(later <= earlier for earlier, later in zip(ps, ps[1:]))  # never rises
+    assert report["sequential_p"] == pytest.approx(min(ps)) and report["p"] == report["sequential_p"]
+    assert looks[-1]["lift"] == pytest.approx(report["lift"]) and looks[-1]["ci95"] == pytest.approx(report["ci95"])
+    # the premise: the current look alone says less than the best earlier look did
+    c = np.array([v for u, v in values.items() if arms[u] == "control"])
+    t = np.array([v for u, v in values.items() if arms[u] == "treatment"])
+    alone = experiment_stats.compare(c, t, split=0.5, min_samples=20, sequential=True)["sequential_p"]
+    assert alone > report["sequential_p"]
