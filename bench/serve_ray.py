@@ -17,7 +17,9 @@ pass over the pool: the share answered from the replica's memory tier (the local
 for this, so a memory miss is a forward, as it would be across machines).
 
 Checked before any timing: every contender labels the same 64 SMS texts x every classifier as
-the single process does, scores within 1e-6; otherwise nothing is timed (exit 2). Each figure is
+the single process does, scores within 1e-5 (the vectors agree within 1e-6, as the tests check;
+a softmax of a different batch's float sums moves a score by about that much); otherwise nothing
+is timed (exit 2). Each figure is
 printed with the load average when its phase ended. On 2 cores, expect no speed-up from 2
 replicas: the point is the overhead (goal <= 15 % on the uncached path at 1 replica).
 
@@ -155,7 +157,7 @@ def main() -> None:
                     want = got
                 else:
                     checked.append(check_labels(f"{label} vs single", got[0], want[0], 1.0))
-                    checked.append(check_close(f"{label} vs single, scores", got[1], want[1], 1e-6))
+                    checked.append(check_close(f"{label} vs single, scores", got[1], want[1], 1e-5))
                 print(f"{label}: up and checked ({load_now()})", flush=True)
                 results[label] = asyncio.run(phases(port, names, args, label.replace(" ", "")))
             finally:
