@@ -83,6 +83,20 @@ def _render(key: str, label: str, draw, size: tuple[float, float], margins: dict
         return svg
 
 
+def _computed_avoided_bars(fig, rows: Sequence[tuple[str, int, int]], computed: str, avoided: str) -> None:
+    """Horizontal stacked bars, one per ``(name, computed, avoided)`` row, hatched as well as coloured."""
+    ax = fig.subplots()
+    ys = range(len(rows))
+    ax.barh(ys, [c for _, c, _ in rows], color=PALETTE[5], hatch="//", edgecolor="#222222", linewidth=0.6,
+            label=computed)
+    ax.barh(ys, [a for _, _, a in rows], left=[c for _, c, _ in rows], color=PALETTE[2], hatch="..",
+            edgecolor="#222222", linewidth=0.6, label=avoided)
+    ax.set_yticks(list(ys), [n for n, _, _ in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("embeddings")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+
+
 def _nan(x: float | None) -> float:
     return math.nan if x is None else float(x)
 
@@ -150,16 +164,7 @@ def computed_avoided(stats: dict[str, Any]) -> str:
     label = "Embeddings computed vs avoided: " + "; ".join(f"{n}: {c} computed, {a} avoided" for n, c, a in rows)
 
     def draw(fig):
-        ax = fig.subplots()
-        ys = range(len(rows))
-        ax.barh(ys, [c for _, c, _ in rows], color=PALETTE[5], hatch="//", edgecolor="#222222", linewidth=0.6,
-                label="computed (backbone forward)")
-        ax.barh(ys, [a for _, _, a in rows], left=[c for _, c, _ in rows], color=PALETTE[2], hatch="..",
-                edgecolor="#222222", linewidth=0.6, label="avoided (cache or repeat)")
-        ax.set_yticks(list(ys), [n for n, _, _ in rows])
-        ax.invert_yaxis()
-        ax.set_xlabel("embeddings")
-        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+        _computed_avoided_bars(fig, rows, "computed (backbone forward)", "avoided (cache or repeat)")
 
     return _render(repr(rows), label, draw, (7.0, 2.2), dict(LEGEND_RIGHT, left=0.14))
 
@@ -350,16 +355,7 @@ def fleet_tenants(rows: list[tuple[str, int, int]]) -> str:
                                                                        for t, c, a in rows)
 
     def draw(fig):
-        ax = fig.subplots()
-        ys = range(len(rows))
-        ax.barh(ys, [c for _, c, _ in rows], color=PALETTE[5], hatch="//", edgecolor="#222222", linewidth=0.6,
-                label="computed")
-        ax.barh(ys, [a for _, _, a in rows], left=[c for _, c, _ in rows], color=PALETTE[2], hatch="..",
-                edgecolor="#222222", linewidth=0.6, label="avoided")
-        ax.set_yticks(list(ys), [t for t, _, _ in rows])
-        ax.invert_yaxis()
-        ax.set_xlabel("embeddings")
-        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+        _computed_avoided_bars(fig, rows, "computed", "avoided")
 
     height = 0.9 + 0.3 * max(1, len(rows))
     return _render(repr(rows), label, draw, (7.0, height), dict(LEGEND_RIGHT, left=0.16, bottom=0.55 / height,
