@@ -10,6 +10,10 @@ counting convention). all-MiniLM-L6-v2: d = 384, f = 1536, 6 layers -> 21.2 MFLO
 attention. The fraction of peak says how much is left to win on this CPU: a backend near its
 precision's peak can only go faster by computing less (padding, shorter inputs).
 
+Each contender runs in a process of its own (this script with ``--only NAME``), one after the
+other: in a shared process torch's idle intra-op threads spin while ONNX Runtime's run, which
+halved the ONNX figures in an earlier version of this bench.
+
     .venv/bin/python bench/roofline.py [--n-short 1000] [--n-long 500] [--rounds 3]
 """
 
@@ -25,7 +29,7 @@ import torch
 
 from _common import begin, long_texts, report, sms_texts
 from backends import best_of, fastembed_contender, ours, peer
-from headfleet.embedder import Embedder
+from headfleet.embedder import Embedder, default_model_path
 
 
 def _best_s(fn, repeats: int) -> float:
@@ -82,50 +86,89 @@ def useful_flops(embedder: Embedder, texts: list[str]) -> float:
     return float(layers * (lengths.sum() * per_token + (4.0 * d * lengths ** 2).sum()))
 
 
+CONTENDERS = ("sentence-transformers", "fastembed", "torch fp32", "onnx fp32", "onnx int8")
+
+
+def measure_one(name: str, args) -> dict:
+    """Best-of-rounds texts/s of one contender on both workloads, in this process (``--only``)."""
+    threads = torch.get_num_threads()
+    cache_dir = Path(args.cache_dir)
+    folder = default_model_path()  # the shipped model; no torch forward runs in an ONNX contender's process
+    if name == "sentence-transformers":
+        from sentence_transformers import SentenceTransformer
+
+        c = peer(name, SentenceTransformer(str(folder), device="cpu"))
+    elif name == "fastembed":
+        c, skip = fastembed_contender(folder, cache_dir, threads)
+        if c is None:
+            return {"skip": skip}
+    else:
+        backend, precision = name.split()
+        backend = {"torch": "torch", "onnx": "onnx"}[backend]
+        c = ours(name, Embedder.load(device="cpu", threads=threads, backend=backend, precision=precision,
+                                     cache_dir=cache_dir))
+    work = {"short": (sms_texts(args.n_short), 64), "long": (long_texts(args.n_long), 64)}
+    c.embed(work["short"][0][:128], 64)  # warm-up (ONNX Runtime plans memory at its first calls)
+    best = best_of(args.rounds, [c], work)
+    return {w: best[c.name, w] for w in work}
+
+
 def main() -> None:
+    import json
+    import subprocess
+    import sys
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-short", type=int, default=1000)
     ap.add_argument("--n-long", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cache-dir", default=None, help="where ONNX exports are kept (default: a temp dir)")
+    ap.add_argument("--only", choices=CONTENDERS, help=argparse.SUPPRESS)  # one contender, JSON out
     args = ap.parse_args()
+    if args.only:
+        print("RESULT " + json.dumps(measure_one(args.only, args)), flush=True)
+        return
     title = "roofline: each backend's useful GFLOP/s against this machine's GEMM peak, batch 64"
     begin(title)
-    from sentence_transformers import SentenceTransformer
-
     threads = torch.get_num_threads()
     peak = peaks(threads)
-    cache_dir = Path(args.cache_dir or tempfile.mkdtemp(prefix="headfleet-onnx-"))
+    args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="headfleet-onnx-")
     torch_fp32 = Embedder.load(device="cpu", threads=threads)
-    embedders = {"torch fp32": torch_fp32,
-                 "onnx fp32": Embedder.load(device="cpu", threads=threads, backend="onnx", cache_dir=cache_dir),
-                 "onnx int8": Embedder.load(device="cpu", threads=threads, backend="onnx", precision="int8",
-                                            cache_dir=cache_dir)}
-    contenders = [peer("sentence-transformers", SentenceTransformer(str(torch_fp32.folder), device="cpu"))]
-    fe, fe_skip = fastembed_contender(torch_fp32.folder, cache_dir, threads)
-    contenders += ([fe] if fe is not None else []) + [ours(k, e) for k, e in embedders.items()]
-    work = {"short": (sms_texts(args.n_short), 64), "long": (long_texts(args.n_long), 64)}
-    for c in contenders:  # warm-up (ONNX Runtime plans memory at its first calls)
-        c.embed(work["short"][0][:128], 64)
-    best = best_of(args.rounds, contenders, work)
-    flops = {w: useful_flops(torch_fp32, texts) / len(texts) for w, (texts, _) in work.items()}
+    # exports made once here, so no contender's process pays for them
+    Embedder.load(device="cpu", threads=threads, backend="onnx", precision="int8", cache_dir=Path(args.cache_dir))
+    Embedder.load(device="cpu", threads=threads, backend="onnx", cache_dir=Path(args.cache_dir))
+    best, skipped = {}, {}
+    for name in CONTENDERS:
+        cmd = [sys.executable, __file__, "--only", name, "--n-short", str(args.n_short), "--n-long", str(args.n_long),
+               "--rounds", str(args.rounds), "--cache-dir", args.cache_dir]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        got = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+        if "skip" in got:
+            skipped[name] = got["skip"]
+        else:
+            best.update({(name, w): v for w, v in got.items()})
+    work = {"short": sms_texts(args.n_short), "long": long_texts(args.n_long)}
+    flops = {w: useful_flops(torch_fp32, texts) / len(texts) for w, texts in work.items()}
     rows = [("peak, measured", f"fp32 GEMM {peak['fp32']:.1f} GFLOP/s; int8 GEMM (MatMulInteger) {peak['int8']:.1f} "
                                f"GOP/s ({peak['int8'] / peak['fp32']:.2f}x fp32); {threads} thread(s)"),
             ("useful work per text", " | ".join(f"{w}: {flops[w] / 1e6:.0f} MFLOP" for w in work)
              + "  (real tokens only)"),
             ("roofline, texts/s", " | ".join(f"{w}: fp32 {peak['fp32'] * 1e9 / flops[w]:,.0f}, int8 "
-                                             f"{peak['int8'] * 1e9 / flops[w]:,.0f}" for w in work))]
+                                             f"{peak['int8'] * 1e9 / flops[w]:,.0f}" for w in work)),
+            ("contenders", "each in its own process, one after the other, best of "
+                           f"{args.rounds} rounds, batch 64")]
     st = "sentence-transformers"
-    for c in contenders:
-        ceiling = peak["int8"] if "int8" in c.name else peak["fp32"]
+    for name in CONTENDERS:
+        if name in skipped:
+            rows.append((name, f"not measured: {skipped[name]}"))
+            continue
+        ceiling = peak["int8"] if "int8" in name else peak["fp32"]
         parts = []
         for w in work:
-            gflops = best[c.name, w] * flops[w] / 1e9
-            parts.append(f"{w}: {best[c.name, w]:6,.0f} texts/s = {gflops:5.1f} GFLOP/s, {gflops / ceiling:4.0%} of "
-                         f"{'int8' if 'int8' in c.name else 'fp32'} peak, {best[c.name, w] / best[st, w]:.2f}x ST")
-        rows.append((c.name, " | ".join(parts)))
-    if fe_skip:
-        rows.append(("fastembed", f"not measured: {fe_skip}"))
+            gflops = best[name, w] * flops[w] / 1e9
+            parts.append(f"{w}: {best[name, w]:6,.0f} texts/s = {gflops:5.1f} GFLOP/s, {gflops / ceiling:4.0%} of "
+                         f"{'int8' if 'int8' in name else 'fp32'} peak, {best[name, w] / best[st, w]:.2f}x ST")
+        rows.append((name, " | ".join(parts)))
     report(title, rows, {"peak_gflops": peak, **{f"{c} / {w}": round(v, 1) for (c, w), v in best.items()}})
 
 
