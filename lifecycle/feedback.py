@@ -136,18 +136,22 @@ class FeedbackBook:
         of the canary set as the monitor scores it — the frozen core then up to ``rolling`` feedback
         items — so a job's version and a monitor candidate name the same set the same way. None when
         there is no canary."""
-        labelled = self.canary(tenant, name, rolling)
+        labelled, doc = self._canary(tenant, name, rolling)
         if not labelled.texts:
             return None
-        doc = _load(self.store.get(f"{tenant}/{name}/canary"), {})
-        return content_hash(labelled.texts, labelled.labels, bool(doc.get("multi_label", False)))
+        return content_hash(labelled.texts, labelled.labels, bool((doc or {}).get("multi_label", False)))
 
     def canary(self, tenant: str, name: str, rolling: int) -> Labelled:
         """The canary examples to score: the frozen core, then the rolling part (may be empty)."""
-        core = self._core(tenant, name)
+        return self._canary(tenant, name, rolling)[0]
+
+    def _canary(self, tenant: str, name: str, rolling: int) -> tuple[Labelled, dict | None]:
+        """The canary as scored, and the stored core's document (None without one), read once."""
+        doc = _load(self.store.get(f"{tenant}/{name}/canary"), None)
+        core = None if doc is None else Labelled(doc["texts"], doc["labels"])
         roll = self._rolling(tenant, name, core, rolling)
         base = core or Labelled([], [])
-        return Labelled(base.texts + roll.texts, base.labels + roll.labels)
+        return Labelled(base.texts + roll.texts, base.labels + roll.labels), doc
 
     def _core(self, tenant: str, name: str) -> Labelled | None:
         doc = _load(self.store.get(f"{tenant}/{name}/canary"), None)

@@ -24,7 +24,6 @@ after a restart.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ from typing import Any
 
 from headfleet.atomic import write_json_atomic
 from headfleet.errors import BackendError, ConflictError, NotFoundError
-from headfleet.settings import Settings, read_backbone_setting
+from headfleet.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -214,14 +213,13 @@ class PlanJob:
 
     def _stop(self, proc: subprocess.Popen, state: str, why: str) -> None:
         self._update(state=state, finished=_now(), error={"error": why, "error_type": state})
-        with_suppressed = (ProcessLookupError, PermissionError)
         try:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
-        except with_suppressed:
+        except (ProcessLookupError, PermissionError):  # it ended meanwhile
             pass
         if self._watch is not None:
             self._watch.join(10)
@@ -235,19 +233,6 @@ def _is_model_folder(path: str) -> bool:
 
 
 # -- reload ----------------------------------------------------------------------------------------
-def recorded_backbone(settings: Settings) -> Settings:
-    """``settings`` with the backbone the data folder records (``backbone.json``), or the environment's
-    (``HEADFLEET_MODEL``/``BACKEND``/``PRECISION``) when none is recorded (after a rollback to it)."""
-    chosen = read_backbone_setting(settings.layout.backbone)
-    if chosen is not None:
-        return dataclasses.replace(settings, model_path=chosen.get("model"), backend=chosen["backend"],
-                                   precision=chosen["precision"],
-                                   backbone_source="data folder (headfleet backbone apply)")
-    env = Settings.from_env(data_dir=settings.data_dir)
-    return dataclasses.replace(settings, model_path=env.model_path, backend=env.backend, precision=env.precision,
-                               backbone_source="environment")
-
-
 class Reloader:
     """Swaps ``app.state.service`` for one on the data folder's recorded backbone; see the module
     docstring. ``inflight`` counts HTTP requests (kept by :func:`reload_gate`)."""
@@ -272,7 +257,8 @@ class Reloader:
         self.running = True
         try:
             old = app.state.service
-            target = recorded_backbone(old.settings)
+            environment = Settings.from_env(data_dir=old.settings.data_dir)  # its backbone, after a rollback to it
+            target = old.settings.with_recorded_backbone(otherwise=environment)
             before = _describe(old)
             if (target.model_path, target.backend, target.precision) == \
                     (old.settings.model_path, old.settings.backend, old.settings.precision):

@@ -124,7 +124,6 @@ class Scheduler:
         self.yield_tokens = int(yield_tokens) if yield_tokens else None
         self._running_tokens: dict[int, int] = {}  # batch id -> estimated tokens, while its compute runs
         self._yield = threading.Condition()
-        self.pieces_waited = 0  # times a piece waited for a smaller batch (tests, metrics)
         self._batch_ids = 0
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="headfleet-writeback")
         self._rate = 0.0  # texts/s, moving average over batches (for Retry-After)
@@ -408,11 +407,8 @@ class Scheduler:
             for a, b in pieces:
                 if len(pieces) > 1:
                     with self._yield:
-                        waited = False
                         while any(t < total for other, t in self._running_tokens.items() if other != bid):
-                            waited = True
                             self._yield.wait()
-                        self.pieces_waited += waited
                 parts.append(self._fill(keys[a:b], texts[a:b], namespaces[a:b]))
         finally:
             with self._yield:

@@ -197,6 +197,14 @@ def _tenant_allowed(request: Request, service: Service, session: Session, tenant
         raise NotFoundError(f"no tenant {tenant!r}")
 
 
+def _tenant_session(request: Request, service: Service, tenant: str) -> Session | None:
+    """The request's valid session (None: sign in again), checked to see ``tenant`` (404 otherwise)."""
+    session = _session(request, _dashboard(request))
+    if session is not None:
+        _tenant_allowed(request, service, session, tenant)
+    return session
+
+
 PageQuery = Annotated[int, QueryParameter(ge=1, le=1_000_000)]
 SearchQuery = Annotated[str, QueryParameter(max_length=100)]
 
@@ -290,10 +298,9 @@ class DashboardController(Controller):
     @get("/t/{tenant_name:str}", include_in_schema=False)
     async def tenant(self, request: Request, service: NamedDependency[Service], tenant_name: FromPath[str],
                      q: SearchQuery = "", page: PageQuery = 1) -> Response:
-        session = _session(request, _dashboard(request))
+        session = _tenant_session(request, service, tenant_name)
         if session is None:
             return _to_login()
-        _tenant_allowed(request, service, session, tenant_name)
 
         def gather() -> dict[str, Any]:
             stats = data.stats_view(service, tenant_name)
@@ -318,10 +325,9 @@ class DashboardController(Controller):
     @get("/t/{tenant_name:str}/classifiers/{ref:str}", include_in_schema=False)
     async def classifier(self, request: Request, service: NamedDependency[Service], tenant_name: FromPath[str],
                          ref: FromPath[str]) -> Response:
-        session = _session(request, _dashboard(request))
+        session = _tenant_session(request, service, tenant_name)
         if session is None:
             return _to_login()
-        _tenant_allowed(request, service, session, tenant_name)
 
         def gather() -> dict[str, Any]:
             view = data.classifier_view(service, tenant_name, ref)
@@ -342,10 +348,9 @@ class DashboardController(Controller):
     @get("/t/{tenant_name:str}/experiments/{exp_id:str}", include_in_schema=False)
     async def experiment(self, request: Request, service: NamedDependency[Service], tenant_name: FromPath[str],
                          exp_id: FromPath[str]) -> Response:
-        session = _session(request, _dashboard(request))
+        session = _tenant_session(request, service, tenant_name)
         if session is None:
             return _to_login()
-        _tenant_allowed(request, service, session, tenant_name)
 
         def gather() -> tuple[dict, str, str]:
             report = service.experiments.report(tenant_name, exp_id)
