@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
@@ -52,7 +53,7 @@ class Embedder:
                  model=None):
         self.folder = folder
         self.runner = runner  # (input_ids, mask) [batch, seq] int64 -> [batch, dim] float32, pooled
-        self.model = model  # the torch module on the torch backend, else None
+        self.model = model  # the torch module on the torch backend, else None (see torch_model)
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.max_length = max_length
@@ -66,7 +67,11 @@ class Embedder:
         self._pad_id = tokenizer.token_to_id("[PAD]") or 0
         self._sep_id = tokenizer.token_to_id("[SEP]")
         self._unk_id = tokenizer.token_to_id("[UNK]")
-        self.lora = None  # the SlotBank once enable_lora ran (torch backend only)
+        self.lora = None  # the SlotBank once enable_lora ran
+        # LoRA rows' forward: the backbone's own on the torch backend; on ONNX Runtime a torch copy of
+        # the same weights, loaded at first use (torch_model), because an exported graph is fixed
+        self.lora_runner = runner if model is not None else None
+        self._torch_lock = threading.Lock()
         self.forwards = 0  # backbone forward passes run
         self.texts_embedded = 0
 
@@ -156,20 +161,34 @@ class Embedder:
 
     # -- forward ------------------------------------------------------------------------------
     # -- LoRA ----------------------------------------------------------------------------------
+    def torch_model(self):
+        """The torch module that LoRA rows run through (``[batch, seq]`` ids in, token states out).
+
+        On the torch backend it is the backbone itself. On ONNX Runtime an exported graph has no
+        injection points, so a torch copy of the same weights is loaded beside it at the first call
+        (about 90 MB for all-MiniLM-L6-v2): LoRA rows run there at fp32, the other rows of the same
+        batch on ONNX Runtime. The backbone fingerprint names the ONNX backend + precision and covers
+        both, since this stack always runs LoRA rows on torch fp32."""
+        if self.model is not None:
+            return self.model
+        with self._torch_lock:
+            if self.lora_runner is None:
+                model = load_encoder(self.folder).to(self.device)  # fp32 on every device: what LoRA trains in
+                self.lora_runner = TorchRunner(model, self.pooling, self.device)
+        return self.lora_runner.model
+
     def enable_lora(self, max_slots: int, max_rank: int, targets: Sequence[str] | None = None):
         """Inject the multi-LoRA layers once (idempotent); returns the :class:`~headfleet.embedder.lora.SlotBank`.
 
-        Only the torch backend has injection points: an exported ONNX graph is fixed."""
+        The layers go into :meth:`torch_model` (on ONNX Runtime: the torch copy beside the graph)."""
         from headfleet.embedder.lora import DEFAULT_TARGETS, SlotBank, inject
 
         if self.lora is not None:
             return self.lora
-        if self.model is None:
-            raise BackendError(f"LoRA classifiers need the torch backend; this backbone runs on {self.backend} "
-                               f"({self.precision}) — set HEADFLEET_BACKEND=torch to serve them")
-        bank = SlotBank(max_slots, max_rank, self.device)
-        inject(self.model, bank, tuple(targets or DEFAULT_TARGETS))
-        self.runner.bank = bank
+        model = self.torch_model()
+        bank = SlotBank(max_slots, max_rank, self.lora_runner.device)
+        inject(model, bank, tuple(targets or DEFAULT_TARGETS))
+        self.lora_runner.bank = bank
         self.lora = bank
         return bank
 
@@ -202,10 +221,25 @@ class Embedder:
         return Embedded(out, n_tokens, n_tokens > self.max_length)
 
     def _forward(self, batch: list[list[int]], slots: np.ndarray | None = None) -> np.ndarray:
+        if slots is not None and self.lora_runner is not self.runner:
+            return self._forward_split(batch, slots)
         input_ids, mask = self.pad(batch)
         pooled = self.runner(input_ids, mask) if slots is None else self.runner(input_ids, mask, slots)
         self.forwards += 1
         return pooled
+
+    def _forward_split(self, batch: list[list[int]], slots: np.ndarray) -> np.ndarray:
+        """ONNX Runtime backbone: the batch's plain rows through the graph, its LoRA rows through
+        the torch copy with their adapters; each part padded to its own longest row."""
+        out = np.empty((len(batch), self.dim), dtype=np.float32)
+        plain = np.flatnonzero(slots < 0)
+        adapted = np.flatnonzero(slots >= 0)
+        if len(plain):
+            out[plain] = self._forward([batch[i] for i in plain])
+        input_ids, mask = self.pad([batch[i] for i in adapted])
+        out[adapted] = self.lora_runner(input_ids, mask, slots[adapted])
+        self.forwards += 1
+        return out
 
 
 def _default_device(backend: str, precision: str) -> str:

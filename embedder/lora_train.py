@@ -112,7 +112,7 @@ def train_lora(embedder, texts: Sequence[str], y: np.ndarray, *, multi_label: bo
         input_ids, mask = (torch.from_numpy(a).to(embedder.device) for a in embedder.pad([ids[i] for i in rows]))
         ctx = adapter if train else dataclasses.replace(adapter, dropout=0.0)
         with bank.training(ctx):
-            pooled = embedder.runner.pooled(input_ids, mask)
+            pooled = embedder.lora_runner.pooled(input_ids, mask)
         return head(pooled)
 
     def evaluate() -> tuple[float, float]:

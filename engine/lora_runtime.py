@@ -1,6 +1,5 @@
 """The LoRA runtime: the adapter manager injected into the backbone at first use, device slots
-pinned per forward, adapters read from the registry with their sha256 checked, one rule for
-backends that cannot carry adapters.
+pinned per forward, adapters read from the registry with their sha256 checked.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import numpy as np
 
 from headfleet.cache import normalise_text
 from headfleet.embedder.lora import module_shapes
-from headfleet.errors import CorruptVersionError, NoAdapterSlotError, NotFoundError, ValidationError
+from headfleet.errors import CorruptVersionError, NoAdapterSlotError, NotFoundError
 from headfleet.heads.adapters import LoraAdapter, manager_for
 from headfleet.engine.types import parse_adapter_id
 
@@ -74,26 +73,12 @@ class LoraRuntimeMixin:
             raise CorruptVersionError(corrupt_message(tenant, manifest["name"], int(manifest["version"]),
                                                       f"its adapter config cannot be read ({exc})")) from None
         try:
-            return LoraAdapter.from_parts(cfg, weights, shapes=module_shapes(self.embedder.model), where=where)
+            return LoraAdapter.from_parts(cfg, weights, shapes=module_shapes(self.embedder.torch_model()), where=where)
         except AdapterImportError as exc:  # intact files this configuration cannot serve (e.g. its targets)
             from headfleet.errors import BackendError
 
             raise BackendError(f"classifier version {where} cannot be served by this configuration: "
                                f"{exc.message}") from None
-
-
-    def check_lora_backend(self, *, creating: bool, what: str = "LoRA classifiers") -> None:
-        """LoRA adapters ride inside the torch backbone's forward; ONNX Runtime cannot carry them.
-        One rule: asking to create a LoRA classifier here is the caller's mistake (422
-        ValidationError); a stored one this configuration cannot serve is the service's (503
-        BackendError)."""
-        if self.embedder.model is not None:
-            return
-        from headfleet.errors import BackendError
-
-        message = (f"{what} need(s) the torch backend (HEADFLEET_BACKEND=torch); this service runs the "
-                   f"{self.embedder.backend} backend")
-        raise ValidationError(message) if creating else BackendError(message)
 
 
     def _embed_with(self, adapter: LoraAdapter, texts: Sequence[str],

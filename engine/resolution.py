@@ -26,8 +26,6 @@ class ResolutionMixin:
         for item in resolved:
             _, key, manifest = item
             adapter = manifest.get("adapter")
-            if adapter:
-                self.check_lora_backend(creating=False, what=f"classifier {manifest['id']!r}")
             ns = ADAPTER_NS + adapter_id(key, manifest) if adapter else base
             groups.setdefault(ns, []).append(item)
         return list(groups.items())
@@ -76,7 +74,7 @@ class ResolutionMixin:
                     if pin:
                         self._inflight[key] = self._inflight.get(key, 0) + 1
             adapter = manifest.get("adapter")
-            if adapter and self.embedder.model is not None:
+            if adapter:
                 aid = adapter_id(key, manifest)
                 if aid not in self._verified_adapters:  # refuse a damaged adapter here, not inside a shared batch
                     self._read_adapter(tenant, manifest)

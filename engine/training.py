@@ -179,10 +179,9 @@ class TrainingMixin:
         from headfleet.heads.split import per_class_holdout
         from headfleet.heads.examples import Examples as _Examples
 
-        self.check_lora_backend(creating=True)
         report = self._validate(examples)
         manager = self.adapter_manager()
-        shapes = module_shapes(self.embedder.model)
+        shapes = module_shapes(self.embedder.torch_model())
         t0 = time.perf_counter()
         if adapter_dir is not None:
             adapter = LoraAdapter.from_folder(adapter_dir, shapes=shapes, base_names=self._base_names())

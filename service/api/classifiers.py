@@ -59,7 +59,6 @@ class ClassifiersController(Controller):
         if kind not in (*KINDS, "lora"):
             raise ValidationError(f"unknown classifier kind {kind!r}; expected one of {[*KINDS, 'lora']}")
         if kind == "lora":
-            service.engine.check_lora_backend(creating=True)
             if candidate:
                 raise ValidationError("a LoRA classifier cannot be published as a candidate yet: train it under "
                                       "another name, or move its aliases after training", param="candidate")

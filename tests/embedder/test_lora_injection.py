@@ -181,7 +181,31 @@ def test_adapter_for_another_base_is_refused(tmp_path, peft_setup, lora_embedder
         LoraAdapter.from_folder(tmp_path / "tiny", shapes=shapes)
 
 
-def test_onnx_backbone_refuses_lora(tmp_path):
-    emb = Embedder.load(max_length=64, backend="onnx", precision="fp32", cache_dir=tmp_path)
-    with pytest.raises(BackendError, match="torch backend"):
-        emb.enable_lora(max_slots=2, max_rank=8)
+def test_onnx_backbone_serves_lora_rows_beside_its_plain_rows(onnx_cache, lora_embedder, peft_setup):
+    """On ONNX Runtime a mixed batch splits: plain rows run the graph (equal to the ONNX backbone
+    alone), adapter rows run the torch copy (equal to the torch backbone's own LoRA rows)."""
+    _, paths = peft_setup
+    emb = Embedder.load(max_length=128, batch_size=64, backend="onnx", precision="int8", cache_dir=onnx_cache)
+    assert emb.model is None and emb.lora is None  # nothing torch is loaded until a LoRA row needs it
+    bank = emb.enable_lora(max_slots=8, max_rank=16)
+    shapes = module_shapes(emb.torch_model())
+    for slot, folder in enumerate(paths[:4]):
+        ad = LoraAdapter.from_folder(folder, shapes=shapes)
+        bank.write(slot, ad.torch_weights("cpu"), ad.rank, ad.scale)
+        lora_embedder.lora.write(slot, ad.torch_weights("cpu"), ad.rank, ad.scale)
+    slots = np.array([k % 5 - 1 for k in range(len(TEXTS))])  # -1 (plain), 0, 1, 2, 3, -1, ...
+    mixed = emb.embed(TEXTS, slots=slots).vectors
+    plain_onnx = emb.embed(TEXTS).vectors
+    on_torch = lora_embedder.embed(TEXTS, slots=slots).vectors
+    for i, s in enumerate(slots):
+        if s < 0:
+            np.testing.assert_allclose(mixed[i], plain_onnx[i], atol=1e-6)
+        else:
+            np.testing.assert_allclose(mixed[i], on_torch[i], atol=1e-5)
+            assert np.abs(mixed[i] - plain_onnx[i]).max() > 1e-3  # the adapter changed the row
+
+
+def test_lora_rows_without_a_bank_are_refused(onnx_cache):
+    emb = Embedder.load(max_length=64, backend="onnx", precision="fp32", cache_dir=onnx_cache)
+    with pytest.raises(BackendError, match="enable_lora"):
+        emb.embed(["a"], slots=[0])

@@ -275,3 +275,24 @@ def test_retrain_on_another_backbone_trains_a_lora_version_again_with_its_record
     assert again["adapter"]["rank"] == 4 and again["adapter"]["train_config"]["alpha"] == 6
     assert again["adapter"]["train_config"] == first["adapter"]["train_config"]
     assert again["retrained_from"]["version"] == 1
+
+
+def test_lora_classifier_trains_and_serves_on_the_onnx_backbone(onnx_cache, tmp_path, sms):
+    """The ONNX Runtime backbone (the default for new data folders) carries LoRA tenants: the
+    adapter trains and serves on its torch copy, beside head classifiers on the graph."""
+    onnx = Embedder.load(max_length=128, batch_size=32, device="cpu", backend="onnx", precision="fp32",
+                         cache_dir=onnx_cache)
+    eng = Engine.open(Settings(data_dir=tmp_path / "data", device="cpu", backend="onnx"), embedder=onnx)
+    data = _subset(sms, 240)
+    eng.train("acme", "spam-head", data)
+    manifest = eng.train_lora("acme", "spam-lora", data, config=LoraTrainConfig(epochs=2, rank=4, alpha=8))
+    assert manifest["parent_fingerprint"] == onnx.fingerprint
+    out = eng.classify("acme", TEXTS, ["spam-head", "spam-lora"])
+    assert out["cache"]["computed"] == 2 * len(TEXTS)
+    lora_labels = [r["classifications"]["spam-lora"]["label"] for r in out["results"]]
+    head_labels = [r["classifications"]["spam-head"]["label"] for r in out["results"]]
+    assert lora_labels[:7] == ["spam", "ham", "ham", "spam", "ham", "spam", "ham"]
+    assert sum(a == b for a, b in zip(lora_labels, head_labels)) >= 6
+    again = eng.classify("acme", TEXTS, ["spam-lora"])
+    assert again["cache"]["computed"] == 0  # the adapter's vectors were cached in its own namespace
+    eng.close()
