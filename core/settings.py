@@ -11,6 +11,9 @@ from pathlib import Path
 
 
 DATA_FOLDER_BACKBONE = "data folder (headfleet backbone apply)"  # Settings.backbone_source when backbone.json chose it
+AUTO = "auto"  # HEADFLEET_BACKEND and HEADFLEET_PRECISION both unset: see Settings.with_default_backbone
+NEW_FOLDER_DEFAULT = "default for a new data folder"  # backbone_source of an auto choice, recorded at the first open
+FORMER_DEFAULT = "torch fp32: this data folder's classifiers predate the ONNX default"
 
 
 def _env(name: str, default: str | None) -> str | None:
@@ -74,7 +77,10 @@ class Settings:
     batch_size: int = 64
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
     device: str | None = None  # "cuda", "cpu"; None picks cuda when present
-    backend: str = "torch"  # "torch" or "onnx" (ONNX Runtime); each backend+precision has its own fingerprint
+    # "torch" or "onnx" (ONNX Runtime); each backend+precision has its own fingerprint. The dataclass
+    # default is the library's (torch fp32); from_env with neither variable set gives AUTO, which
+    # with_default_backbone resolves per data folder.
+    backend: str = "torch"
     precision: str = "fp32"  # "fp32"; "int8" (onnx, CPU); "fp16" (onnx, CUDA)
     memory_cache_mb: float = 256.0
     faiss_store: bool = True
@@ -120,8 +126,8 @@ class Settings:
             batch_size=int(_env("BATCH_SIZE", str(d.batch_size))),
             threads=int(threads) if threads else None,
             device=_env("DEVICE", None),
-            backend=_env("BACKEND", d.backend),
-            precision=_env("PRECISION", d.precision),
+            backend=_env("BACKEND", AUTO if _env("PRECISION", None) is None else d.backend),
+            precision=_env("PRECISION", AUTO if _env("BACKEND", None) is None else d.precision),
             memory_cache_mb=float(_env("MEMORY_CACHE_MB", str(d.memory_cache_mb))),
             faiss_store=_env("FAISS_STORE", "1") not in ("0", "false", "no"),
             local_flush_s=float(_env("LOCAL_FLUSH_S", str(d.local_flush_s))),
@@ -141,7 +147,7 @@ class Settings:
             **{name: int(_env(name.upper(), str(getattr(d, name)))) for name in _INT_LIMITS},
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values).with_recorded_backbone()
+        return cls(**values).with_recorded_backbone().with_default_backbone()
 
     def with_recorded_backbone(self, otherwise: "Settings | None" = None) -> "Settings":
         """These settings with the backbone the data folder records (``headfleet backbone apply``: it
@@ -155,6 +161,70 @@ class Settings:
             return self
         return dataclasses.replace(self, model_path=otherwise.model_path, backend=otherwise.backend,
                                    precision=otherwise.precision, backbone_source=otherwise.backbone_source)
+
+
+    def with_default_backbone(self) -> "Settings":
+        """Resolve an ``AUTO`` backend (HEADFLEET_BACKEND and HEADFLEET_PRECISION both unset, no
+        backbone recorded in the data folder):
+
+        - a data folder that already holds classifiers stays on torch fp32, the default they were
+          trained under (``headfleet backbone plan``/``apply`` moves it, refitting every head);
+        - a new one gets the fastest backbone measured for this machine (:func:`fast_default`),
+          which ``Engine.open`` records in ``backbone.json``, so the folder keeps it from then on,
+          on every replica, whatever later defaults say.
+        """
+        if self.backend != AUTO:
+            return self
+        if _holds_classifiers(self.layout.registry):
+            return dataclasses.replace(self, backend="torch", precision="fp32", backbone_source=FORMER_DEFAULT)
+        backend, precision = fast_default(self.device)
+        return dataclasses.replace(self, backend=backend, precision=precision, backbone_source=NEW_FOLDER_DEFAULT)
+
+
+def _holds_classifiers(registry: Path) -> bool:
+    try:
+        return any(any(tenant.iterdir()) for tenant in registry.iterdir() if tenant.is_dir())
+    except FileNotFoundError:
+        return False
+
+
+def cpu_has_int8_dot() -> bool:
+    """Whether this CPU has an int8 dot-product instruction (AVX-512 VNNI, AVX-VNNI or AMX), which
+    ONNX Runtime's int8 MatMulNBits kernels need to beat fp32; read from /proc/cpuinfo (False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(line.split()))
+    except OSError:
+        pass
+    return False
+
+
+def fast_default(device: str | None = None) -> tuple[str, str]:
+    """``(backend, precision)`` a new data folder starts on, by ``bench/backends.py`` measurements:
+
+    - a CUDA device: torch fp32, where LoRA rows use the fused Triton kernels;
+    - a CPU with an int8 dot product (:func:`cpu_has_int8_dot`): ONNX Runtime int8, 1.86x / 1.61x
+      sentence-transformers on SMS / news texts against torch fp32's 1.40x / 1.19x (issue 16);
+    - any other CPU (AVX2 only): ONNX Runtime fp32. There int8 MatMulNBits runs at about 0.7x
+      fp32 (no VNNI: README, "Backends"), and ONNX fp32 beats torch fp32;
+    - torch fp32 when onnxruntime or onnx is not installed.
+    """
+    import importlib.util
+
+    if device is None or device.startswith("cuda"):
+        if device is not None or _cuda_available():
+            return "torch", "fp32"
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        return "torch", "fp32"
+    return ("onnx", "int8") if cpu_has_int8_dot() else ("onnx", "fp32")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def read_backbone_setting(path: Path) -> dict | None:

@@ -19,7 +19,7 @@ from headfleet.embedder import Embedder
 from headfleet.errors import ValidationError
 from headfleet.heads import HeadFleet, Registry
 from headfleet.engine.types import ADAPTER_NS, Chooser, Route, Scored
-from headfleet.settings import Settings
+from headfleet.settings import NEW_FOLDER_DEFAULT, Settings
 from headfleet.text import blank_message, is_blank
 
 from headfleet.engine.embedding import EmbeddingMixin
@@ -81,6 +81,8 @@ class Engine(EmbeddingMixin, LoraRuntimeMixin, ResolutionMixin, RoutingMixin, Re
                                              threads=settings.threads, backend=settings.backend,
                                              precision=settings.precision, cache_dir=settings.layout.onnx)
         fp = embedder.fingerprint
+        if settings.backbone_source == NEW_FOLDER_DEFAULT:
+            record_default_backbone(settings, embedder)
         tiers: list = [MemoryLRU(int(settings.memory_cache_mb * 2**20))]
         local = None
         if settings.faiss_store:
@@ -180,3 +182,22 @@ class Engine(EmbeddingMixin, LoraRuntimeMixin, ResolutionMixin, RoutingMixin, Re
             return {"status": "degraded",
                     "reason": "redis unreachable: answering from the in-process tiers, new vectors are not shared"}
         return {"status": "ready"}
+
+
+def record_default_backbone(settings: Settings, embedder: Embedder) -> None:
+    """Write the backbone a new data folder was given by default into ``backbone.json`` (unless one
+    is there already), so the folder keeps it once it holds classifiers; ``headfleet backbone
+    plan``/``apply`` moves it like any other."""
+    import time
+
+    from headfleet.atomic import write_json_atomic
+
+    path = settings.layout.backbone
+    if path.exists():
+        return
+    write_json_atomic(path, {"model": settings.model_path, "backend": embedder.backend,
+                             "precision": embedder.precision, "fingerprint": embedder.fingerprint,
+                             "chosen": NEW_FOLDER_DEFAULT,
+                             "applied": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "previous": None})
+    log.info("new data folder %s: backbone %s %s recorded in %s", settings.data_dir, embedder.backend,
+             embedder.precision, path)

@@ -32,7 +32,7 @@ from headfleet.engine import Engine
 from headfleet.errors import ConflictError, ValidationError
 from headfleet.heads.registry import WEIGHTS_FILE
 from headfleet.heads.retrain import stored_examples
-from headfleet.settings import Settings, read_backbone_setting
+from headfleet.settings import NEW_FOLDER_DEFAULT, Settings, read_backbone_setting
 
 BLOCKING = ("regression", "needs_data", "needs_retrain")
 
@@ -117,6 +117,9 @@ def rollback(settings: Settings) -> dict:
     if current is None:
         raise ConflictError("no backbone was applied to this data folder: nothing to roll back")
     previous = current.get("previous")
+    if previous is None and current.get("chosen") == NEW_FOLDER_DEFAULT:
+        raise ConflictError("this data folder's backbone is the one it started on (recorded when it was new): "
+                            "nothing was applied to roll back")
     if previous is None:
         path.unlink()
     else:

@@ -47,6 +47,9 @@ def serve(settings: Settings, *, log_level: str = "info", access_log: bool = Fal
     else:
         print(f"headfleet: multi-tenant mode ({len(keys.tenants())} tenant(s) with keys); "
               f"listening on http://{settings.host}:{settings.port}", file=sys.stderr)
+    print(f"headfleet: backbone {settings.backend} {settings.precision} ({settings.backbone_source})"
+          + (": the first start exports it to ONNX, about 10 s" if settings.backend == "onnx"
+             and not any(settings.layout.onnx.glob("*.onnx")) else ""), file=sys.stderr)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = uvicorn.Config(create_app(settings), log_level=log_level, access_log=access_log, http="httptools",
                             loop="uvloop", timeout_graceful_shutdown=10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -9,6 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+
+# The suite was written on the torch backbone and runs there, in this process and in every
+# service or CLI it starts; the default a new data folder gets (HEADFLEET_BACKEND unset: ONNX
+# Runtime, Settings.with_default_backbone) has its own tests, which unset this
+# (tests/service/test_default_backbone.py).
+os.environ.setdefault("HEADFLEET_BACKEND", "torch")
 
 REPO = Path(__file__).resolve().parents[1]
 SMS_SPAM = REPO.parent / "shared" / "data" / "sms_spam.csv"
