@@ -52,9 +52,21 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
 
 
 def machine() -> str:
+    """Architecture, CPU model, cores, whether the CPU has an int8 dot product (VNNI or AMX: it
+    decides whether int8 pays here, see bench/int8_recipes.py), Python."""
     import os
 
-    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    from headfleet.settings import cpu_has_int8_dot
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    dot = "int8 dot product (VNNI/AMX)" if cpu_has_int8_dot() else "no int8 dot product (no VNNI/AMX)"
+    return (f"{platform.machine()}{' ' + model if model else ''}, {os.cpu_count()} cores, {dot}, "
+            f"Python {platform.python_version()}")
 
 
 _LOAD_AT_START = os.getloadavg()  # taken when the bench starts, before its own work raises it
