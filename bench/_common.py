@@ -150,3 +150,36 @@ def long_texts(n: int, chars: int = 250) -> list[str]:
             i += 1
         out.append(" ".join(parts)[:chars].rsplit(" ", 1)[0])  # cut at the last whole word
     return out
+
+
+def interleaved_processes(script: str, names: Sequence[str], rounds: int, args: list[str],
+                          rates: Sequence[str] = ("short", "long")) -> tuple[dict, dict]:
+    """Run ``script --only NAME --rounds 1 *args`` for every name, ``rounds`` times over, the names
+    interleaved (round 1: a, b, c; round 2: a, b, c; ...), each run a process of its own that prints
+    ``RESULT {json of figures}``. Returns ``({name: {figure: value}}, {name: why not})``, where each
+    figure named in ``rates`` is the best (highest) over the rounds and any other the last round's:
+    a drift of the machine's speed over minutes then hits every contender alike, and no contender
+    shares a process (and spinning idle threads) with another runtime."""
+    import subprocess
+
+    best: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    for _ in range(rounds):
+        for name in names:
+            if name in skipped:
+                continue
+            out = subprocess.run([sys.executable, script, "--only", name, "--rounds", "1", *args],
+                                 capture_output=True, text=True)
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode != 0 or not lines:
+                tail = out.stderr.strip().splitlines()
+                skipped[name] = f"failed: {tail[-1] if tail else out.returncode}"
+                continue
+            got = json.loads(lines[-1][7:])
+            if "skip" in got:
+                skipped[name] = got["skip"]
+                continue
+            mine = best.setdefault(name, {})
+            for k, v in got.items():
+                mine[k] = max(mine.get(k, v), v) if k in rates else v
+    return best, skipped

@@ -16,8 +16,8 @@ Every recipe starts from the same fp32 ONNX export of the shipped weights (headf
 - ``openvino-fp32`` and ``openvino-nbits``: OpenVINO's CPU plugin on the fp32 export and on the
   MatMulNBits file, only when ``openvino`` is installed.
 
-Each contender runs in a process of its own (this script with ``--only NAME``), one after the
-other, and keeps its best of ``--rounds`` rounds: texts/s at batch 64 on SMS (about 25 tokens)
+Each contender runs in a process of its own (this script with ``--only NAME``), a new one per round,
+interleaved with the others, and keeps its best of ``--rounds`` rounds: texts/s at batch 64 on SMS (about 25 tokens)
 and on news-length texts (about 54 tokens), with the same length-sorted batching for all. The ratio
 is to sentence-transformers ``encode`` measured in the same run.
 
@@ -40,15 +40,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from _common import begin, long_texts, report, sms_texts
+from _common import begin, interleaved_processes, long_texts, report, sms_texts
 
 RECIPES = ("nbits", "dynamic", "static", "static-no-ffn-down", "openvino-fp32", "openvino-nbits")
 CONTENDERS = ("sentence-transformers", "onnx-fp32") + RECIPES
@@ -74,7 +72,7 @@ def build(folder: Path) -> None:
     Embedder.load(device="cpu", backend="onnx", precision="int8", cache_dir=folder)
     fp32 = next(folder.glob("*-fp32-r*.onnx"))
     quantize_int8_dynamic(fp32, folder / "dynamic.onnx")
-    graph = onnx.load(str(fp32))
+    graph = onnx.load(str(fp32)).graph
     weights = {i.name for i in graph.initializer}
     matmuls = [n for n in graph.node if n.op_type == "MatMul"]
     scores = [n.name for n in matmuls if n.input[1] not in weights]  # QK^T and attention x V
@@ -131,7 +129,8 @@ def measure_one(name: str, args) -> dict:
         emb = _embedder(folder)
         emb.runner = _runner(name, folder)
         embed = lambda texts: emb.embed(texts).vectors  # noqa: E731
-    embed(work["short"][:128])  # warm-up: runtimes plan memory at their first calls
+    for texts in work.values():  # warm-up on the timed shapes: first calls plan memory and kernels
+        embed(texts)
     best = {}
     for _ in range(args.rounds):
         for w, texts in work.items():
@@ -163,25 +162,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="headfleet-int8-") as tmp:
         folder = Path(tmp)
         build(folder)  # before any timing, so no contender pays for an export
-        results, skipped = {}, {}
-        for name in CONTENDERS:
-            if name.startswith("openvino") and importlib.util.find_spec("openvino") is None:
-                skipped[name] = "openvino is not installed (pip install openvino)"
-                continue
-            cmd = [sys.executable, __file__, "--only", name, "--folder", tmp, "--n-short", str(args.n_short),
-                   "--n-long", str(args.n_long), "--rounds", str(args.rounds)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                skipped[name] = f"failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}"
-                continue
-            results[name] = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+        wanted = [n for n in CONTENDERS if not n.startswith("openvino") or importlib.util.find_spec("openvino")]
+        results, skipped = interleaved_processes(__file__, wanted, args.rounds,
+                                                 ["--folder", tmp, "--n-short", str(args.n_short),
+                                                  "--n-long", str(args.n_long)])
+        skipped.update({n: "openvino is not installed (pip install openvino)" for n in CONTENDERS
+                        if n not in wanted})
         ref = np.load(folder / "vectors-onnx-fp32.npy")
         for name in results:
             v = np.load(folder / f"vectors-{name}.npy")
             cos = (v * ref).sum(1) / (np.linalg.norm(v, axis=1) * np.linalg.norm(ref, axis=1))
             results[name]["cos_min"], results[name]["cos_mean"] = float(cos.min()), float(cos.mean())
     st = results["sentence-transformers"]
-    rows = [("contenders", f"each in its own process, best of {args.rounds} rounds; {args.n_short} SMS, "
+    rows = [("contenders", f"a process each per round, interleaved, best of {args.rounds} rounds; {args.n_short} SMS, "
                            f"{args.n_long} news-length texts; cosine and batch checks against ONNX fp32")]
     for name in CONTENDERS:
         if name in skipped:

@@ -10,9 +10,11 @@ counting convention). all-MiniLM-L6-v2: d = 384, f = 1536, 6 layers -> 21.2 MFLO
 attention. The fraction of peak says how much is left to win on this CPU: a backend near its
 precision's peak can only go faster by computing less (padding, shorter inputs).
 
-Each contender runs in a process of its own (this script with ``--only NAME``), one after the
-other: in a shared process torch's idle intra-op threads spin while ONNX Runtime's run, which
-halved the ONNX figures in an earlier version of this bench.
+Each contender runs in a process of its own (this script with ``--only NAME``): in a shared
+process torch's idle intra-op threads spin while ONNX Runtime's run, which halved the ONNX figures
+in an earlier version of this bench. Every round starts a new process per contender, interleaved
+(``_common.interleaved_processes``), because this machine's speed drifts by 10-20 % over minutes:
+contenders measured one after the other swapped places between two runs.
 
     .venv/bin/python bench/roofline.py [--n-short 1000] [--n-long 500] [--rounds 3]
 """
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import begin, long_texts, report, sms_texts
+from _common import begin, interleaved_processes, long_texts, report, sms_texts
 from backends import best_of, fastembed_contender, ours, peer
 from headfleet.embedder import Embedder, default_model_path
 
@@ -108,15 +110,14 @@ def measure_one(name: str, args) -> dict:
         c = ours(name, Embedder.load(device="cpu", threads=threads, backend=backend, precision=precision,
                                      cache_dir=cache_dir))
     work = {"short": (sms_texts(args.n_short), 64), "long": (long_texts(args.n_long), 64)}
-    c.embed(work["short"][0][:128], 64)  # warm-up (ONNX Runtime plans memory at its first calls)
+    for texts, batch in work.values():  # warm-up on the timed shapes: first calls plan memory and kernels
+        c.embed(texts, batch)
     best = best_of(args.rounds, [c], work)
     return {w: best[c.name, w] for w in work}
 
 
 def main() -> None:
     import json
-    import subprocess
-    import sys
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-short", type=int, default=1000)
@@ -137,16 +138,10 @@ def main() -> None:
     # exports made once here, so no contender's process pays for them
     Embedder.load(device="cpu", threads=threads, backend="onnx", precision="int8", cache_dir=Path(args.cache_dir))
     Embedder.load(device="cpu", threads=threads, backend="onnx", cache_dir=Path(args.cache_dir))
-    best, skipped = {}, {}
-    for name in CONTENDERS:
-        cmd = [sys.executable, __file__, "--only", name, "--n-short", str(args.n_short), "--n-long", str(args.n_long),
-               "--rounds", str(args.rounds), "--cache-dir", args.cache_dir]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        got = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
-        if "skip" in got:
-            skipped[name] = got["skip"]
-        else:
-            best.update({(name, w): v for w, v in got.items()})
+    got, skipped = interleaved_processes(__file__, CONTENDERS, args.rounds,
+                                         ["--n-short", str(args.n_short), "--n-long", str(args.n_long),
+                                          "--cache-dir", args.cache_dir])
+    best = {(name, w): v for name, figures in got.items() for w, v in figures.items()}
     work = {"short": sms_texts(args.n_short), "long": long_texts(args.n_long)}
     flops = {w: useful_flops(torch_fp32, texts) / len(texts) for w, texts in work.items()}
     rows = [("peak, measured", f"fp32 GEMM {peak['fp32']:.1f} GFLOP/s; int8 GEMM (MatMulInteger) {peak['int8']:.1f} "
@@ -155,7 +150,7 @@ def main() -> None:
              + "  (real tokens only)"),
             ("roofline, texts/s", " | ".join(f"{w}: fp32 {peak['fp32'] * 1e9 / flops[w]:,.0f}, int8 "
                                              f"{peak['int8'] * 1e9 / flops[w]:,.0f}" for w in work)),
-            ("contenders", "each in its own process, one after the other, best of "
+            ("contenders", "each in a process of its own per round, interleaved, best of "
                            f"{args.rounds} rounds, batch 64")]
     st = "sentence-transformers"
     for name in CONTENDERS:

@@ -16,7 +16,10 @@ classifiers and must give the same label on >= 98 % of the texts for each (the h
 the same examples and vectors by different code, so a borderline text may flip); after timing the
 same bound holds on every document of the timed runs, or no ratio is printed.
 
-    .venv/bin/python bench/score.py [--docs 20000] [--threads N]
+The backbone is the one a new data folder gets by default (``Settings.with_default_backbone``:
+ONNX Runtime on a CPU), unless ``--backend``/``--precision`` name another.
+
+    .venv/bin/python bench/score.py [--docs 20000] [--threads N] [--backend torch|onnx --precision fp32|int8]
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from headfleet.embedder import Embedder
 from headfleet.heads import examples_from_records, load_examples
 from headfleet.scoring import JobSpec, ScoreJob, SourceSpec
 from headfleet.engine import Engine
-from headfleet.settings import Settings
+from headfleet.settings import Settings, fast_default
 
 TENANT = "bench"
 MIN_AGREEMENT = 0.98  # per classifier, headfleet's labels vs the script's
@@ -108,7 +111,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--docs", type=int, default=20000)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--backend", choices=["torch", "onnx"], default=None, help="default: a new data folder's")
+    ap.add_argument("--precision", choices=["fp32", "int8"], default=None)
     args = ap.parse_args()
+    backend, precision = fast_default("cpu")
+    backend, precision = args.backend or backend, args.precision or (precision if not args.backend else "fp32")
     begin(f"batch scoring, {args.docs:,} documents: headfleet score vs encode + predict_proba")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,7 +127,8 @@ def main() -> None:
         tmp = Path(tmp)
         store = tmp / "store"
         build_store(store, args.docs)
-        embedder = Embedder.load(device="cpu", threads=args.threads)
+        embedder = Embedder.load(device="cpu", threads=args.threads, backend=backend, precision=precision,
+                                 cache_dir=tmp / "onnx")
         st = SentenceTransformer(str(embedder.folder), device="cpu")
         data = tmp / "data"
         examples = {"spam": examples_from_records([{"text": t, "label": lab} for t, lab in zip(*sms_labelled(1500))]),
@@ -165,7 +173,8 @@ def main() -> None:
 
     n = args.docs
     report(f"batch scoring, {n:,} documents (4 Parquet files), in process", [
-        ("torch threads", str(torch.get_num_threads())),
+        ("headfleet backbone", f"{backend} {precision} (a new data folder's default unless --backend), "
+                               f"torch threads {torch.get_num_threads()}"),
         ("cold, 2 classifiers: headfleet score",
          f"{t_ours_cold:.1f} s ({n / t_ours_cold:,.0f} docs/s), {cold['embeddings_computed']:,} embeddings computed, "
          f"{cold['backbone_forwards']['run']} forwards"),

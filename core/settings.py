@@ -14,6 +14,7 @@ DATA_FOLDER_BACKBONE = "data folder (headfleet backbone apply)"  # Settings.back
 AUTO = "auto"  # HEADFLEET_BACKEND and HEADFLEET_PRECISION both unset: see Settings.with_default_backbone
 NEW_FOLDER_DEFAULT = "default for a new data folder"  # backbone_source of an auto choice, recorded at the first open
 FORMER_DEFAULT = "torch fp32: this data folder's classifiers predate the ONNX default"
+RECORDED_DEFAULT = "data folder (the default it was given when new)"  # backbone.json written by Engine.open
 
 
 def _env(name: str, default: str | None) -> str | None:
@@ -155,8 +156,9 @@ class Settings:
         (a reload after a rollback to the environment's), or these settings unchanged."""
         chosen = read_backbone_setting(self.layout.backbone)
         if chosen is not None:
+            source = DATA_FOLDER_BACKBONE if chosen.get("chosen") != NEW_FOLDER_DEFAULT else RECORDED_DEFAULT
             return dataclasses.replace(self, model_path=chosen.get("model"), backend=chosen["backend"],
-                                       precision=chosen["precision"], backbone_source=DATA_FOLDER_BACKBONE)
+                                       precision=chosen["precision"], backbone_source=source)
         if otherwise is None:
             return self
         return dataclasses.replace(self, model_path=otherwise.model_path, backend=otherwise.backend,

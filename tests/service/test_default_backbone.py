@@ -22,7 +22,7 @@ from headfleet.embedder import Embedder
 from headfleet.engine import Engine
 from headfleet.errors import ConflictError
 from headfleet.heads import examples_from_records
-from headfleet.settings import (DATA_FOLDER_BACKBONE, FORMER_DEFAULT, NEW_FOLDER_DEFAULT, Settings,
+from headfleet.settings import (FORMER_DEFAULT, NEW_FOLDER_DEFAULT, RECORDED_DEFAULT, Settings,
                                 cpu_has_int8_dot, fast_default)
 
 EXPECTED = ("onnx", "int8") if cpu_has_int8_dot() else ("onnx", "fp32")
@@ -72,7 +72,7 @@ def test_the_first_open_records_the_choice_so_the_folder_keeps_it(tmp_path, unse
     assert (recorded["backend"], recorded["precision"], recorded["fingerprint"]) == (*EXPECTED, backbone.fingerprint)
     # the folder now holds classifiers: the record, not the torch rule for old folders, decides
     again = Settings.from_env(**_data(tmp_path))
-    assert (again.backend, again.precision, again.backbone_source) == (*EXPECTED, DATA_FOLDER_BACKBONE)
+    assert (again.backend, again.precision, again.backbone_source) == (*EXPECTED, RECORDED_DEFAULT)
     from headfleet.lifecycle.backbone_apply import rollback
 
     with pytest.raises(ConflictError, match="nothing was applied"):
