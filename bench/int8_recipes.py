@@ -33,6 +33,7 @@ dot-product instruction (AVX-512 VNNI, AVX-VNNI or AMX). Without one, int8 GEMMs
 AVX2's 16-bit multiply-add, and the per-row recipe's extra quantise steps are not paid back.
 
     .venv/bin/python bench/int8_recipes.py [--n-short 512] [--n-long 256] [--rounds 3]
+    .venv/bin/python bench/int8_recipes.py --sensitivity   # where static int8 loses its accuracy
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _embedder(folder: Path):
     return Embedder.load(device="cpu", backend="onnx", precision="fp32", cache_dir=folder)
 
 
-def build(folder: Path) -> None:
+def build(folder: Path, sensitivity: bool = False) -> None:
     """Every recipe's ONNX file in ``folder``; the fp32 export and MatMulNBits file through headfleet."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
@@ -90,11 +91,30 @@ def build(folder: Path) -> None:
             ids, mask = self.batches.pop(0)
             return {"input_ids": ids, "attention_mask": mask}
 
-    for name, keep_fp32 in (("static", scores), ("static-no-ffn-down", scores + ffn_down)):
-        quantize_static(str(fp32), str(folder / f"{name}.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+    def static(name: str, keep_fp32: list[str]) -> Path:
+        out = folder / f"{name}.onnx"
+        quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["MatMul"], nodes_to_exclude=keep_fp32,
                         calibrate_method=CalibrationMethod.MinMax)
+        return out
+
+    static("static", scores)
+    static("static-no-ffn-down", scores + ffn_down)
+    if sensitivity:  # one group of weight MatMuls quantised at a time, the rest fp32
+        from headfleet.embedder.onnx_backend import OrtRunner
+
+        texts = sms_texts(256) + long_texts(64)
+        ref = emb.embed(texts).vectors
+        mine = [n.name for n in matmuls if n.input[1] in weights]
+        groups = {"query/key/value": [n for n in mine if "/self/" in n],
+                  "attention output": [n for n in mine if "/attention/output/" in n],
+                  "FFN up": [n for n in mine if "/intermediate/" in n], "FFN down": ffn_down}
+        for group, names in groups.items():
+            emb.runner = OrtRunner(static("group", [n for n in mine if n not in names] + scores))
+            cos = (emb.embed(texts).vectors * ref).sum(1)
+            print(f"  only {group} ({len(names)} MatMuls) in int8: cosine to fp32 min {cos.min():.4f} "
+                  f"mean {cos.mean():.5f}", flush=True)
 
 
 def _runner(name: str, folder: Path):
@@ -151,11 +171,18 @@ def main() -> None:
     ap.add_argument("--n-short", type=int, default=512)
     ap.add_argument("--n-long", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sensitivity", action="store_true",
+                    help="only print each MatMul group's cosine when it alone is statically quantised (no timing)")
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--only", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.only:
         print("RESULT " + json.dumps(measure_one(args.only, args)), flush=True)
+        return
+    if args.sensitivity:
+        begin("static int8, one group of MatMuls at a time: cosine to ONNX fp32 on 256 SMS + 64 news texts")
+        with tempfile.TemporaryDirectory(prefix="headfleet-int8-") as tmp:
+            build(Path(tmp), sensitivity=True)
         return
     title = "int8 recipes: texts/s at batch 64, each contender in its own process"
     begin(title)
