@@ -1,7 +1,8 @@
 """Load generator on loopback: headfleet's HTTP service against a naive server, same run.
 
 Starts ``headfleet serve`` (two tenants, a and b, each with the same 5 classifiers trained from
-the example files; embedded defaults: memory + local store, no Redis) and the peer
+the example files; embedded defaults: the default backbone of a new data folder, memory + local
+store, no Redis) and the peer
 ``bench/naive_server.py`` (sentence-transformers ``encode`` + scikit-learn ``predict_proba``
 per request), each in its own process, then drives both with a keep-alive HTTP/1.1 client
 written on asyncio streams (one process, so the client costs as little as it can). Every phase
@@ -74,7 +75,9 @@ def train_classifiers(data_dir: Path, n: int) -> list[str]:
 
     files = sorted((REPO / "engine" / "example_data").glob("*.csv"))
     names = []
-    with Engine.open(Settings(data_dir=data_dir, device="cpu")) as engine:
+    # from_env: the backbone a new data folder gets by default (or HEADFLEET_BACKEND's), recorded
+    # in the folder, so the service started on it next serves the same one
+    with Engine.open(Settings.from_env(data_dir=data_dir, device="cpu")) as engine:
         for i in range(n):
             path = files[i % len(files)]
             name = path.stem if i < len(files) else f"{path.stem}-mlp{i // len(files)}"
@@ -240,6 +243,8 @@ def main() -> None:
             for port, proc in zip((hf_port, peer_port), procs):
                 wait_ready(f"http://127.0.0.1:{port}", proc)
             checked = verify(hf_port, peer_port, names)  # both up, neither timed yet
+            served = httpx.get(f"http://127.0.0.1:{hf_port}/info").json()["backbone"]
+            checked.insert(0, f"headfleet serves {served['backend']} {served['precision']} ({served['source']})")
             print("\n".join(checked), flush=True)
             # one side timed at a time; the other server sits idle
             results["headfleet"] = asyncio.run(run_phases(hf_port, names, args, True, "hf"))
