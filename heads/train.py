@@ -9,6 +9,7 @@ a label constant in the train split) are recorded in the metrics, never swallowe
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,9 +67,7 @@ def train_head(
     train_idx, test_idx = holdout_split(y, examples.multi_label, holdout, seed)
 
     model = _estimator(kind, examples.multi_label, seed)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model.fit(X[train_idx], y[train_idx])
+    caught = _fit(model, X[train_idx], y[train_idx])
     if not examples.multi_label and len(model.classes_) != len(classes):
         raise TrainingDataError(f"the train split lacks some classes ({len(model.classes_)} of {len(classes)}); add examples")
     head = HeadArrays.from_sklearn(model, labels=classes, multi_label=examples.multi_label)
@@ -88,13 +87,34 @@ def train_head(
     metrics["n_shipped"] = int(len(train_idx))
     if refit and len(test_idx):
         model = _estimator(kind, examples.multi_label, seed)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model.fit(X, y)
+        caught = _fit(model, X, y)
         head = HeadArrays.from_sklearn(model, labels=classes, multi_label=examples.multi_label)
         metrics["n_shipped"] = int(len(y))
         metrics["fit_warnings"] = sorted(set(metrics["fit_warnings"]) | {f"{w.category.__name__}: {w.message}" for w in caught})
     return TrainedHead(head=head, metrics=metrics, report=report)
+
+
+_ONE_BLAS_THREAD = threading.Lock()
+
+
+def _fit(model, X: np.ndarray, y: np.ndarray) -> list:
+    """``model.fit(X, y)`` with one BLAS thread; returns the warnings it raised.
+
+    The same data and seed must give the same weights, bit for bit: ``headfleet backbone apply``
+    refuses a head that hashes unlike the one its plan staged, and ``headfleet reproduce``
+    compares retrained weights. OpenBLAS's results depend on how many threads a call gets (an MLP
+    fitted with 2 threads and with 1 differs), and a call made while another thread uses BLAS
+    (the service scoring heads beside a training job) can get fewer. One thread, set for the
+    fit's duration (``threadpoolctl``, process-wide), under a lock so two fits never restore the
+    count under each other, removes both. Heads are small: the fit barely slows, and BLAS calls of
+    other threads run on one thread meanwhile."""
+    from threadpoolctl import threadpool_limits
+
+    with _ONE_BLAS_THREAD, threadpool_limits(limits=1, user_api="blas"), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(X, y)
+    return caught
 
 
 def _check_embeddings(X: np.ndarray, n: int) -> np.ndarray:

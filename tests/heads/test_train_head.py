@@ -103,3 +103,21 @@ def test_refit_ships_a_head_trained_on_every_example(seed):
     assert shipped.metrics["n_shipped"] == 20
     assert shipped.metrics["accuracy"] == split.metrics["accuracy"]  # the holdout figure is the split model's
     assert not np.allclose(shipped.head.W1, split.head.W1)
+
+
+def test_an_mlp_head_is_bit_identical_whatever_blas_threads_the_process_has():
+    """The weights ``backbone apply`` and ``reproduce`` compare by hash: the same data and seed give
+    the same bytes whether BLAS has two threads or one at the time (OpenBLAS hands a call made
+    while another thread uses it fewer threads, and fewer threads give other bits)."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((240, 384)).astype(np.float32)
+    labels = ["a" if v > 0 else "b" for v in X[:, 0] + 0.5 * X[:, 1]]
+    examples = examples_from_records([{"text": f"t{i}", "label": lab} for i, lab in enumerate(labels)])
+    with threadpool_limits(limits=2, user_api="blas"):
+        two = train_head(X, examples, kind="mlp", seed=3, refit=True).head
+    with threadpool_limits(limits=1, user_api="blas"):
+        one = train_head(X, examples, kind="mlp", seed=3, refit=True).head
+    for name in ("W1", "b1", "W2", "b2"):
+        assert getattr(two, name).tobytes() == getattr(one, name).tobytes(), name
