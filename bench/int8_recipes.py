@@ -13,6 +13,12 @@ Every recipe starts from the same fp32 ONNX export of the shipped weights (headf
   are not timed. Fixed scales make it batch-independent. The attention-score MatMuls stay fp32.
 - ``static-no-ffn-down``: the same, leaving the feed-forward down-projection in fp32. Its inputs
   (after GELU) have the widest range.
+- ``token-u8s8`` and ``token-u8u8``: per-token int8 activations with SmoothQuant smoothing
+  (``bench/_token_int8.py``), calibrated on the same untimed texts. One scale per token keeps them
+  batch-independent; ``MatMulIntegerToFloat`` runs the GEMM. ``token-u8s8`` (symmetric, alpha 0.5)
+  takes the fast uint8 x int8 kernel, whose AVX2 form saturates at 8-bit weights, so its weights keep
+  7 bits. ``token-u8u8`` (asymmetric per token, alpha 0.6) keeps 8 bits on both sides, on the
+  slower uint8 x uint8 kernel.
 - ``openvino-fp32`` and ``openvino-nbits``: OpenVINO's CPU plugin on the fp32 export and on the
   MatMulNBits file, only when ``openvino`` is installed.
 
@@ -47,9 +53,13 @@ from pathlib import Path
 
 import numpy as np
 
+import _token_int8
 from _common import begin, interleaved_processes, long_texts, report, sms_texts
 
-RECIPES = ("nbits", "dynamic", "static", "static-no-ffn-down", "openvino-fp32", "openvino-nbits")
+RECIPES = ("nbits", "dynamic", "static", "static-no-ffn-down", "token-u8s8", "token-u8u8", "openvino-fp32",
+           "openvino-nbits")
+TOKEN_RECIPES = {"token-u8s8": dict(alpha=0.5, kernel="u8s8", asymmetric=False),
+                 "token-u8u8": dict(alpha=0.6, kernel="u8u8", asymmetric=True)}
 CONTENDERS = ("sentence-transformers", "onnx-fp32") + RECIPES
 BATCH_BOUND = 1e-4
 
@@ -78,12 +88,11 @@ def build(folder: Path, sensitivity: bool = False) -> None:
     matmuls = [n for n in graph.node if n.op_type == "MatMul"]
     scores = [n.name for n in matmuls if n.input[1] not in weights]  # QK^T and attention x V
     ffn_down = [n.name for n in matmuls if "/output/dense/" in n.name and "attention" not in n.name]
-    calibration = sms_texts(2000)[1500:1692] + long_texts(700)[600:664]  # none of them is timed
+    calibration = _token_int8.calibration_batches(emb, sms_texts(2000), long_texts(700))  # none of them is timed
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            ids = emb.tokenize(calibration).ids
-            self.batches = [emb.pad(ids[i:i + 32]) for i in range(0, len(ids), 32)]
+            self.batches = list(calibration)
 
         def get_next(self):
             if not self.batches:
@@ -101,6 +110,7 @@ def build(folder: Path, sensitivity: bool = False) -> None:
 
     static("static", scores)
     static("static-no-ffn-down", scores + ffn_down)
+    build_token_recipes(fp32, folder, calibration)
     if sensitivity:  # one group of weight MatMuls quantised at a time, the rest fp32
         from headfleet.embedder.onnx_backend import OrtRunner
 
@@ -117,13 +127,24 @@ def build(folder: Path, sensitivity: bool = False) -> None:
                   f"mean {cos.mean():.5f}", flush=True)
 
 
+def build_token_recipes(fp32: Path, folder: Path, batches) -> dict[str, Path]:
+    """``TOKEN_RECIPES`` as ``<folder>/<name>.onnx``, smoothing calibrated on ``batches``."""
+    files = {}
+    for name, recipe in TOKEN_RECIPES.items():
+        smooth = _token_int8.smoothing(fp32, batches, recipe["alpha"])
+        files[name] = folder / f"{name}.onnx"
+        _token_int8.build(fp32, files[name], smooth, kernel=recipe["kernel"], asymmetric=recipe["asymmetric"])
+    return files
+
+
 def _runner(name: str, folder: Path):
     """``(input_ids, mask) -> [batch, dim]`` for one recipe."""
     from headfleet.embedder.onnx_backend import OrtRunner
 
     files = {"onnx-fp32": next(folder.glob("*-fp32-r*.onnx")), "nbits": next(folder.glob("*-int8-r*.onnx")),
              "dynamic": folder / "dynamic.onnx", "static": folder / "static.onnx",
-             "static-no-ffn-down": folder / "static-no-ffn-down.onnx"}
+             "static-no-ffn-down": folder / "static-no-ffn-down.onnx",
+             **{n: folder / f"{n}.onnx" for n in TOKEN_RECIPES}}
     if not name.startswith("openvino"):
         return OrtRunner(files[name])
     import openvino

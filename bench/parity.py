@@ -18,9 +18,11 @@ A multi-label head agrees on a text when the whole label set is equal. "texts un
 share of holdout texts on which every head gives the torch fp32 label. The spam head's accuracy
 against the true labels is shown per backend.
 
-    .venv/bin/python bench/parity.py [--n N] [--threads T] [--cache-dir DIR] [--no-dynamic]
+    .venv/bin/python bench/parity.py [--n N] [--threads T] [--cache-dir DIR] [--no-dynamic] [--token-int8]
 
 ``--no-dynamic`` leaves out the int8 recipe we did not ship (``quantize_dynamic``), shown for contrast.
+``--token-int8`` adds the two per-token SmoothQuant recipes of ``bench/int8_recipes.py`` (not shipped
+either): the per-head bound is what decides whether a faster int8 could become a default.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import REPO, SMS_SPAM, begin, report
+from _common import REPO, SMS_SPAM, begin, long_texts, report, sms_texts
 from headfleet.embedder import Embedder, fingerprint
 from headfleet.embedder.onnx_backend import OrtRunner, model_file, quantize_int8_dynamic
 from headfleet.heads import Examples, load_examples, train_head
@@ -67,6 +69,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache-dir", default=None, help="ONNX exports (default: a temp dir)")
     ap.add_argument("--no-dynamic", action="store_true", help="leave out the quantize_dynamic int8 contrast")
+    ap.add_argument("--token-int8", action="store_true", help="add the per-token SmoothQuant int8 recipes (not shipped)")
     args = ap.parse_args()
     begin("parity of every backend with torch fp32")
     threads = args.threads or torch.get_num_threads()
@@ -94,6 +97,17 @@ def main() -> None:
         other = Embedder.load(device="cpu", threads=threads, backend="onnx", precision="int8", cache_dir=cache_dir)
         other.runner = OrtRunner(dyn, threads=threads)  # same tokeniser and batching, the other int8 graph
         backends["onnx int8 quantize_dynamic (not shipped)"] = other
+    if args.token_int8:
+        import _token_int8
+        from int8_recipes import build_token_recipes
+
+        e = backends["onnx fp32"]
+        src = model_file(cache_dir, fingerprint(e.folder, e.pooling), "fp32")
+        batches = _token_int8.calibration_batches(e, sms_texts(2000), long_texts(700))
+        for name, path in build_token_recipes(src, cache_dir, batches).items():
+            other = Embedder.load(device="cpu", threads=threads, backend="onnx", cache_dir=cache_dir)
+            other.runner = OrtRunner(path, threads=threads)
+            backends[f"onnx {name} (not shipped)"] = other
     vectors, seconds = {}, {}
     for name, e in backends.items():
         e.batch_size = 64
