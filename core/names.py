@@ -11,10 +11,12 @@ import re
 from headfleet.errors import ValidationError
 
 #: The cache tiers in lookup order (fastest first), as answers and reports name them; a text no
-#: tier held is a ``MISS``. Here, not in ``headfleet.cache``, so that a report (``scoring``) can
-#: name them without importing FAISS and Redis.
+#: tier held is a ``MISS``, and a text that needed several embeddings (a LoRA classifier's beside
+#: the shared one) of which some were held and some computed is ``PARTIAL``. Here, not in
+#: ``headfleet.cache``, so that a report (``scoring``) can name them without importing FAISS and Redis.
 TIER_NAMES = ("memory", "local", "redis")
 MISS = "miss"
+PARTIAL = "partial"
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}\Z")  # \Z, not $ (which also matches before a final "\n")
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")

@@ -117,7 +117,8 @@ class Engine(EmbeddingMixin, LoraRuntimeMixin, ResolutionMixin, RoutingMixin, Re
     def classify(self, tenant: str, texts: Sequence[str], classifiers: Sequence[str], *,
                  namespace: str | None = None, progress: Callable[[int], None] | None = None,
                  unit: str | None = None, live: bool = True, debug: bool = False) -> dict:
-        """Every text against every classifier in this thread: label, scores, version; and the cache report.
+        """Every text against every classifier in this thread: label, scores, version; per text its
+        ``cache`` (:meth:`score_groups`); the cache report and ``timing_ms`` (adapter_load, cache, embed, heads).
 
         ``live``: the choosers (experiments, shadows) apply, with ``unit`` as the experiment unit;
         ``debug``: each shadowed entry carries its shadow's entry under ``"shadow"``."""

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Sequence
 
 from headfleet.errors import CorruptVersionError, NotFoundError, ValidationError
 from headfleet.names import NAME_RE, check_name
-from headfleet.engine.types import ADAPTER_NS, adapter_id, parse_adapter_id
+from headfleet.engine.types import ADAPTER_LOAD, ADAPTER_NS, adapter_id, parse_adapter_id
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,11 @@ class ResolutionMixin:
         return manifest
 
 
-    def _fleet_key(self, tenant: str, ref: str, pin: bool = False) -> tuple[str, dict]:
+    def _fleet_key(self, tenant: str, ref: str, pin: bool = False,
+                   timing: dict[str, float] | None = None) -> tuple[str, dict]:
+        """The fleet key and manifest of ``ref``, its head loaded; a LoRA version's adapter is read and
+        checked the first time it is used (on ONNX Runtime the first one also loads the backbone's
+        torch copy), its milliseconds added to ``timing["adapter_load"]``."""
         manifest = self._manifest(tenant, ref)
         key = f"{tenant}/{manifest['name']}@{manifest['version']}"
         try:
@@ -77,7 +82,12 @@ class ResolutionMixin:
             if adapter:
                 aid = adapter_id(key, manifest)
                 if aid not in self._verified_adapters:  # refuse a damaged adapter here, not inside a shared batch
-                    self._read_adapter(tenant, manifest)
+                    t0 = time.perf_counter()
+                    try:
+                        self._read_adapter(tenant, manifest)
+                    finally:
+                        if timing is not None:
+                            timing[ADAPTER_LOAD] = timing.get(ADAPTER_LOAD, 0.0) + (time.perf_counter() - t0) * 1e3
                     self._verified_adapters.add(aid)
         except CorruptVersionError:
             for hook in self.corrupt_hooks:
@@ -87,7 +97,8 @@ class ResolutionMixin:
         return key, manifest
 
     def resolve(self, tenant: str, classifiers: Sequence[str], errors: dict[str, dict] | None = None, *,
-                pin: bool = False, targets: dict[str, str] | None = None) -> list[tuple[str, str, dict]]:
+                pin: bool = False, targets: dict[str, str] | None = None,
+                timing: dict[str, float] | None = None) -> list[tuple[str, str, dict]]:
         """``[(ref as asked, fleet key, manifest)]`` for distinct refs, heads loaded into the fleet.
 
         A version whose files fail their sha256 check raises CorruptVersionError; with ``errors``
@@ -96,6 +107,8 @@ class ResolutionMixin:
         ``pin``: keep every resolved version loaded until :meth:`release` (a request in flight).
         ``targets``: ref -> the ref to load in its place (an experiment's arm); the entry (and an
         error) still carries the ref as asked.
+        ``timing``: milliseconds spent reading adapters not used since start (with, on ONNX Runtime,
+        the backbone's torch copy) are added to its ``"adapter_load"``.
         """
         if not classifiers:
             raise ValidationError("classifiers must name at least one classifier")
@@ -104,7 +117,7 @@ class ResolutionMixin:
         try:
             for ref in dict.fromkeys(classifiers):
                 try:
-                    key, manifest = self._fleet_key(tenant, targets.get(ref, ref) if targets else ref, pin)
+                    key, manifest = self._fleet_key(tenant, targets.get(ref, ref) if targets else ref, pin, timing)
                 except CorruptVersionError as exc:
                     if errors is None:
                         raise

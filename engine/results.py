@@ -7,23 +7,35 @@ from __future__ import annotations
 import logging
 import time
 
-from headfleet.names import MISS, TIER_NAMES
+from headfleet.names import MISS, PARTIAL, TIER_NAMES
 from headfleet.engine.types import EmbedBatch
 
 log = logging.getLogger(__name__)
+
+
+def merged_cache(tiers: list[str]) -> str:
+    """One text's ``cache`` from what answered each embedding it needed (a tier name or "miss"):
+    the slowest tier when every one was held, "miss" when none was, else "partial"."""
+    held = [t for t in tiers if t != MISS]
+    if not held:
+        return MISS
+    if len(held) < len(tiers):
+        return PARTIAL
+    return max(held, key=TIER_NAMES.index)
 
 
 class ResultsMixin:
     def score_groups(self, parts: list[tuple[EmbedBatch, list[tuple[str, str, dict]]]],
                      resolved: list[tuple[str, str, dict]]) -> dict:
         """:meth:`score` per embedding group, merged into one answer in the order asked. A text's
-        ``cache`` is "miss" when any of its embeddings was computed, else the slowest tier that
-        answered; the cache report sums every namespace."""
+        ``cache`` covers every embedding it needed (the shared one, each adapter's): the slowest tier
+        that answered when a tier held all of them, "miss" when none was held (all computed), and
+        "partial" when some were held and some computed. The cache report sums every namespace:
+        its hits and misses count embeddings (texts x groups), ``computed`` distinct embeddings."""
         if len(parts) == 1:
             return self.score(*parts[0])
         outs = [self.score(batch, items) for batch, items in parts]
         order = [ref for ref, _, _ in resolved]
-        rank = {tier: i for i, tier in enumerate((*TIER_NAMES, MISS))}
         results = []
         for i in range(len(outs[0]["results"])):
             rows = [o["results"][i] for o in outs]
@@ -31,7 +43,7 @@ class ResultsMixin:
             for r in rows:
                 per.update(r["classifications"])
             results.append({"index": i, "truncated": any(r["truncated"] for r in rows),
-                            "cache": max((r["cache"] for r in rows), key=rank.__getitem__),
+                            "cache": merged_cache([r["cache"] for r in rows]),
                             "classifications": {ref: per[ref] for ref in order}})
         cache = {"hits": {}, "misses": 0, "computed": 0}
         for o in outs:

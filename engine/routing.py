@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from headfleet.engine.types import SHADOW_REF, Choice, Resolved, Route, Scored
+from headfleet.engine.types import ADAPTER_LOAD, SHADOW_REF, Choice, Resolved, Route, Scored
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +43,16 @@ class RoutingMixin:
                     self.chooser_failures += 1
                     log.exception("chooser %r failed; serving the request as asked", chooser)
                     choice = Choice(tenant, unit, refs)
+        timing: dict[str, float] = {}
         resolved = [Resolved(*item) for item in
-                    self.resolve(tenant, refs, errors, pin=True, targets=choice.targets or None)]
+                    self.resolve(tenant, refs, errors, pin=True, targets=choice.targets or None, timing=timing)]
         shadows: list[Resolved] = []
         answered = {r.ref: r.key for r in resolved}
         for ref, target in choice.shadows.items():
             if ref not in answered:
                 continue
             try:
-                [item] = self.resolve(tenant, [target], pin=True)
+                [item] = self.resolve(tenant, [target], pin=True, timing=timing)
             except Exception as exc:
                 log.warning("shadow %s of %s/%s not scored: %s", target, tenant, ref, exc)
                 continue
@@ -60,12 +61,14 @@ class RoutingMixin:
                 continue
             shadows.append(Resolved(SHADOW_REF + ref, item[1], item[2]))
         tags = {ref: tag for ref, tag in choice.tags.items() if ref in answered}
-        return Route(resolved, shadows, tags, unit)
+        return Route(resolved, shadows, tags, unit, timing.get(ADAPTER_LOAD, 0.0))
 
     def settle(self, tenant: str, route: Route, out: dict, parts: list, texts: Sequence[str], source: str, *,
                ms: float = 0.0, debug: bool = False) -> Scored:
         """Take the shadows' entries out of ``out`` (under each live entry's ``"shadow"`` when
-        ``debug``), add the choosers' tags to their refs' entries, and return the observers' view."""
+        ``debug``), add the choosers' tags to their refs' entries and the route's adapter reading to
+        ``out["timing_ms"]`` (``"adapter_load"``, first; 0 when none was read), and return the
+        observers' view."""
         shadows: dict[str, list[dict]] = {}
         if route.shadows:
             for s in route.shadows:
@@ -80,4 +83,5 @@ class RoutingMixin:
         for ref, tag in route.tags.items():
             for r in out["results"]:
                 r["classifications"][ref].update(tag)
+        out["timing_ms"] = {ADAPTER_LOAD: round(route.adapter_load_ms, 3), **out["timing_ms"]}
         return Scored(tenant, list(route.resolved), out, source, parts, texts, route, shadows, ms)

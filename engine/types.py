@@ -18,6 +18,7 @@ from headfleet.names import TIER_NAMES
 # most (max_length - 2) // 4 characters cannot be truncated and needs no tokenising on a cache hit.
 _CHARS_PER_TOKEN_FLOOR = 4
 ADAPTER_NS = "adapter:"  # cache namespace prefix of a LoRA classifier's embeddings: adapter:<id>
+ADAPTER_LOAD = "adapter_load"  # timing_ms phase: reading a request's adapters at resolution (ms)
 
 
 @dataclasses.dataclass
@@ -149,6 +150,9 @@ class Route(NamedTuple):
     shadows: list[Resolved]  # scored on the same rows, not answered; ref = SHADOW_REF + the live ref
     tags: dict[str, dict]  # ref -> fields added to each of its classification entries
     unit: str | None
+    # milliseconds resolution spent reading adapters not used since start (on ONNX Runtime the first
+    # one also loads the backbone's torch copy): the answer's timing_ms["adapter_load"]
+    adapter_load_ms: float = 0.0
 
     @property
     def every(self) -> list[Resolved]:

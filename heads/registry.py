@@ -57,6 +57,9 @@ LOCK_FILE = ".aliases.lock"
 VERSIONS_DIR = "versions"
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
+#: What a listing shows of a LoRA version's ``adapter`` manifest entry (the entry holds more:
+#: sha256, bytes, scale, training settings; ``resolve`` returns all of it).
+ADAPTER_SUMMARY = ("format", "source", "rank", "alpha", "targets")
 
 
 class Registry:
@@ -277,7 +280,10 @@ class Registry:
         return aliases
 
     def list(self, tenant: str) -> list[dict[str, Any]]:
-        """One summary per classifier of ``tenant`` (none for an unknown tenant)."""
+        """One summary per classifier of ``tenant`` (none for an unknown tenant): ``name``, ``id``,
+        ``latest``, ``versions``, ``aliases``, ``labels``, ``multi_label``, ``type`` (the head's kind),
+        ``created_at``, and ``adapter``: None for a head on the shared embedding, for a LoRA
+        classifier ``{format, source, rank, alpha, targets}`` of its adapter; all of the latest version."""
         tdir = self.root / check_name(tenant, "tenant")
         out: list[dict[str, Any]] = []
         if not tdir.is_dir():
@@ -301,6 +307,7 @@ class Registry:
                 "multi_label": latest["multi_label"],
                 "type": latest["type"],
                 "created_at": latest.get("created_at"),
+                "adapter": _adapter_summary(latest),
             })
         return out
 
@@ -372,6 +379,14 @@ def corrupt_message(tenant: str, name: str, version: int, what: str) -> str:
     return (f"classifier version {tenant}/{name}@{version} is corrupt: {what}. It is not served; retrain it "
             f"(a new version), restore its folder from a backup, or point the alias at another version; "
             "other classifiers are unaffected")
+
+
+def _adapter_summary(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The listing's view of a LoRA version's adapter (``ADAPTER_SUMMARY``), or None without one."""
+    entry = manifest.get("adapter")
+    if not entry:
+        return None
+    return {k: entry.get(k) for k in ADAPTER_SUMMARY}
 
 
 def _missing(name: str) -> str:

@@ -120,7 +120,10 @@ def cmd_classifiers(args) -> int:
         for c in items if not args.json else []:
             aliases = ", ".join(f"{a}->{v}" for a, v in c["aliases"].items())
             stale = f"  NEEDS RETRAIN ({', '.join(c['stale_aliases'])}: another backbone)" if c["needs_retrain"] else ""
-            print(f"{c['name']:<24} v{c['latest']:<4} {c['type']:<7} labels: {', '.join(c['labels'])}  aliases: {aliases}{stale}")
+            a = c.get("adapter")
+            lora = f"+ LoRA r{a['rank']} ({', '.join(a['targets'] or [])})  " if a else ""
+            print(f"{c['name']:<24} v{c['latest']:<4} {c['type']:<7} {lora}labels: {', '.join(c['labels'])}  "
+                  f"aliases: {aliases}{stale}")
     elif args.action == "show":
         _print_json(registry.resolve(args.tenant, args.name))
     elif args.action == "delete":

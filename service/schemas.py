@@ -6,7 +6,7 @@ field rather than a silently ignored option.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -46,7 +46,10 @@ class Classification(msgspec.Struct, omit_defaults=True):
 class TextResult(msgspec.Struct):
     index: int
     truncated: bool
-    cache: str  # "memory" | "local" | "redis" | "miss"
+    cache: Annotated[Literal["memory", "local", "redis", "miss", "partial"], msgspec.Meta(description=(
+        "Over every embedding the text needed (the shared one for heads, one per LoRA classifier): the "
+        "slowest tier that held them when every one was held, 'miss' when every one was computed, "
+        "'partial' when some were held and some computed."))]
     classifications: dict[str, Classification]
 
 
@@ -64,7 +67,9 @@ class ClassifierError(msgspec.Struct):
 class ClassifyResponse(msgspec.Struct, omit_defaults=True):
     results: list[TextResult]
     cache: CacheReport
-    timing_ms: dict[str, float]  # cache, queue, embed, heads, total
+    timing_ms: Annotated[dict[str, float], msgspec.Meta(description=(
+        "Milliseconds per phase: adapter_load (reading adapters of LoRA versions not used since start, "
+        "with the backbone's torch copy on ONNX Runtime; 0 when none), cache, queue, embed, heads, total."))]
     # classifiers asked for that could not be served (a corrupt stored version); the others answered
     errors: dict[str, ClassifierError] | None = None
 

@@ -85,6 +85,35 @@ def minilm():
 
 
 @pytest.fixture(scope="session")
+def random_lora():
+    """``publish(engine, tenant, name, seed=0, torch_backbone=None)`` -> the manifest of a LoRA
+    classifier version published without training: a rank-4 adapter on the query and value linears
+    of ``torch_backbone`` (default: the engine's own, which must be a torch one) and a ham/spam head,
+    both with small random weights, for tests about serving rather than learning."""
+    import numpy as np
+
+    from headfleet.embedder.lora import module_shapes
+    from headfleet.heads import examples_from_records
+    from headfleet.heads.adapters import LoraAdapter
+    from headfleet.heads.types import HeadArrays
+
+    def publish(engine, tenant: str, name: str, seed: int = 0, torch_backbone=None) -> dict:
+        shapes = module_shapes((torch_backbone or engine.embedder).model)
+        rng = np.random.default_rng(seed)
+        names = [n for n in shapes if n.endswith((".query", ".value"))]
+        adapter = LoraAdapter(rank=4, alpha=8.0, use_rslora=False, targets=["query", "value"],
+                              A={n: rng.normal(0, 0.05, (shapes[n][0], 4)).astype(np.float32) for n in names},
+                              B={n: rng.normal(0, 0.05, (4, shapes[n][1])).astype(np.float32) for n in names})
+        head = HeadArrays("logreg", ["ham", "spam"], False, rng.normal(0, 4, (2, shapes[names[0]][0])),
+                          rng.normal(0, 1, 2))
+        data = examples_from_records([{"text": "win a prize", "label": "spam"},
+                                      {"text": "see you soon", "label": "ham"}])
+        return engine.save_lora(tenant, name, adapter, head, data)
+
+    return publish
+
+
+@pytest.fixture(scope="session")
 def onnx_cache(tmp_path_factory) -> Path:
     """One folder of ONNX exports for the session: MiniLM is exported and quantised once."""
     return tmp_path_factory.mktemp("onnx-cache")

@@ -70,8 +70,10 @@ class ClassifiersController(Controller):
 
     @get("/", summary="List this tenant's classifiers")
     async def list_classifiers(self, service: NamedDependency[Service], tenant: NamedDependency[str]) -> dict:
-        """Each with ``needs_retrain`` (and ``stale_aliases``): trained on another backbone than the
-        loaded one, so it refuses to load until ``headfleet retrain`` refits it."""
+        """Each with ``type`` (the head's kind), ``adapter`` (null for a head on the shared embedding; a
+        LoRA classifier's ``{format, source, rank, alpha, targets}``) and ``needs_retrain`` (and
+        ``stale_aliases``): trained on another backbone than the loaded one, so it refuses to load
+        until ``headfleet retrain`` refits it."""
         def listing() -> list[dict]:
             reg, fp = service.engine.registry, service.engine.embedder.fingerprint
             return mark_stale(reg.list(tenant), needs_retrain(reg, tenant, fp))

@@ -18,8 +18,10 @@ class ClassifyController(Controller):
 
     @post("/", status_code=200, summary="Classify texts with several classifiers at once")
     async def classify(self, request: Request, data: JSONBody[ClassifyRequest], service: NamedDependency[Service], tenant: NamedDependency[str]) -> ClassifyResponse:
-        """Per text and per classifier: label(s), scores per label, version used; per request:
-        cache hits by tier, misses, embeddings computed and time spent queueing, embedding and in heads.
+        """Per text and per classifier: label(s), scores per label, version used; per text: where its
+        embeddings came from (a tier, ``miss``, or ``partial`` when it needed several, for LoRA
+        classifiers, and only some were held); per request: cache hits by tier, misses, embeddings
+        computed and time spent reading adapters (``adapter_load``), queueing, embedding and in heads.
         ``unit`` (or the ``X-Unit-Id`` header): the experiment unit, for sticky A/B assignment; entries
         of a classifier under experiment carry ``experiment: {id, arm, version}``."""
         unit = unit_of(data.unit, request.headers.get("x-unit-id"))

@@ -7,6 +7,7 @@ each test asks for, not whatever another test module set up.
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import pytest
@@ -295,4 +296,73 @@ def test_lora_classifier_trains_and_serves_on_the_onnx_backbone(onnx_cache, tmp_
     assert sum(a == b for a, b in zip(lora_labels, head_labels)) >= 6
     again = eng.classify("acme", TEXTS, ["spam-lora"])
     assert again["cache"]["computed"] == 0  # the adapter's vectors were cached in its own namespace
+    eng.close()
+
+
+def test_a_texts_cache_covers_every_embedding_it_needed(backbone, tmp_path, random_lora):
+    """A text asked of a head and LoRA classifiers needs one embedding per namespace. Its ``cache``
+    names a tier only when every one was held, says "miss" only when every one was computed and
+    "partial" otherwise; the request's counters count embeddings and stay consistent with it."""
+    eng = _engine(backbone, tmp_path)
+    data = examples_from_records([{"text": t, "label": lab} for t, lab in zip(TEXTS, ["spam", "ham"] * 4)])
+    eng.train("acme", "head", data)
+    random_lora(eng, "acme", "lora", seed=1)
+    random_lora(eng, "acme", "lora2", seed=2)
+    plain_held, lora_held, neither = "held for the head only", "held for the adapter only", "held for nobody"
+    eng.classify("acme", [plain_held], ["head"])
+    eng.classify("acme", [lora_held], ["lora"])
+    both = ["head", "lora"]
+    out = eng.classify("acme", [plain_held, lora_held, neither], both)
+    assert [r["cache"] for r in out["results"]] == ["partial", "partial", "miss"]
+    assert out["cache"] == {"hits": {"memory": 2, "local": 0, "redis": 0}, "misses": 4, "computed": 4}
+    again = eng.classify("acme", [plain_held, lora_held, neither], both)
+    assert [r["cache"] for r in again["results"]] == ["memory"] * 3 and again["cache"]["computed"] == 0
+    # three embeddings, two of them held
+    three = eng.classify("acme", [plain_held], ["head", "lora", "lora2"])
+    assert three["results"][0]["cache"] == "partial"
+    assert three["cache"] == {"hits": {"memory": 2, "local": 0, "redis": 0}, "misses": 1, "computed": 1}
+    # one embedding per text: as before, a tier or "miss"
+    one = eng.classify("acme", [plain_held, "brand new"], ["lora2"])
+    assert [r["cache"] for r in one["results"]] == ["memory", "miss"]
+    eng.close()
+
+
+def test_reading_an_adapter_at_resolution_is_its_own_phase_in_timing(backbone, tmp_path, random_lora):
+    """The first request naming a LoRA version reads and checks its adapter before anything is
+    embedded; that time is ``timing_ms["adapter_load"]``, 0 for requests that read none."""
+    eng = _engine(backbone, tmp_path)
+    random_lora(eng, "acme", "lora")
+    eng.train("acme", "head", examples_from_records([{"text": t, "label": lab}
+                                                     for t, lab in zip(TEXTS, ["spam", "ham"] * 4)]))
+    head_only = eng.classify("acme", ["a text"], ["head"])["timing_ms"]
+    assert list(head_only)[0] == "adapter_load" and head_only["adapter_load"] == 0
+    first = eng.classify("acme", ["a text"], ["head", "lora"])["timing_ms"]
+    assert first["adapter_load"] > 0 and set(first) >= {"cache", "embed", "heads"}
+    assert eng.classify("acme", ["another text"], ["lora"])["timing_ms"]["adapter_load"] == 0  # read once
+    eng.close()
+
+
+def test_the_first_lora_request_on_onnx_shows_the_torch_copys_load_in_adapter_load(minilm, onnx_cache, tmp_path,
+                                                                                   random_lora):
+    """After a restart on ONNX Runtime the first LoRA request loads the backbone's torch copy while
+    resolving (seconds): the whole of that load is inside ``timing_ms["adapter_load"]``."""
+    onnx = Embedder.load(max_length=128, batch_size=32, device="cpu", backend="onnx", precision="fp32",
+                         cache_dir=onnx_cache)  # a fresh one: its torch copy is not loaded yet
+    eng = Engine.open(Settings(data_dir=tmp_path / "data", device="cpu", backend="onnx"), embedder=onnx)
+    random_lora(eng, "acme", "lora", torch_backbone=minilm)  # published for this backbone, nothing loaded
+    real, spent = onnx.torch_model, []
+
+    def timed_torch_model():  # the real load, timed from the inside
+        t0 = time.perf_counter()
+        try:
+            return real()
+        finally:
+            spent.append((time.perf_counter() - t0) * 1e3)
+
+    onnx.torch_model = timed_torch_model
+    assert onnx.lora_runner is None
+    first = eng.classify("acme", ["Claim your free prize now"], ["lora"])["timing_ms"]
+    assert onnx.lora_runner is not None  # the copy was loaded by this request
+    assert first["adapter_load"] >= round(spent[0], 3) - 0.001  # the first call is the load, at resolution
+    assert eng.classify("acme", ["See you at lunch"], ["lora"])["timing_ms"]["adapter_load"] == 0
     eng.close()

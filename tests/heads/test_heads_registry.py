@@ -118,6 +118,23 @@ def test_list(reg, head):
     assert listed["spam"]["labels"] == ["ham", "spam"] and listed["spam"]["type"] == "logreg"
 
 
+def test_list_says_which_classifiers_read_a_lora_adapter(reg, head):
+    """A LoRA classifier's head is a logreg like any other; the listing must still show its adapter
+    (what ``GET /classifiers`` and ``headfleet classifiers list`` print), and say None for a plain head."""
+    adapter = {"format": "peft-lora", "source": "trained", "rank": 8, "alpha": 16.0, "use_rslora": False,
+               "scale": 2.0, "targets": ["query", "value"], "sha256": "e" * 64, "bytes": 300_000,
+               "train_config": {"epochs": 5}, "seconds": 12.5}
+    reg.save("acme", "plain", head, _manifest())
+    reg.save("acme", "tuned", head, _manifest(adapter=adapter))
+    listed = {c["name"]: c for c in reg.list("acme")}
+    assert listed["plain"]["adapter"] is None and listed["plain"]["type"] == "logreg"
+    assert listed["tuned"]["type"] == "logreg"  # the head's kind, unchanged in meaning
+    assert listed["tuned"]["adapter"] == {"format": "peft-lora", "source": "trained", "rank": 8, "alpha": 16.0,
+                                          "targets": ["query", "value"]}
+    reg.save("acme", "tuned", head, _manifest())  # the latest version is a plain head again: so says the listing
+    assert {c["name"]: c for c in reg.list("acme")}["tuned"]["adapter"] is None
+
+
 def test_parent_mismatch_is_refused(reg, head):
     reg.save("acme", "spam", head, _manifest())
     with pytest.raises(ParentMismatchError) as e:

@@ -63,6 +63,25 @@ def test_classifiers_list_show_alias_delete(run):
     assert code == 2 and "error (not_found)" in err
 
 
+def test_classifiers_list_marks_a_lora_classifier(run, minilm, random_lora, tmp_path):
+    """A LoRA classifier's head is a logreg; the table and the JSON must still say it reads an adapter."""
+    from headfleet.engine import Engine
+    from headfleet.settings import Settings
+
+    run("train", "--tenant", "acme", "--name", "spam", "--data", str(EXAMPLES / "spam.csv"))
+    with Engine.open(Settings(data_dir=tmp_path / "data", device="cpu"), embedder=minilm) as engine:
+        random_lora(engine, "acme", "spam-lora")
+    code, out, _ = run("classifiers", "list", "--tenant", "acme")
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert code == 0 and "LoRA" not in lines["spam"]
+    assert "logreg" in lines["spam-lora"] and "+ LoRA r4 (query, value)" in lines["spam-lora"]
+    code, out, _ = run("classifiers", "list", "--tenant", "acme", "--json")
+    listed = {c["name"]: c for c in json.loads(out)}
+    assert listed["spam"]["adapter"] is None and listed["spam-lora"]["type"] == "logreg"
+    assert listed["spam-lora"]["adapter"] == {"format": "peft-lora", "source": "imported", "rank": 4, "alpha": 8.0,
+                                              "targets": ["query", "value"]}
+
+
 def test_bad_training_data_exits_2_with_the_reason(run, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\nhello,a\n,b\nthird,b\nfourth,a\n")

@@ -29,7 +29,8 @@ def test_several_classifiers_in_one_call(client):
             assert c["version"] == 1 and c["classifier"].endswith("@1")
             assert abs(sum(c["scores"].values()) - 1) < 1e-4
             assert c["label"] == max(c["scores"], key=c["scores"].get)
-    assert set(out["timing_ms"]) >= {"cache", "queue", "embed", "heads", "total"}
+    assert set(out["timing_ms"]) >= {"adapter_load", "cache", "queue", "embed", "heads", "total"}
+    assert out["timing_ms"]["adapter_load"] == 0  # no LoRA classifier: no adapter read
 
 
 def test_repeat_is_served_from_memory_and_the_report_says_so(client):

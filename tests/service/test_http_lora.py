@@ -80,3 +80,26 @@ def test_unknown_kind_is_a_422_naming_the_choices(server):
     with _client(server, ALICE) as alice:
         r = alice.post("/classifiers", json={"name": "x", "kind": "qlora", "examples": [{"text": "a", "label": "b"}]})
         assert r.status_code == 422 and "lora" in r.json()["error"]
+
+
+def test_a_lora_classifier_says_so_in_the_listing_the_cache_field_and_the_timing(server, random_lora):
+    """What a new user of LoRA classifiers reads over HTTP: the listing shows the adapter, each text's
+    ``cache`` covers the shared and the adapter's embedding, and the first request's adapter read is a phase."""
+    with _client(server, ALICE) as alice:
+        _train(alice, "plain", "logreg")
+        random_lora(server.service.engine, "alice", "tuned")
+        listed = {c["name"]: c for c in alice.get("/classifiers").json()["classifiers"]}
+        assert listed["plain"]["adapter"] is None
+        assert listed["tuned"]["type"] == "logreg" and listed["tuned"]["adapter"]["rank"] == 4
+        assert listed["tuned"]["adapter"]["targets"] == ["query", "value"]
+
+        seen = ["an old text the head has read", "an old text the adapter has read"]
+        head = alice.post("/classify", json={"texts": seen[:1], "classifiers": ["plain"]}).json()
+        assert head["timing_ms"]["adapter_load"] == 0
+        first = alice.post("/classify", json={"texts": seen[1:], "classifiers": ["tuned"]}).json()
+        assert first["timing_ms"]["adapter_load"] > 0  # its adapter was read and checked at resolution
+        assert first["timing_ms"]["adapter_load"] <= first["timing_ms"]["total"]
+        out = alice.post("/classify", json={"texts": [*seen, "a new text"], "classifiers": ["plain", "tuned"]}).json()
+        assert [r["cache"] for r in out["results"]] == ["partial", "partial", "miss"]
+        assert out["cache"] == {"hits": {"memory": 2, "local": 0, "redis": 0}, "misses": 4, "computed": 4}
+        assert out["timing_ms"]["adapter_load"] == 0
