@@ -85,6 +85,9 @@ class Service:
         keys = KeyStore(settings.layout.keys, settings.api_keys,
                         settings.admin_key)
         engine = await asyncio.to_thread(Engine.open, settings, embedder)
+        # what LoRA rows run through, loaded before traffic: otherwise the first LoRA request loads it
+        # while resolving, on the event loop, and every tenant waits (seconds on ONNX Runtime)
+        await asyncio.to_thread(engine.warm_lora)
         metrics = Metrics(redis=engine.redis)
         engine.corrupt_hooks.append(lambda _key: metrics.corrupt_versions.inc())
         engine.adapter_load_hooks.append(metrics.adapter_load.observe)

@@ -100,3 +100,20 @@ def test_single_tenant_mode_needs_no_login(minilm, tmp_path):
         assert page.status_code == 200 and "Tenant default" in page.text and "Sign out" not in page.text
         _error(c.get("/dashboard/t/other"), 404, "not_found")
         _error(c.get("/dashboard/fleet"), 403, "forbidden")
+
+
+def test_a_lora_classifiers_page_names_its_adapter(minilm, tmp_path, random_lora):
+    """The classifier page says a LoRA classifier's head reads an adapter, with its rank and targets."""
+    from http_server import running
+
+    from headfleet.engine import Engine
+    from headfleet.settings import Settings
+
+    data = tmp_path / "single"
+    with Engine.open(Settings(data_dir=data, device="cpu"), minilm) as engine:
+        random_lora(engine, "default", "legal")
+    with running(minilm, data, examples=False) as server, \
+            httpx.Client(base_url=server.url, timeout=120, follow_redirects=False) as c:
+        page = c.get("/dashboard/t/default/classifiers/legal")
+        assert page.status_code == 200
+        assert "Kind logreg on a LoRA adapter (rank 4: query, value)" in page.text

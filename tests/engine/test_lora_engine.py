@@ -366,3 +366,31 @@ def test_the_first_lora_request_on_onnx_shows_the_torch_copys_load_in_adapter_lo
     assert first["adapter_load"] >= round(spent[0], 3) - 0.001  # the first call is the load, at resolution
     assert eng.classify("acme", ["See you at lunch"], ["lora"])["timing_ms"]["adapter_load"] == 0
     eng.close()
+
+
+def test_warm_lora_loads_the_torch_copy_before_traffic_only_where_a_lora_classifier_exists(minilm, onnx_cache,
+                                                                                         tmp_path, random_lora):
+    """The service calls ``warm_lora`` at start: on ONNX Runtime a folder with a LoRA classifier gets
+    the backbone's torch copy before its first request (which then reads only the adapter), and a
+    folder without one does not pay ~90 MB for it."""
+    def fresh():
+        return Embedder.load(max_length=128, batch_size=32, device="cpu", backend="onnx", precision="fp32",
+                             cache_dir=onnx_cache)
+
+    plain = Engine.open(Settings(data_dir=tmp_path / "plain", device="cpu", backend="onnx"), embedder=fresh())
+    assert plain.warm_lora() is False and plain.embedder.lora_runner is None
+    plain.close()
+
+    data = tmp_path / "data"
+    eng = Engine.open(Settings(data_dir=data, device="cpu", backend="onnx"), embedder=fresh())
+    random_lora(eng, "acme", "lora", torch_backbone=minilm)
+    eng.close()
+    onnx = fresh()
+    eng = Engine.open(Settings(data_dir=data, device="cpu", backend="onnx"), embedder=onnx)  # a restart
+    assert onnx.lora_runner is None
+    assert eng.warm_lora() is True and onnx.lora_runner is not None
+    runner = onnx.lora_runner
+    out = eng.classify("acme", ["Claim your free prize now"], ["lora"])
+    assert out["results"][0]["classifications"]["lora"]["label"] in ("ham", "spam")
+    assert onnx.lora_runner is runner  # the first request used the copy loaded at start
+    eng.close()
