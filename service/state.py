@@ -85,12 +85,13 @@ class Service:
         keys = KeyStore(settings.layout.keys, settings.api_keys,
                         settings.admin_key)
         engine = await asyncio.to_thread(Engine.open, settings, embedder)
-        # what LoRA rows run through, loaded before traffic: otherwise the first LoRA request loads it
-        # while resolving, on the event loop, and every tenant waits (seconds on ONNX Runtime)
-        await asyncio.to_thread(engine.warm_lora)
         metrics = Metrics(redis=engine.redis)
         engine.corrupt_hooks.append(lambda _key: metrics.corrupt_versions.inc())
         engine.adapter_load_hooks.append(metrics.adapter_load.observe)
+        # what LoRA rows run through, loaded before traffic (after the hooks above: the adapter manager
+        # copies them when it is made); otherwise the first LoRA request loads it while resolving, on
+        # the event loop, and every tenant waits (seconds on ONNX Runtime)
+        await asyncio.to_thread(engine.warm_lora)
         scheduler = Scheduler(engine.fill, engine.write_back, max_length=engine.embedder.max_length,
                               batch_texts=settings.batch_size, batch_tokens=batch_tokens(settings, engine),
                               yield_tokens=yield_tokens(settings, engine),

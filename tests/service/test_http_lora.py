@@ -103,3 +103,20 @@ def test_a_lora_classifier_says_so_in_the_listing_the_cache_field_and_the_timing
         assert [r["cache"] for r in out["results"]] == ["partial", "partial", "miss"]
         assert out["cache"] == {"hits": {"memory": 2, "local": 0, "redis": 0}, "misses": 4, "computed": 4}
         assert out["timing_ms"]["adapter_load"] == 0
+
+
+def test_a_restart_on_a_folder_with_lora_keeps_counting_adapter_loads(minilm, tmp_path, random_lora):
+    """A service started on a folder that already holds a LoRA classifier sets its adapter layers up
+    at start; the adapter loads of its requests still reach ``/metrics``."""
+    from headfleet.engine import Engine
+    from headfleet.settings import Settings
+
+    data = tmp_path / "data"
+    with Engine.open(Settings(data_dir=data, device="cpu"), minilm) as engine:
+        random_lora(engine, "default", "legal", seed=3)
+    with running(minilm, data, examples=False) as srv, httpx.Client(base_url=srv.url, timeout=120) as c:
+        r = c.post("/classify", json={"texts": ["Is this contract binding?"], "classifiers": ["legal"]})
+        assert r.status_code == 200, r.text
+        metrics = c.get("/metrics").text
+    loads = [line for line in metrics.splitlines() if line.startswith("headfleet_adapter_load_seconds_count")]
+    assert loads and float(loads[0].split()[-1]) >= 1
