@@ -22,7 +22,7 @@ from headfleet.engine.types import ADAPTER_NS, Chooser, Route, Scored
 from headfleet.settings import NEW_FOLDER_DEFAULT, Settings
 from headfleet.text import blank_message, is_blank
 
-from headfleet.engine.embedding import EmbeddingMixin
+from headfleet.engine.embedding import EmbeddingMixin, TruncationMemo
 from headfleet.engine.lora_runtime import LoraRuntimeMixin
 from headfleet.engine.resolution import ResolutionMixin
 from headfleet.engine.results import ResultsMixin
@@ -48,6 +48,7 @@ class Engine(EmbeddingMixin, LoraRuntimeMixin, ResolutionMixin, RoutingMixin, Re
         self.fleet = HeadFleet()
         self._resolved: dict[tuple[str, str], tuple[tuple, dict]] = {}
         self._registry_root = str(registry.root)
+        self._alias_paths: dict[tuple[str, str], tuple[str, str]] = {}  # (tenant, name) -> its alias files
         self._lock = threading.Lock()
         self.adapters = None  # the AdapterManager, created at the first LoRA classifier (adapter_manager)
         self.adapter_load_hooks: list[Callable[[float], None]] = []  # seconds per cold adapter load (metrics)
@@ -62,6 +63,7 @@ class Engine(EmbeddingMixin, LoraRuntimeMixin, ResolutionMixin, RoutingMixin, Re
         self.chooser_failures = 0
         self.failed_hooks: list[Callable[[str, Route, BaseException], None]] = []
         self.corrupt_hooks: list[Callable[[str], None]] = []  # "tenant/name@version" refused as corrupt (metrics)
+        self.truncation = TruncationMemo()  # content key -> cut to max_length (a cache hit carries no flag)
         self._verified_adapters: set[str] = set()  # adapter ids whose file matched its sha256 at first use
         # Versions a request resolved stay loaded until it completes: resolve(pin=True) counts them
         # here, release() uncounts; an unload that finds a count > 0 retires the key instead, and the

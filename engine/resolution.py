@@ -41,15 +41,20 @@ class ResolutionMixin:
         name = ref.partition("@")[0]
         if not NAME_RE.match(name) or not NAME_RE.match(tenant):
             return self.registry.resolve(tenant, ref)  # raises the registry's own error for the bad name
+        paths = self._alias_paths.get((tenant, name))
+        if paths is None:  # joined once per existing classifier: os.path.join costs as much as the stat
+            folder = os.path.join(self._registry_root, tenant, name)
+            paths = (os.path.join(folder, "aliases.json"), os.path.join(folder, "backbone_aliases.json"))
         try:
-            st = os.stat(os.path.join(self._registry_root, tenant, name, "aliases.json"))
+            st = os.stat(paths[0])
             ident = (st.st_ino, st.st_mtime_ns, st.st_size)
+            self._alias_paths[(tenant, name)] = paths  # only names that exist: unknown ones never grow it
         except FileNotFoundError:
             self._resolved.pop((tenant, ref), None)
             ident = None
         if ident is not None:  # a backbone upgrade's aliases (heads.registry.BACKBONE_ALIASES_FILE) count too
             try:
-                st = os.stat(os.path.join(self._registry_root, tenant, name, "backbone_aliases.json"))
+                st = os.stat(paths[1])
                 ident += (st.st_ino, st.st_mtime_ns, st.st_size)
             except FileNotFoundError:
                 pass

@@ -96,35 +96,74 @@ class _Group:
     def size(self) -> int:
         return len(self.n_labels)
 
-    def _first_layer(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def _first_layer(self, X: np.ndarray, part: "_Part") -> np.ndarray:
         """X @ W1[rows].T + b1[rows] as [n, k, W]."""
         G, W = self.b1.shape
-        n, k = X.shape[0], len(rows)
-        if 2 * k >= G:  # most of the group: one matmul against all of it, then pick the rows
+        n, k = X.shape[0], len(part.rows)
+        if part.cols is None:  # most of the group: one matmul against all of it, then pick the rows
             z = (X @ self.W1t).reshape(n, G, W)
-            z = z if k == G and np.array_equal(rows, np.arange(G)) else z[:, rows]
+            z = z if part.whole else z[:, part.rows]
         else:
-            cols = (rows[:, None] * W + np.arange(W)[None, :]).ravel()
-            z = (X @ self.W1t[:, cols]).reshape(n, k, W)
-        return z + self.b1[rows]
+            z = (X @ self.W1t[:, part.cols]).reshape(n, k, W)
+        return z + part.b1
 
-    def probs(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """[n, k, Lmax] probabilities for group rows ``rows``; padded slots are 0."""
-        z = self._first_layer(X, rows)
+    def probs(self, X: np.ndarray, part: "_Part") -> np.ndarray:
+        """[n, k, Lmax] probabilities for the group rows of ``part``; padded slots are 0."""
+        z = self._first_layer(X, part)
         if self.binary:  # softmax([z0, z1]) = [1 - sigmoid(z1 - z0), sigmoid(z1 - z0)]
             p1 = sigmoid(z)
             return np.concatenate([1.0 - p1, p1], axis=-1)
         if self.W2t is not None:
             np.maximum(z, 0.0, out=z)  # relu; padded hidden units have zero weights and bias
-            z = np.matmul(z.transpose(1, 0, 2), self.W2t[rows]).transpose(1, 0, 2) + self.b2[rows]
-        multi = self.multi_label[rows]
-        if not multi.any():
+            z = np.matmul(z.transpose(1, 0, 2), part.W2t).transpose(1, 0, 2) + part.b2
+        if part.single is None:  # no multi-label head among the rows
             return softmax(z)
         out = sigmoid(z)
-        if not multi.all():
-            single = ~multi
-            out[:, single] = softmax(z[:, single])
+        if part.single.size:
+            out[:, part.single] = softmax(z[:, part.single])
         return out
+
+    def part(self, pos: np.ndarray, rows: np.ndarray) -> "_Part":
+        """What :meth:`probs` needs for group rows ``rows`` (request positions ``pos``), worked
+        out once per set of classifiers asked for (:class:`HeadFleet` keeps it with the snapshot)."""
+        G, W = self.b1.shape
+        k = len(rows)
+        cols = None if 2 * k >= G else (rows[:, None] * W + np.arange(W)[None, :]).ravel()
+        whole = k == G and bool(np.array_equal(rows, np.arange(G)))
+        multi = self.multi_label[rows]
+        single = None if not multi.any() else np.flatnonzero(~multi)
+        return _Part(pos, rows, cols, whole, self.b1[rows], None if self.W2t is None else self.W2t[rows],
+                     None if self.b2 is None else self.b2[rows], multi, single)
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One group's share of a request's classifiers, gathered once (``_Group.part``)."""
+
+    pos: np.ndarray  # [k_g] positions in the request
+    rows: np.ndarray  # [k_g] rows in the group
+    cols: np.ndarray | None  # first-layer columns to gather, or None: multiply the whole group
+    whole: bool  # rows are exactly 0..G-1: no pick after the matmul
+    b1: np.ndarray  # [k_g, W]
+    W2t: np.ndarray | None  # mlp: [k_g, Hmax, Lmax]
+    b2: np.ndarray | None  # mlp: [k_g, Lmax]
+    multi: np.ndarray  # [k_g] bool
+    single: np.ndarray | None  # None: no multi-label row; else the single-label rows' indices
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A request's classifiers (as a key tuple) against one snapshot: everything predict needs
+    besides the matmuls, so a repeated set of classifiers costs one dict lookup."""
+
+    parts: tuple[tuple[_Group, _Part], ...]
+    labels: tuple[list[str], ...]
+    n_labels: np.ndarray  # [k]
+    multi: np.ndarray  # [k] bool
+    width: int  # the widest requested head's labels
+
+
+_PLANS_PER_SNAPSHOT = 4096  # distinct classifier sets remembered; past it the cache starts over
 
 
 @dataclass(frozen=True)
@@ -132,6 +171,34 @@ class _Snapshot:
     where: dict[str, tuple[int, int]]  # key -> (group, row)
     groups: tuple[_Group | None, _Group | None, _Group | None]  # (linear, mlp, binary linear)
     labels: dict[str, list[str]]
+    plans: dict[tuple[str, ...], _Plan] = field(default_factory=dict)
+
+    def plan(self, keys: tuple[str, ...]) -> _Plan:
+        """The :class:`_Plan` of ``keys``, made at its first use; NotFoundError for a key not loaded."""
+        plan = self.plans.get(keys)
+        if plan is not None:
+            return plan
+        missing = [k for k in keys if k not in self.where]
+        if missing:
+            raise NotFoundError(f"head(s) not loaded: {sorted(set(missing))}")
+        labels = tuple(self.labels[key] for key in keys)
+        n_labels = np.array([len(x) for x in labels], dtype=np.int64)
+        multi = np.zeros(len(keys), dtype=bool)
+        parts = []
+        if keys:
+            loc = np.array([self.where[key] for key in keys], dtype=np.int64)  # [k, 2]: group, row
+            for g, group in enumerate(self.groups):
+                pos = np.flatnonzero(loc[:, 0] == g)
+                if group is None or pos.size == 0:
+                    continue
+                part = group.part(pos, loc[pos, 1])
+                multi[pos] = part.multi
+                parts.append((group, part))
+        plan = _Plan(tuple(parts), labels, n_labels, multi, int(n_labels.max()) if keys else 0)
+        if len(self.plans) >= _PLANS_PER_SNAPSHOT:
+            self.plans.clear()
+        self.plans[keys] = plan
+        return plan
 
 
 class HeadFleet:
@@ -190,34 +257,23 @@ class HeadFleet:
 
     # --- scoring ------------------------------------------------------------------------------
     def predict(self, X: np.ndarray, keys: Sequence[str]) -> FleetOutput:
-        """Score X [n, d] with the heads ``keys`` (any subset, any order, repeats allowed)."""
-        snap = self._current()
-        keys = list(keys)
-        missing = [k for k in keys if k not in snap.where]
-        if missing:
-            raise NotFoundError(f"head(s) not loaded: {sorted(set(missing))}")
+        """Score X [n, d] with the heads ``keys`` (any subset, any order, repeats allowed).
+
+        Returns probabilities [n, k, Lmax] float32; NotFoundError for a key not loaded,
+        ValidationError for X not [n, d] with the heads' d."""
+        keys = tuple(keys)
+        plan = self._current().plan(keys)
         X = np.ascontiguousarray(X, dtype=np.float32)
         if X.ndim != 2:
             raise ValidationError(f"expected embeddings [n, d], got shape {X.shape}")
         n, k = X.shape[0], len(keys)
-        labels = [snap.labels[key] for key in keys]
-        n_labels = np.array([len(x) for x in labels], dtype=np.int64)
-        multi = np.zeros(k, dtype=bool)
-        probs = np.zeros((n, k, int(n_labels.max()) if k else 0), dtype=np.float32)
-        if k == 0:
-            return FleetOutput(probs, n_labels, labels, multi, keys)
-        loc = np.array([snap.where[key] for key in keys], dtype=np.int64)  # [k, 2]: group, row
-        for g, group in enumerate(snap.groups):
-            pos = np.flatnonzero(loc[:, 0] == g)
-            if group is None or pos.size == 0:
-                continue
-            rows = loc[pos, 1]
+        probs = np.zeros((n, k, plan.width), dtype=np.float32)
+        for group, part in plan.parts:
             if X.shape[1] != group.W1t.shape[0]:
                 raise ValidationError(f"expected embeddings [n, {group.W1t.shape[0]}], got shape {X.shape}")
-            p = group.probs(X, rows)[:, :, : probs.shape[2]]  # beyond the widest requested head: zeros
-            probs[:, pos, : p.shape[2]] = p
-            multi[pos] = group.multi_label[rows]
-        return FleetOutput(probs, n_labels, labels, multi, keys)
+            p = group.probs(X, part)[:, :, : plan.width]  # beyond the widest requested head: zeros
+            probs[:, part.pos, : p.shape[2]] = p
+        return FleetOutput(probs, plan.n_labels.copy(), list(plan.labels), plan.multi.copy(), list(keys))
 
     # --- stacking -----------------------------------------------------------------------------
     def _current(self) -> _Snapshot:

@@ -75,8 +75,10 @@ class KeyStore:
     # -- mode -------------------------------------------------------------------------------------
     @property
     def single_tenant(self) -> bool:
+        if self._env or self.admin_digest:  # keys from the environment: never single-tenant, no stat needed
+            return False
         self._refresh()
-        return not (self._env or self._file or self.admin_digest)
+        return not self._file
 
     # -- lookups --------------------------------------------------------------------------------
     def tenant_for(self, key: str | None) -> str:

@@ -14,9 +14,13 @@ async def provide_service(request: Request) -> Service:
     return request.app.state.service
 
 
-async def provide_tenant(request: Request) -> str:
-    """The tenant the API key maps to (``default`` in single-tenant mode); 401 otherwise."""
-    return request.app.state.service.keys.tenant_for(key_from_headers(request.headers))
+async def provide_tenant(request: Request, service: Service) -> str:
+    """The tenant the API key maps to (``default`` in single-tenant mode); 401 otherwise.
+
+    It takes ``service`` so Litestar resolves the two one after the other: two independent
+    dependencies are resolved concurrently in an anyio task group, two task spawns per request
+    (~0.1 ms, a sixth of a cached ``/classify``)."""
+    return service.keys.tenant_for(key_from_headers(request.headers))
 
 
 def admin_guard(connection: ASGIConnection, _handler: BaseRouteHandler) -> None:

@@ -71,6 +71,38 @@ def test_truncation_is_reported_on_miss_and_on_hit(trained):
         assert [r["truncated"] for r in out["results"]] == [True, False]
 
 
+def test_a_cache_hit_of_a_long_text_keeps_its_truncation_flag_without_tokenising_again(trained, monkeypatch):
+    """A hit does not carry the flag (the tiers hold vectors only): the engine remembers it per content
+    key, so a repeated long text costs no tokenizer pass, and a hit it has forgotten (or never saw:
+    another process computed it) is tokenised once and flagged right."""
+    calls = []
+    count_tokens = trained.embedder.count_tokens
+    monkeypatch.setattr(trained.embedder, "count_tokens", lambda texts: calls.append(list(texts)) or count_tokens(texts))
+    long_text = "Every clause of the attached contract needs a second reading before Friday. " * 60
+    medium = "A text too long to rule out truncation by its length alone, but well within the limit."
+    for _ in range(3):
+        out = trained.classify("acme", [long_text, medium], ["spam"])
+        assert [r["truncated"] for r in out["results"]] == [True, False]
+    assert calls == []  # computed once (flag known), then hits answered from the memo
+    trained.truncation._flags.clear()  # as after a restart, or a vector another process wrote
+    for _ in range(2):
+        out = trained.classify("acme", [long_text, medium], ["spam"])
+        assert [r["truncated"] for r in out["results"]] == [True, False]
+        assert [r["cache"] for r in out["results"]] == ["memory", "memory"]
+    assert calls == [[long_text.strip(), medium]]  # once, then remembered
+    # another tenant's copy of the same text is its own key: the memo never answers across tenants
+    assert trained.truncation.get(trained.prepare("other", [long_text]).keys[0]) is None
+
+
+def test_truncation_memo_forgets_the_oldest_past_its_size():
+    from headfleet.engine.embedding import TruncationMemo
+
+    memo = TruncationMemo(size=3)
+    memo.put([b"a", b"b", b"c"], [True, False, True])
+    memo.put([b"d"], [False])
+    assert len(memo) == 3 and memo.get(b"a") is None and memo.get(b"b") is False and memo.get(b"d") is False
+
+
 def test_unknown_and_foreign_classifiers_are_the_same_not_found(trained):
     with pytest.raises(NotFoundError) as missing:
         trained.classify("acme", ["hi"], ["nope"])

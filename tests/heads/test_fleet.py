@@ -95,10 +95,12 @@ def test_add_and_remove_keep_results_right(fleet, models, queries, make_clusters
     _check(fleet, rest, queries, list(rest))
     _check(fleet, rest, queries, ["t1/spam@1", "t2/mlp-bin@1"])  # narrow subset: output trimmed to 2
 
+    before = fleet.predict(queries, ["t1/spam@1"]).for_head(0)  # the key set's plan is remembered...
     fleet.add("t1/spam@1", HeadArrays.from_sklearn(rest["t2/mlp-bin@1"]))  # replace under same key
     np.testing.assert_allclose(
         fleet.predict(queries, ["t1/spam@1"]).for_head(0), rest["t2/mlp-bin@1"].predict_proba(queries), atol=1e-5
-    )
+    )  # ...and forgotten with the snapshot it was made on
+    assert not np.allclose(before, rest["t2/mlp-bin@1"].predict_proba(queries), atol=1e-5)
 
 
 def test_top_labels(fleet, models, queries):
