@@ -57,8 +57,8 @@ def timing_middleware(app):
         finally:
             service = getattr(scope["app"].state, "service", None) if "app" in scope else None
             if service is not None:
-                service.metrics.request.labels(_endpoint(scope["path"]), f"{status[0] // 100}xx").observe(
-                    time.perf_counter() - t0)
+                service.metrics.observe_request(_endpoint(scope["path"]), f"{status[0] // 100}xx",
+                                                time.perf_counter() - t0)
 
     return middleware
 

@@ -7,6 +7,8 @@ seeing its own.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -60,8 +62,9 @@ class Metrics:
         self.corrupt_versions = Counter("headfleet_corrupt_versions", "Classifier versions refused at load because "
                                         "their files did not match the manifest's sha256 or could not be read",
                                         registry=r)
-        for tier in (*TIER_NAMES, MISS):
-            self.cache_lookups.labels(tier)
+        # labelled children, looked up once (``labels()`` costs as much as the observation itself)
+        self._lookup_children = {tier: self.cache_lookups.labels(tier) for tier in (*TIER_NAMES, MISS)}
+        self._request_children: dict[tuple[str, str], Any] = {}  # bounded: _endpoint() x status class
         for scope in ("tenant", "global"):
             self.rejected.labels(scope)
 
@@ -78,12 +81,20 @@ class Metrics:
             dropped=self.dropped.inc,
         )
 
+    def observe_request(self, endpoint: str, status: str, seconds: float) -> None:
+        """One HTTP request's latency; the labelled child is looked up once per (endpoint, status)."""
+        child = self._request_children.get((endpoint, status))
+        if child is None:
+            child = self._request_children[(endpoint, status)] = self.request.labels(endpoint, status)
+        child.observe(seconds)
+
     def cache(self, tiers: list[str | None], computed: int) -> None:
         counts: dict[str, int] = {}
         for t in tiers:
             counts[t or MISS] = counts.get(t or MISS, 0) + 1
         for t, n in counts.items():
-            self.cache_lookups.labels(t).inc(n)
+            child = self._lookup_children.get(t)
+            (child if child is not None else self.cache_lookups.labels(t)).inc(n)
         if computed:
             self.computed.inc(computed)
 

@@ -14,6 +14,12 @@ async def provide_service(request: Request) -> Service:
     return request.app.state.service
 
 
+async def provide_tenant_alone(request: Request) -> str:
+    """:func:`provide_tenant` for a handler that takes no ``service`` (``POST /classify`` reads it from
+    the app state): one dependency resolution per request instead of two."""
+    return request.app.state.service.keys.tenant_for(key_from_headers(request.headers))
+
+
 async def provide_tenant(request: Request, service: Service) -> str:
     """The tenant the API key maps to (``default`` in single-tenant mode); 401 otherwise.
 
