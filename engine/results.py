@@ -51,8 +51,9 @@ class ResultsMixin:
                 cache["hits"][tier] = cache["hits"].get(tier, 0) + n
             cache["misses"] += o["cache"]["misses"]
             cache["computed"] += o["cache"]["computed"]
-        timing = dict(outs[0]["timing_ms"])
-        timing["heads"] = round(sum(o["timing_ms"]["heads"] for o in outs), 3)
+        timing = dict(outs[0]["timing_ms"])  # queue, embed, adapter_load: one step for every group
+        for phase in ("heads", "cache"):  # each group looked up its own namespace and ran its own heads
+            timing[phase] = round(sum(o["timing_ms"].get(phase, 0.0) for o in outs), 3)
         return {"results": results, "cache": cache, "timing_ms": timing}
 
 

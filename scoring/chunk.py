@@ -34,7 +34,7 @@ class ScoredChunk:
     results: dict[str, dict[str, list]]  # output column -> {"label": [...], "score": [...], "version": [...]}
     #                                      (multi-label: "labels", "scores", "version"), one entry per document
     rejects: list[dict]
-    tiers: list[str]  # per scored document: memory | local | redis | miss | partial (counted as a miss)
+    tiers: list[str]  # per scored document: memory | local | redis | miss | partial (counted apart)
     computed: int  # embeddings the backbone computed for this chunk
     forwards: int | None  # backbone forward passes, when the caller could count them
 

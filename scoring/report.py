@@ -6,7 +6,8 @@ How it is kept:
 
     new_counts(columns)        zeros, saved in the first checkpoint
     add_chunk(counts, chunk)   per committed chunk, before the checkpoint that commits it:
-                                 documents += good + rejected; hits per tier (or a miss) per document
+                                 documents += good + rejected; per document a hit of a tier, a
+                                 miss, or partial (a LoRA classifier's embedding held, another's not)
                                  forwards_run += measured forwards, else ceil(computed / batch_size)
                                  forwards_saved += ceil(good / batch_size) - ceil(computed / batch_size)
                                  labels[column][label] += 1 (multi-label: each label; none: "(none)")
@@ -19,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 
-from headfleet.names import TIER_NAMES as TIERS
+from headfleet.names import PARTIAL, TIER_NAMES as TIERS
 from headfleet.scoring.chunk import ScoredChunk
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ def new_counts(columns: Sequence[str]) -> dict[str, Any]:
     """A new job's counts: zero documents, a zero hit count per cache tier, an empty label
     distribution per output column."""
     return {"documents": 0, "scored": 0, "rejected": 0, "rejects_by_reason": {}, "truncated": 0,
-            "hits": {t: 0 for t in TIERS}, "misses": 0, "computed": 0, "forwards_run": 0,
+            "hits": {t: 0 for t in TIERS}, "misses": 0, "partial": 0, "computed": 0, "forwards_run": 0,
             "forwards_measured": True, "forwards_saved": 0, "labels": {c: {} for c in columns},
             "elapsed_s": 0.0, "runs": 0}
 
@@ -45,9 +46,12 @@ def add_chunk(c: dict[str, Any], sc: ScoredChunk, batch_size: int) -> None:
     for r in sc.rejects:
         c["rejects_by_reason"][r["reason"]] = c["rejects_by_reason"].get(r["reason"], 0) + 1
     c["truncated"] += sum(sc.truncated)
+    c.setdefault("partial", 0)  # a checkpoint written before partial was counted apart
     for t in sc.tiers:
         if t in c["hits"]:
             c["hits"][t] += 1
+        elif t == PARTIAL:
+            c["partial"] += 1
         else:
             c["misses"] += 1
     c["computed"] += sc.computed
@@ -95,7 +99,9 @@ def build_report(job: ScoreJob, at_start: dict[str, Any], wall_s: float) -> dict
         "classifiers": {col: p["ref"] for col, p in job.pins.items()},
         "documents": c["documents"], "scored": c["scored"], "rejected": c["rejected"],
         "rejects_by_reason": c["rejects_by_reason"], "truncated": c["truncated"],
-        "cache": {"hits": dict(c["hits"]), "misses": c["misses"], "hit_rate": _ratio(hits, c["scored"])},
+        # hit_rate: documents whose every embedding was held; partial ones count in neither
+        "cache": {"hits": dict(c["hits"]), "misses": c["misses"], "partial": c.get("partial", 0),
+                  "hit_rate": _ratio(hits, c["scored"])},
         "embeddings_computed": c["computed"],
         "backbone_forwards": {"run": c["forwards_run"], "saved": c["forwards_saved"],
                               "measured": c["forwards_measured"]},
@@ -119,7 +125,9 @@ def format_report(report: dict) -> str:
            if report["rejected"] else "")
         + (f"   truncated: {report['truncated']:,}" if report["truncated"] else ""),
         "cache hits: " + ", ".join(f"{t} {cache['hits'][t]:,}" for t in TIERS)
-        + f"   misses: {cache['misses']:,}   hit rate: {cache['hit_rate']:.1%}",
+        + f"   misses: {cache['misses']:,}"
+        + (f"   partial: {cache['partial']:,}" if cache.get("partial") else "")
+        + f"   hit rate: {cache['hit_rate']:.1%}",
         f"embeddings computed: {report['embeddings_computed']:,}   backbone forwards: {fw['run']:,} run"
         + ("" if fw["measured"] else " (estimated)") + f", {fw['saved']:,} saved by the cache",
         f"wall time: {report['wall_s']:.1f} s   documents/s: {report['docs_per_s'] or 0:,.1f}"

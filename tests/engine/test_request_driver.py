@@ -51,3 +51,21 @@ def test_observers_see_each_request_once_and_cannot_break_it(engine):
     assert [r["classifications"]["spam"]["label"] for r in out["results"]] == ["spam", "ham"]
     assert embedded == [("acme", [["spam"]], 1)]
     assert scored == [("acme", ["acme/spam@1"], 2, "classify", [2])]
+
+
+def test_a_request_over_several_embedding_groups_reports_every_groups_lookup_and_heads_time(engine, monkeypatch):
+    """A LoRA classifier reads its own embedding beside the shared one: the answer's ``cache`` and
+    ``heads`` phases sum every group's, while queue and embed were one step for all of them."""
+    parts = iter([
+        {"results": [{"index": 0, "truncated": False, "cache": "memory", "classifications": {"a": {}}}],
+         "cache": {"hits": {"memory": 1}, "misses": 0, "computed": 0},
+         "timing_ms": {"adapter_load": 0.0, "cache": 1.25, "queue": 4.0, "embed": 9.0, "heads": 0.5}},
+        {"results": [{"index": 0, "truncated": True, "cache": "miss", "classifications": {"b": {}}}],
+         "cache": {"hits": {}, "misses": 1, "computed": 1},
+         "timing_ms": {"adapter_load": 0.0, "cache": 2.5, "queue": 4.0, "embed": 9.0, "heads": 0.25}},
+    ])
+    monkeypatch.setattr(engine, "score", lambda batch, items: next(parts))
+    out = engine.score_groups([(None, []), (None, [])], [("a", "k1", {}), ("b", "k2", {})])
+    assert out["timing_ms"] == {"adapter_load": 0.0, "cache": 3.75, "queue": 4.0, "embed": 9.0, "heads": 0.75}
+    assert out["results"][0]["cache"] == "partial" and out["results"][0]["truncated"] is True
+    assert out["cache"] == {"hits": {"memory": 1}, "misses": 1, "computed": 1}
