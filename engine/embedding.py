@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Callable, Sequence
 
 import numpy as np
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 
 class TruncationMemo:
     """Whether the text behind a content key was cut to the backbone's ``max_length``, remembered
-    for the last ``size`` keys (oldest forgotten first; ~100 bytes an entry).
+    for the last ``size`` keys (oldest forgotten first; ~100 bytes an entry). Only texts long enough
+    to need the check are put here (:meth:`EmbeddingMixin.finish`).
 
     A cache hit does not carry the flag (the tiers hold vectors only), so a text that may exceed
     ``max_length`` was re-tokenised on every hit: ~0.1 ms of a ~0.5 ms cached ``/classify`` for one
@@ -35,7 +37,7 @@ class TruncationMemo:
 
     def __init__(self, size: int = 65_536):
         self.size = size
-        self._flags: dict[bytes, bool] = {}
+        self._flags: OrderedDict[bytes, bool] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: bytes) -> bool | None:
@@ -45,8 +47,8 @@ class TruncationMemo:
         with self._lock:
             for key, flag in zip(keys, flags):
                 self._flags[key] = bool(flag)
-            while len(self._flags) > self.size:
-                del self._flags[next(iter(self._flags))]
+            while len(self._flags) > self.size:  # popitem(last=False) stays O(1) under churn
+                self._flags.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._flags)
@@ -177,8 +179,8 @@ class EmbeddingMixin:
             prep.corrupt[rows[0]] += corrupt
             for i in rows:
                 prep.tiers[i] = tier
-            if was_computed:
-                known_keys.append(key)
+            if was_computed and len(prep.norm[rows[0]]) * _CHARS_PER_TOKEN_FLOOR + 2 > max_len:
+                known_keys.append(key)  # only a text a later hit would otherwise re-tokenise
                 known_flags.append(trunc)
         if known_keys:
             self.truncation.put(known_keys, known_flags)

@@ -100,12 +100,13 @@ class _Group:
         """X @ W1[rows].T + b1[rows] as [n, k, W]."""
         G, W = self.b1.shape
         n, k = X.shape[0], len(part.rows)
-        if part.cols is None:  # most of the group: one matmul against all of it, then pick the rows
+        if not part.gather:  # most of the group: one matmul against all of it, then pick the rows
             z = (X @ self.W1t).reshape(n, G, W)
             z = z if part.whole else z[:, part.rows]
         else:
-            z = (X @ self.W1t[:, part.cols]).reshape(n, k, W)
-        return z + part.b1
+            cols = (part.rows[:, None] * W + np.arange(W)[None, :]).ravel()
+            z = (X @ self.W1t[:, cols]).reshape(n, k, W)
+        return z + self.b1[part.rows]
 
     def probs(self, X: np.ndarray, part: "_Part") -> np.ndarray:
         """[n, k, Lmax] probabilities for the group rows of ``part``; padded slots are 0."""
@@ -115,7 +116,7 @@ class _Group:
             return np.concatenate([1.0 - p1, p1], axis=-1)
         if self.W2t is not None:
             np.maximum(z, 0.0, out=z)  # relu; padded hidden units have zero weights and bias
-            z = np.matmul(z.transpose(1, 0, 2), part.W2t).transpose(1, 0, 2) + part.b2
+            z = np.matmul(z.transpose(1, 0, 2), self.W2t[part.rows]).transpose(1, 0, 2) + self.b2[part.rows]
         if part.single is None:  # no multi-label head among the rows
             return softmax(z)
         out = sigmoid(z)
@@ -126,27 +127,22 @@ class _Group:
     def part(self, pos: np.ndarray, rows: np.ndarray) -> "_Part":
         """What :meth:`probs` needs for group rows ``rows`` (request positions ``pos``), worked
         out once per set of classifiers asked for (:class:`HeadFleet` keeps it with the snapshot)."""
-        G, W = self.b1.shape
-        k = len(rows)
-        cols = None if 2 * k >= G else (rows[:, None] * W + np.arange(W)[None, :]).ravel()
+        G, k = self.b1.shape[0], len(rows)
         whole = k == G and bool(np.array_equal(rows, np.arange(G)))
         multi = self.multi_label[rows]
         single = None if not multi.any() else np.flatnonzero(~multi)
-        return _Part(pos, rows, cols, whole, self.b1[rows], None if self.W2t is None else self.W2t[rows],
-                     None if self.b2 is None else self.b2[rows], multi, single)
+        return _Part(pos, rows, 2 * k < G, whole, multi, single)
 
 
 @dataclass(frozen=True)
 class _Part:
-    """One group's share of a request's classifiers, gathered once (``_Group.part``)."""
+    """One group's share of a request's classifiers, worked out once (``_Group.part``): indices
+    only, never weights, so a remembered plan costs a few bytes per head whatever the heads' sizes."""
 
     pos: np.ndarray  # [k_g] positions in the request
     rows: np.ndarray  # [k_g] rows in the group
-    cols: np.ndarray | None  # first-layer columns to gather, or None: multiply the whole group
+    gather: bool  # a few of the group: gather their first-layer columns; else multiply the whole group
     whole: bool  # rows are exactly 0..G-1: no pick after the matmul
-    b1: np.ndarray  # [k_g, W]
-    W2t: np.ndarray | None  # mlp: [k_g, Hmax, Lmax]
-    b2: np.ndarray | None  # mlp: [k_g, Lmax]
     multi: np.ndarray  # [k_g] bool
     single: np.ndarray | None  # None: no multi-label row; else the single-label rows' indices
 

@@ -94,6 +94,17 @@ def test_a_cache_hit_of_a_long_text_keeps_its_truncation_flag_without_tokenising
     assert trained.truncation.get(trained.prepare("other", [long_text]).keys[0]) is None
 
 
+def test_only_texts_that_could_be_truncated_are_remembered(trained):
+    """Short texts never need the check on a hit, so computing them leaves the memo alone (it stays
+    small under a flood of new short texts, and does no work for them)."""
+    before = len(trained.truncation)
+    trained.classify("acme", ["ok", "see you at 6", "call me back later today"], ["spam"])
+    assert len(trained.truncation) == before
+    trained.classify("acme", ["a text long enough that a tokenizer could in principle cut it off at the limit"],
+                     ["spam"])
+    assert len(trained.truncation) == before + 1
+
+
 def test_truncation_memo_forgets_the_oldest_past_its_size():
     from headfleet.engine.embedding import TruncationMemo
 

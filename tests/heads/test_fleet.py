@@ -103,6 +103,26 @@ def test_add_and_remove_keep_results_right(fleet, models, queries, make_clusters
     assert not np.allclose(before, rest["t2/mlp-bin@1"].predict_proba(queries), atol=1e-5)
 
 
+def test_reordered_requests_do_not_grow_the_fleet_by_the_heads_size(fleet, models, queries, make_clusters):
+    """The fleet remembers each requested key set's plan; a plan holds indices, never a copy of
+    the heads' weights, so a client that sends its classifiers in a new order each time (a list
+    built from a set) costs a few bytes a plan, however wide another tenant's heads are."""
+    X, y = make_clusters({f"c{i}": 4 for i in range(40)}, noise=0.08, salt=7)
+    wide = MLPClassifier(hidden_layer_sizes=(64,), max_iter=300, random_state=0).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fleet.add("t9/wide@1", HeadArrays.from_sklearn(wide))
+    rng = np.random.default_rng(0)
+    keys = list(models)
+    for _ in range(50):
+        _check(fleet, models, queries[:2], list(rng.permutation(keys)))
+    plans = fleet._current().plans
+    assert len(plans) > 10
+    held = sum(a.nbytes for plan in plans.values() for _, part in plan.parts
+               for a in vars(part).values() if isinstance(a, np.ndarray))
+    assert held / len(plans) < 64 * len(keys)  # bytes per plan: indices of the requested heads only
+
+
 def test_top_labels(fleet, models, queries):
     keys = ["t1/topic@2", "t2/tags@1"]
     top = fleet.predict(queries, keys).top_labels()
