@@ -11,7 +11,8 @@ and never a failed chunk. How it is kept:
     text:  missing, undecodable bytes, not a string, a lone surrogate (no UTF-8 spells it: it
            would fail later, hashing or writing it), only whitespace ("empty text"), only
            zero-width or format characters (``headfleet.text.is_blank``: "no visible content")
-                                          -> reject, naming the reason
+                                          -> reject, naming the reason (and the text as raw,
+                                             except a missing one)
     else                                  -> (pos, id, text, None)
 
 A reject's ``raw`` is at most :data:`RAW_CHARS` characters, undecodable bytes and lone surrogates
@@ -72,11 +73,11 @@ def check_row(pos: int, doc_id: Any, text: Any, id_type: str, **where: Any) -> R
         return pos, doc_id, None, {"reason": "text is not valid Unicode (lone surrogate)", "id": doc_id, **where,
                                    "raw": raw(text)}
     if not text.strip():
-        return pos, doc_id, None, {"reason": "empty text", "id": doc_id, **where}
+        return pos, doc_id, None, {"reason": "empty text", "id": doc_id, **where, "raw": raw(text)}
     if is_blank(text):  # zero-width spaces, joiners, a BOM...: the tokenizer would see an empty text
         shown = ", ".join(dict.fromkeys(f"U+{ord(c):04X}" for c in text if not c.isspace()))
         return pos, doc_id, None, {"reason": "no visible content", "detail": f"only invisible characters ({shown})",
-                                   "id": doc_id, **where}
+                                   "id": doc_id, **where, "raw": raw(text)}
     return pos, doc_id, text, None
 
 

@@ -66,7 +66,24 @@ def convert(value: Any, typ: type[T]) -> T:
     try:
         return msgspec.convert(value, typ, strict=True)
     except msgspec.ValidationError as exc:
-        raise ValidationError(str(exc), param=param_of(str(exc))) from None
+        message, param = str(exc), param_of(str(exc))
+        allowed = _choices(typ, param) if message.startswith("Invalid enum value") else None
+        if allowed:
+            message += f" (expected one of: {', '.join(map(repr, allowed))})"
+        raise ValidationError(message, param=param) from None
+
+
+def _choices(typ: type, param: str | None) -> tuple | None:
+    """The values a top-level ``Literal[...]`` field of the Struct ``typ`` takes (None otherwise)."""
+    if param is None:
+        return None
+    import typing
+
+    for f in msgspec.structs.fields(typ):
+        if f.encode_name == param:
+            args = typing.get_args(f.type) if typing.get_origin(f.type) is typing.Literal else ()
+            return args or None
+    return None
 
 
 class HeadfleetRequest(Request):

@@ -41,6 +41,8 @@ class ClassifiersController(Controller):
         if ctype.startswith("multipart/form-data"):
             form = await request.form()
             name = str(form.get("name") or "")
+            if not name.strip():
+                raise ValidationError("the multipart form needs a 'name' field: the classifier's name", param="name")
             kind = str(form.get("kind") or "logreg")
             multi = str(form.get("multi_label") or "false").lower() in ("1", "true", "yes")
             seed_text = str(form.get("seed") or "0")

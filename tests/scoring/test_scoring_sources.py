@@ -152,6 +152,7 @@ def test_jsonl_bad_rows_are_rejected_with_their_reason_and_the_job_goes_on(engin
         (2, "missing text"), (3, "empty text"), (5, "missing id"), (6, "missing id"), (7, "invalid JSON"),
         (9, "undecodable bytes"), (10, "text is not a string"), (11, "missing text"), (12, "not a JSON object")]
     assert rejects[5]["raw"] == '{"id": "latin1", "text": "caf\\xe9 cr\\xe8me"}'  # the bytes, shown escaped
+    assert rejects[1]["raw"] == "   \n "  # an empty text shows what it held
     assert all(r["file"] == "docs.jsonl" for r in rejects)
 
 

@@ -150,6 +150,8 @@ def test_upload_a_csv_then_move_an_alias_then_delete(multi):
         assert r.status_code == 404
         r = c.post("/classifiers", data={"name": "x"}, files={"file": ("data.txt", "a,b\n")})
         assert r.status_code == 422 and "unsupported file type" in r.json()["error"]
+        r = c.post("/classifiers", files={"file": ("spam.csv", csv_text, "text/csv")})  # no name field
+        assert r.status_code == 422 and r.json()["error"].startswith("the multipart form needs a 'name' field")
         assert c.delete("/classifiers/uploaded").status_code == 200
         r = c.post("/classify", json={"texts": ["hello"], "classifiers": ["uploaded@prod"]})
         assert r.status_code == 404
