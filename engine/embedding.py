@@ -171,6 +171,10 @@ class EmbeddingMixin:
         truncated = np.zeros(len(prep.keys), dtype=bool)
         computed = 0
         known_keys, known_flags = [], []
+
+        def may_be_cut(i: int) -> bool:  # a shorter text cannot reach max_length (types._CHARS_PER_TOKEN_FLOOR)
+            return len(prep.norm[i]) * _CHARS_PER_TOKEN_FLOOR + 2 > max_len
+
         for key, rows in prep.todo.items():
             vec, tier, trunc, was_computed, corrupt = answers[key]
             prep.vectors[rows] = vec
@@ -179,7 +183,7 @@ class EmbeddingMixin:
             prep.corrupt[rows[0]] += corrupt
             for i in rows:
                 prep.tiers[i] = tier
-            if was_computed and len(prep.norm[rows[0]]) * _CHARS_PER_TOKEN_FLOOR + 2 > max_len:
+            if was_computed and may_be_cut(rows[0]):
                 known_keys.append(key)  # only a text a later hit would otherwise re-tokenise
                 known_flags.append(trunc)
         if known_keys:
@@ -187,7 +191,7 @@ class EmbeddingMixin:
         if not quiet:
             cached_long = []
             for i, t in enumerate(prep.tiers):
-                if t is not None and len(prep.norm[i]) * _CHARS_PER_TOKEN_FLOOR + 2 > max_len:
+                if t is not None and may_be_cut(i):
                     flag = self.truncation.get(prep.keys[i])
                     if flag is None:
                         cached_long.append(i)
@@ -197,7 +201,6 @@ class EmbeddingMixin:
                 flags = self.embedder.count_tokens([prep.norm[i] for i in cached_long]).truncated
                 truncated[cached_long] = flags
                 self.truncation.put([prep.keys[i] for i in cached_long], flags)
-        if not quiet:
             self.stats.record(prep.tenant, classifiers, prep.tiers, sum(prep.corrupt))
         if computed and not quiet:
             self.stats.record_computed(prep.tenant, computed)

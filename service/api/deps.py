@@ -17,7 +17,7 @@ async def provide_service(request: Request) -> Service:
 async def provide_tenant_alone(request: Request) -> str:
     """:func:`provide_tenant` for a handler that takes no ``service`` (``POST /classify`` reads it from
     the app state): one dependency resolution per request instead of two."""
-    return request.app.state.service.keys.tenant_for(key_from_headers(request.headers))
+    return await provide_tenant(request, request.app.state.service)
 
 
 async def provide_tenant(request: Request, service: Service) -> str:
