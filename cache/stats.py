@@ -41,6 +41,15 @@ class _Counts:
         for tier, n in other.hits.items():
             self.hits[tier] = self.hits.get(tier, 0) + n
 
+    def raw(self) -> list:
+        """Compact form for another process (:meth:`CacheStats.export`): [lookups, misses, corrupt, hits]."""
+        return [self.lookups, self.misses, self.corrupt, dict(self.hits)]
+
+    @classmethod
+    def from_raw(cls, raw: list) -> "_Counts":
+        lookups, misses, corrupt, hits = raw
+        return cls(int(lookups), int(misses), int(corrupt), {str(k): int(v) for k, v in hits.items()})
+
     def as_dict(self) -> dict[str, Any]:
         hit_total = sum(self.hits.values())
         return {
@@ -68,6 +77,25 @@ class _Tenant:
     fanout: int = 0
     classifiers: dict[str, _Counts] = dataclasses.field(default_factory=dict)
     buckets: dict[int, _Bucket] = dataclasses.field(default_factory=dict)  # minute -> figures
+
+    def raw(self) -> dict[str, Any]:
+        return {"total": self.total.raw(), "computed": self.computed, "fanout": self.fanout,
+                "classifiers": {n: c.raw() for n, c in self.classifiers.items()},
+                "buckets": {str(m): [b.counts.raw(), b.computed, b.fanout] for m, b in self.buckets.items()}}
+
+    def merge_raw(self, raw: dict[str, Any]) -> None:
+        """Add another process's figures of the same tenant (minute buckets line up: they are
+        absolute minutes since the epoch)."""
+        self.total.merge(_Counts.from_raw(raw["total"]))
+        self.computed += int(raw["computed"])
+        self.fanout += int(raw["fanout"])
+        for name, c in raw["classifiers"].items():
+            self.classifiers.setdefault(name, _Counts()).merge(_Counts.from_raw(c))
+        for minute, (counts, computed, fanout) in raw["buckets"].items():
+            b = self.buckets.setdefault(int(minute), _Bucket())
+            b.counts.merge(_Counts.from_raw(counts))
+            b.computed += int(computed)
+            b.fanout += int(fanout)
 
     def bucket(self, now: float) -> _Bucket:
         minute = int(now // BUCKET_S)
@@ -100,6 +128,7 @@ class CacheStats:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._lock = threading.Lock()
         self._tenants: dict[str, _Tenant] = {}
+        self._dirty: set[str] = set()  # tenants changed since the last export
         self._clock = clock
         self.started = clock()
 
@@ -116,6 +145,7 @@ class CacheStats:
         names = list(dict.fromkeys(classifiers))  # a classifier named twice counts once
         fanout = len(tiers) * max(0, len(names) - 1)
         with self._lock:
+            self._dirty.add(tenant)
             t = self._tenant(tenant)
             t.total.add(tiers, corrupt)
             t.fanout += fanout
@@ -131,21 +161,37 @@ class CacheStats:
     def record_computed(self, tenant: str, n: int) -> None:
         """Embeddings the backbone computed for ``tenant`` (the misses that were filled)."""
         with self._lock:
+            self._dirty.add(tenant)
             t = self._tenant(tenant)
             t.computed += int(n)
             t.bucket(self._clock()).computed += int(n)
 
-    def snapshot(self, tenant: str) -> dict[str, Any]:
+    def export(self, *, changed_only: bool = True) -> dict[str, dict[str, Any]]:
+        """Tenant -> its raw figures (JSON-able), for the other processes of a serving group
+        (``service.peers``): the tenants changed since the last export, or all of them."""
+        with self._lock:
+            names = list(self._dirty) if changed_only else list(self._tenants)
+            self._dirty.clear()
+            return {n: self._tenants[n].raw() for n in names if n in self._tenants}
+
+    def snapshot(self, tenant: str, peers: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
         """This tenant's figures only; an unknown tenant gets zeros in the same shape.
 
         Per classifier: lookups, hits, misses, hit_rate, corrupt ("computed" is per tenant:
         one embedding serves every classifier of the request). ``windows`` holds the same
-        tenant figures over the last minute, 5 minutes and hour.
+        tenant figures over the last minute, 5 minutes and hour. ``peers``: the same tenant's raw
+        figures from the other processes serving the folder (:meth:`export`), added in.
         """
         now = self._clock()
         minute = int(now // BUCKET_S)
         with self._lock:
             t = self._tenants.get(tenant) or _Tenant()
+            if peers:
+                merged = _Tenant()
+                merged.merge_raw(t.raw())
+                for raw in peers:
+                    merged.merge_raw(raw)
+                t = merged
             out = _summary(t.total, t.computed, t.fanout)
             out["classifiers"] = {name: c.as_dict() for name, c in t.classifiers.items()}
             windows = {}

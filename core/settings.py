@@ -111,6 +111,8 @@ class Settings:
     lora_max_rank: int = 64  # the widest rank a slot holds; adapters of smaller rank share the stack
     lora_max_loaded: int = 1024  # adapters kept in host memory (LRU); the registry on disk holds the rest
     lora_targets: str = "query,value"  # the backbone linears that carry adapter deltas
+    workers: int = 1  # ``serve``: worker processes on one socket (each a whole service; see service/peers.py)
+    peer_group: str | None = None  # set by ``serve --workers``/Ray for the processes of one run; None: alone
 
     @property
     def layout(self) -> DataLayout:
@@ -145,6 +147,7 @@ class Settings:
             batch_tokens=int(bt) if (bt := _env("BATCH_TOKENS", None)) else None,
             scoring_root=Path(sr) if (sr := _env("SCORING_ROOT", None)) else None,
             lora_targets=_env("LORA_TARGETS", d.lora_targets),
+            workers=int(_env("WORKERS", str(d.workers))),
             **{name: int(_env(name.upper(), str(getattr(d, name)))) for name in _INT_LIMITS},
         )
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -82,6 +82,16 @@ def ensure_model_file(folder: Path, pooling: PoolingConfig, precision: str, cach
         return path
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    from headfleet.atomic import locked
+
+    with locked(cache_dir / ".export.lock"):  # workers or replicas starting together export once
+        if path.exists():
+            return path
+        return _build_model_file(folder, pooling, precision, cache_dir, source_fingerprint, path)
+
+
+def _build_model_file(folder: Path, pooling: PoolingConfig, precision: str, cache_dir: Path,
+                      source_fingerprint: str, path: Path) -> Path:
     fp32 = model_file(cache_dir, source_fingerprint, "fp32")
     try:
         if not fp32.exists():

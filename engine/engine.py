@@ -73,8 +73,10 @@ class Engine(EmbeddingMixin, LoraRuntimeMixin, ResolutionMixin, RoutingMixin, Re
 
     # -- lifecycle ----------------------------------------------------------------------------
     @classmethod
-    def open(cls, settings: Settings | None = None, embedder: Embedder | None = None) -> "Engine":
-        """Bring up backbone -> local store -> Redis; ``embedder`` lets several engines share one backbone."""
+    def open(cls, settings: Settings | None = None, embedder: Embedder | None = None,
+             stats: CacheStats | None = None) -> "Engine":
+        """Bring up backbone -> local store -> Redis; ``embedder`` lets several engines share one backbone;
+        ``stats``: the cache-hit figures to count on (a backbone reload keeps the service's)."""
         settings = settings or Settings.from_env()
         data = Path(settings.data_dir)
         data.mkdir(parents=True, exist_ok=True)
@@ -99,7 +101,7 @@ class Engine(EmbeddingMixin, LoraRuntimeMixin, ResolutionMixin, RoutingMixin, Re
                 log.warning("Redis at %s is not answering; serving from the other tiers until it does",
                             settings.redis_url)
             tiers.append(redis)
-        stats = CacheStats()
+        stats = stats if stats is not None else CacheStats()
         registry = Registry(settings.layout.registry, fingerprint=fp)
         swept = registry.sweep()
         if swept:
@@ -174,8 +176,9 @@ class Engine(EmbeddingMixin, LoraRuntimeMixin, ResolutionMixin, RoutingMixin, Re
             except Exception:  # an observer's bug must not cost a tenant its answer
                 log.exception("scored hook %r failed", hook)
 
-    def tenant_stats(self, tenant: str) -> dict:
-        return self.stats.snapshot(tenant)
+    def tenant_stats(self, tenant: str, peers=()) -> dict:
+        """``peers``: the tenant's raw figures from the other processes of a serving group."""
+        return self.stats.snapshot(tenant, peers)
 
     def health(self) -> dict:
         """``ready``, or ``degraded`` with a reason that names no host, port or path (it is served

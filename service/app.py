@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import time
 from typing import AsyncIterator
 
@@ -20,11 +22,13 @@ from headfleet.service.api.ops import OpsController
 from headfleet.service.dashboard import DashboardController
 from headfleet.service.backbone_admin import PlanJob, Reloader, reload_gate
 from headfleet.service.errors import HANDLERS
-from headfleet.service.metrics import ENDPOINTS
+from headfleet.service.metrics import ENDPOINTS, Metrics
 from headfleet.service.openapi import document_errors, openapi_config
 from headfleet.service.request import HeadfleetRequest
 from headfleet.service.state import Service
 from headfleet.settings import Settings
+
+log = logging.getLogger("headfleet.service")
 
 
 def _endpoint(path: str) -> str:
@@ -92,6 +96,32 @@ def _index_options(app: Litestar) -> None:
     app.state.allow = allow
 
 
+def _join_group(app: Litestar, settings: Settings, loop: asyncio.AbstractEventLoop):
+    """This process as a member of its serving group (``service.peers``): it publishes its cache
+    figures and heartbeat, and follows a backbone reload another member was asked for."""
+    from headfleet.service.peers import Peers
+
+    def figures(changed_only: bool) -> dict:
+        return app.state.service.engine.stats.export(changed_only=changed_only)  # a reload keeps the figures
+
+    def heartbeat() -> dict:
+        service = app.state.service
+        return {"fingerprint": service.engine.embedder.fingerprint, "waiting": service.scheduler.waiting_by_tenant()}
+
+    async def follow(generation: int) -> None:
+        try:
+            out = await app.state.reloader.reload(app, in_request=False)
+            note = {"generation": generation, "reloaded": out["reloaded"], "paused_ms": out["paused_ms"]}
+        except Exception as exc:  # said in the heartbeat, so the member that asked reports it
+            log.exception("following the group's backbone reload failed")
+            note = {"generation": generation, "error": str(exc)}
+        await asyncio.to_thread(peers.followed, generation, note)
+
+    peers = Peers(settings.data_dir, settings.peer_group, heartbeat=heartbeat, figures=figures,
+                  on_reload=lambda generation: asyncio.run_coroutine_threadsafe(follow(generation), loop))
+    return peers.start()
+
+
 def create_app(settings: Settings | None = None, *, embedder=None) -> Litestar:
     """Build the app; nothing is loaded until the lifespan runs (``embedder`` shares a loaded backbone)."""
     settings = settings or Settings.from_env()
@@ -101,11 +131,17 @@ def create_app(settings: Settings | None = None, *, embedder=None) -> Litestar:
         app.state.service = await Service.start(settings, embedder)
         app.state.plan_job = PlanJob(settings)
         app.state.reloader = Reloader()
+        app.state.peers = None
+        if settings.peer_group:
+            app.state.peers = await asyncio.to_thread(_join_group, app, settings, asyncio.get_running_loop())
         try:
             yield
         finally:
             app.state.plan_job.close()
             await app.state.service.stop()  # the one serving now: a backbone reload may have replaced it
+            if app.state.peers is not None:
+                await asyncio.to_thread(app.state.peers.close)  # after the stop: its last figures are written
+                Metrics.process_exited()
 
     app = Litestar(
         route_handlers=[ClassifyController, ClassifiersController, JobsController, EmbeddingsController,

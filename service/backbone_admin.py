@@ -244,8 +244,9 @@ class Reloader:
         self.running = False
         self.last: dict[str, Any] | None = None
 
-    async def reload(self, app, *, load_embedder=None) -> dict[str, Any]:
-        """Returns ``{"reloaded", "from", "to", "paused_ms", "drained"}`` (``reloaded`` false when the
+    async def reload(self, app, *, load_embedder=None, in_request: bool = True) -> dict[str, Any]:
+        """``in_request``: called from a request (which the drain does not wait for), or by the group's
+        watcher following another member's reload (``service.peers``). Returns ``{"reloaded", "from", "to", "paused_ms", "drained"}`` (``reloaded`` false when the
         recorded backbone is the one serving). ConflictError: another reload, a training job running, or
         requests still in flight after ``DRAIN_S``; BackendError: the new backbone failed to start (the
         old one is serving again)."""
@@ -276,18 +277,19 @@ class Reloader:
             self.open.clear()
             try:
                 deadline = time.monotonic() + DRAIN_S
-                while self.inflight > 1:  # this request is one of them
+                mine = 1 if in_request else 0  # the reload's own request is one of them
+                while self.inflight > mine:
                     if time.monotonic() > deadline:
-                        raise ConflictError(f"{self.inflight - 1} request(s) still in flight after {DRAIN_S:.0f} s; "
+                        raise ConflictError(f"{self.inflight - mine} request(s) still in flight after {DRAIN_S:.0f} s; "
                                             "nothing was changed, try the reload again")
                     await asyncio.sleep(0.005)
                 _refuse_if_training(old)
                 await old.stop()
                 try:
-                    new = await Service.start(target, embedder)
+                    new = await Service.start(target, embedder, old.engine.stats)  # /stats carries on
                 except Exception as exc:
                     log.exception("the reloaded backbone failed to start; restarting the previous one")
-                    app.state.service = await Service.start(old.settings, old.engine.embedder)
+                    app.state.service = await Service.start(old.settings, old.engine.embedder, old.engine.stats)
                     raise BackendError(f"the recorded backbone failed to start ({exc}); the previous backbone "
                                        "is serving again") from exc
                 app.state.service = new

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from headfleet.errors import HeadfleetError
+from headfleet.errors import HeadfleetError, ValidationError
 from headfleet.service.cli_backbone import add_parser as add_backbone_parser
 from headfleet.service.cli_reproduce import add_parser as add_reproduce_parser
 from headfleet.service.cli_output import (_print_json, _retrain_line, format_classify, format_experiment,
@@ -307,8 +307,10 @@ def cmd_serve(args) -> int:
         data_dir=Path(args.data_dir) if args.data_dir else None, redis_url=args.redis_url,
         max_length=args.max_length, threads=args.threads, host=args.host, port=args.port,
         keys_file=Path(args.keys_file) if args.keys_file else None,
-        examples=False if args.no_examples else None)
+        examples=False if args.no_examples else None, workers=args.workers)
     if args.ray or args.replicas is not None or args.autoscale is not None or args.affinity:
+        if args.workers is not None:
+            raise ValidationError("--workers runs processes on one machine without Ray; with Ray, use --replicas")
         from headfleet.service.server import serve_ray
 
         serve_ray(settings, replicas=args.replicas, autoscale=args.autoscale, num_cpus=args.ray_cpus,
@@ -423,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not train the example classifiers at first start (single-tenant mode)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--access-log", action="store_true", help="log every request")
+    s.add_argument("--workers", type=int,
+                   help="worker processes on one port, each a whole service on the same data folder (env "
+                        "HEADFLEET_WORKERS, default 1); /stats, /metrics and a backbone reload span them all")
     s.add_argument("--ray", action="store_true",
                    help="serve on Ray Serve (pip install 'headfleet[ray]'): the same app in N replicas behind Ray's "
                         "proxy; joins RAY_ADDRESS when set, else starts a local Ray")

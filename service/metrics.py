@@ -1,5 +1,10 @@
 """Prometheus metrics of one app instance (its own registry, so two apps in a process never mix).
 
+Under ``serve --workers N`` the workers share one series set: the parent sets
+``PROMETHEUS_MULTIPROC_DIR`` and prometheus_client's multiprocess mode keeps every worker's values
+in files there, which a scrape of any worker adds up (gauges: the live workers' sum, or max where
+a sum would mislead).
+
 No metric carries a tenant label: ``/metrics`` is an operator's view and is served to the
 admin key only when keys are configured; per-tenant figures are in ``/stats``, each tenant
 seeing its own.
@@ -7,6 +12,7 @@ seeing its own.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -27,6 +33,8 @@ class Metrics:
         """``redis``: the Redis tier when one is configured (only then are ``headfleet_redis_up`` and
         ``headfleet_redis_outages_total`` exported, read from the tier at each scrape)."""
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self._custom: list[Any] = []  # collectors read at scrape time, in this process
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.request = Histogram("headfleet_request_seconds", "Request latency by endpoint and status class",
                                  ["endpoint", "status"], buckets=_MS_BUCKETS, registry=r)
         self.queue = Histogram("headfleet_queue_seconds", "Time a request's misses waited for their first batch",
@@ -48,17 +56,19 @@ class Metrics:
                                registry=r)
         self.failures = Counter("headfleet_failures_total", "Failed requests by error type", ["error_type"],
                                 registry=r)
-        self.queue_depth = Gauge("headfleet_queue_texts", "Texts waiting for the backbone", registry=r)
-        self.heads_loaded = Gauge("headfleet_heads_loaded", "Classifier versions loaded in the fleet", registry=r)
+        self.queue_depth = Gauge("headfleet_queue_texts", "Texts waiting for the backbone", registry=r,
+                                 multiprocess_mode="livesum")
+        self.heads_loaded = Gauge("headfleet_heads_loaded", "Classifier versions loaded in the fleet", registry=r,
+                                  multiprocess_mode="livemax")
         self.adapter_load = Histogram("headfleet_adapter_load_seconds", "LoRA adapter cold load: disk -> host -> "
                                       "device slot", buckets=_MS_BUCKETS, registry=r)
         self.adapters = Gauge("headfleet_adapters", "LoRA adapters: device slots in use, slots, loaded in host memory",
-                              ["state"], registry=r)
+                              ["state"], registry=r, multiprocess_mode="livesum")
         self.adapter_events = Gauge("headfleet_adapter_events", "LoRA adapter manager counters since start "
                                     "(disk_loads, slot_loads, slot_hits, slot_evictions, host_evictions)", ["event"],
-                                    registry=r)
+                                    registry=r, multiprocess_mode="livesum")
         if redis is not None:
-            r.register(_RedisCollector(redis))
+            self.register(_RedisCollector(redis))
         self.corrupt_versions = Counter("headfleet_corrupt_versions", "Classifier versions refused at load because "
                                         "their files did not match the manifest's sha256 or could not be read",
                                         registry=r)
@@ -67,6 +77,12 @@ class Metrics:
         self._request_children: dict[tuple[str, str], Any] = {}  # bounded: _endpoint() x status class
         for scope in ("tenant", "global"):
             self.rejected.labels(scope)
+
+    def register(self, collector) -> None:
+        """A collector read at scrape time (monitor, experiments, Redis): state shared through the
+        data folder or Redis, so the answering worker's reading is the group's."""
+        self._custom.append(collector)
+        self.registry.register(collector)
 
     def scheduler_hooks(self) -> SchedulerMetrics:
         def batch(texts: int, tokens: int, seconds: float) -> None:
@@ -99,7 +115,23 @@ class Metrics:
             self.computed.inc(computed)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        for collector in self._custom:
+            registry.register(collector)
+        return generate_latest(registry)
+
+    @staticmethod
+    def process_exited() -> None:
+        """This worker is stopping: its live gauges leave the multiprocess sums (counters stay)."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())
 
 
 class _RedisCollector:

@@ -164,6 +164,15 @@ class Scheduler:
     def waiting_for(self, tenant: str) -> int:
         return self._tenant_waiting[tenant]
 
+    def waiting_by_tenant(self) -> dict[str, int]:
+        """Tenant -> texts waiting, tenants with none left out; safe to call from another thread."""
+        for _ in range(10):
+            try:
+                return {t: n for t, n in list(self._tenant_waiting.items()) if n}
+            except RuntimeError:  # the loop changed the counter while it was copied
+                continue
+        return {}
+
     # -- submitting -----------------------------------------------------------------------------
     def submit(self, tenant: str, keys: list[bytes], texts: list[str], namespaces: list[str], *,
                lane: str | None = None, admit: bool = True) -> Work:

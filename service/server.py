@@ -34,11 +34,14 @@ def check_exposure(settings: Settings) -> KeyStore:
     return keys
 
 
+SETTINGS_ENV = "HEADFLEET_WORKER_SETTINGS"  # the parent's settings, as JSON, for ``serve --workers``' workers
+
+
 def serve(settings: Settings, *, log_level: str = "info", access_log: bool = False) -> None:
     import uvicorn
 
-    from headfleet.service.app import create_app
-
+    if settings.workers < 1:
+        raise ValidationError(f"workers must be at least 1, not {settings.workers}")
     keys = check_exposure(settings)
     sock = bind(settings.host, settings.port)  # before the model loads: a busy port fails in milliseconds
     if keys.single_tenant:
@@ -51,9 +54,69 @@ def serve(settings: Settings, *, log_level: str = "info", access_log: bool = Fal
           + (": the first start exports it to ONNX, about 10 s" if settings.backend == "onnx"
              and not any(settings.layout.onnx.glob("*.onnx")) else ""), file=sys.stderr)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.workers > 1:
+        serve_workers(settings, sock, log_level=log_level, access_log=access_log)
+        return
+    from headfleet.service.app import create_app
+
     config = uvicorn.Config(create_app(settings), log_level=log_level, access_log=access_log, http="httptools",
                             loop="uvloop", timeout_graceful_shutdown=10)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def serve_workers(settings: Settings, sock: socket.socket, *, log_level: str, access_log: bool) -> None:
+    """``serve --workers N``: N worker processes accept on one listening socket, each a whole
+    headfleet on the same data folder (as Ray replicas are), members of one group
+    (``service.peers``): ``/stats`` adds every worker's figures, ``/metrics`` every worker's series
+    (prometheus_client's multiprocess mode, ``<data>/run/<group>/prometheus``), and a backbone
+    reload reaches every worker. uvicorn's supervisor starts them, restarts one that dies, and stops
+    them all on SIGINT/SIGTERM; SIGHUP replaces them one at a time, each new one serving before the
+    old one stops. Each worker gets ``cores // N`` backbone threads unless ``threads`` is set."""
+    import dataclasses
+    import inspect
+    import json
+    import os
+
+    import uvicorn
+
+    from headfleet.service.peers import new_group
+
+    group = new_group()
+    threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
+    worker = dataclasses.replace(settings, peer_group=group, threads=threads)
+    prom = settings.layout.root / "run" / group / "prometheus"
+    prom.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom.resolve())  # read by prometheus_client in each worker
+    os.environ[SETTINGS_ENV] = json.dumps({f.name: getattr(worker, f.name) for f in dataclasses.fields(worker)},
+                                          default=str)
+    print(f"headfleet: {settings.workers} workers, {threads} backbone thread(s) each, group {group}",
+          file=sys.stderr)
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config("headfleet.service.server:worker_app", factory=True, workers=settings.workers,
+                            log_level=log_level, access_log=access_log, http="httptools", loop="uvloop",
+                            timeout_graceful_shutdown=10)
+    if "target" in inspect.signature(Multiprocess).parameters:  # older uvicorn releases also took the server's run
+        Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
+    else:
+        Multiprocess(config, sockets=[sock]).run()
+
+
+def worker_app():
+    """One ``serve --workers`` worker's app, from the settings its parent left in the environment;
+    the backbone is the data folder's recorded one at the worker's start (a worker restarted after a
+    reload loads the new one)."""
+    import dataclasses
+    import json
+    import os
+    from pathlib import Path
+
+    from headfleet.service.app import create_app
+
+    values = json.loads(os.environ[SETTINGS_ENV])
+    paths = {f.name for f in dataclasses.fields(Settings) if "Path" in str(f.type)}
+    values = {k: Path(v) if k in paths and v is not None else v for k, v in values.items()}
+    return create_app(Settings(**values).with_recorded_backbone())
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -81,10 +81,11 @@ class Service:
     started: float = dataclasses.field(default_factory=time.time)
 
     @classmethod
-    async def start(cls, settings: Settings, embedder=None) -> "Service":
+    async def start(cls, settings: Settings, embedder=None, stats=None) -> "Service":
+        """``stats``: the cache-hit figures to count on (a backbone reload passes the old service's)."""
         keys = KeyStore(settings.layout.keys, settings.api_keys,
                         settings.admin_key)
-        engine = await asyncio.to_thread(Engine.open, settings, embedder)
+        engine = await asyncio.to_thread(Engine.open, settings, embedder, stats)
         metrics = Metrics(redis=engine.redis)
         engine.corrupt_hooks.append(lambda _key: metrics.corrupt_versions.inc())
         engine.adapter_load_hooks.append(metrics.adapter_load.observe)
@@ -108,11 +109,11 @@ class Service:
                                   interval_s=settings.monitor_interval_s).attach().start()
         jobs.canary_hash = lambda tenant, name: service.monitor.book.scored_hash(  # as a monitor candidate names it
             tenant, name, (service.monitor.settings(tenant, name) or MonitorSettings()).rolling_canary)
-        metrics.registry.register(MonitorCollector(service.monitor))
+        metrics.register(MonitorCollector(service.monitor))
         # choosers run in this order: an experiment picks the arm, then the shadow joins it
         service.experiments = Experiments(engine, open_store(settings, "experiments")).attach().start()
         service.shadows = Shadows(engine, service.monitor.store, service.monitor.book).attach().start()
-        metrics.registry.register(ExperimentsCollector(service.experiments, service.shadows, engine))
+        metrics.register(ExperimentsCollector(service.experiments, service.shadows, engine))
         service.scoring = ScoringJobs(engine, scheduler_classify(service, asyncio.get_running_loop()),
                                       settings.scoring_root, settings.layout.jobs,
                                       batch_size=settings.batch_size)

@@ -119,8 +119,14 @@ class AdminController(Controller):
     async def reload_backbone(self, request: Request) -> dict:
         """After ``headfleet backbone apply`` or ``rollback``: loads the recorded backbone beside the
         serving one, holds new requests while those in flight finish, then swaps the service (the
-        backbone and its aliases together). 409 while a training job runs or another reload does."""
-        return await request.app.state.reloader.reload(request.app)
+        backbone and its aliases together). 409 while a training job runs or another reload does.
+        Under ``serve --workers`` (or Ray replicas) the other processes of the run follow, and the
+        answer waits for them: ``workers`` says which followed, which failed and why, which are pending."""
+        state = request.app.state
+        out = await state.reloader.reload(request.app)
+        if getattr(state, "peers", None) is not None:
+            out = {**out, "workers": await state.peers.spread_reload(state.service.engine.embedder.fingerprint)}
+        return out
 
     @delete("/namespaces/{namespace:str}", status_code=200, summary="Delete a shared namespace")
     async def delete_namespace(self, service: NamedDependency[Service], namespace: FromPath[str]) -> dict:

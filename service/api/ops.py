@@ -19,20 +19,33 @@ class OpsController(Controller):
     tags = ["operations"]
 
     @get("/stats", summary="Cache-hit report for the calling tenant")
-    async def stats(self, service: NamedDependency[Service], tenant: NamedDependency[str]) -> dict:
+    async def stats(self, request: Request, service: NamedDependency[Service], tenant: NamedDependency[str]) -> dict:
         """Hit rate per tier, per classifier, embeddings computed and avoided, since start and over the
         last minute / 5 minutes / hour; entries and bytes this tenant's namespace holds per tier.
-        Only the caller's own figures: another tenant's traffic never shows here."""
+        Only the caller's own figures: another tenant's traffic never shows here.
+
+        Under ``serve --workers`` (or Ray replicas) the figures are every process's of this run, each
+        other process's at most a second old (``service.peers``); ``processes`` counts those that
+        reported; ``held.memory`` is the answering process's own memory tier."""
         engine = service.engine
-        snap = engine.tenant_stats(tenant)
+        peers = getattr(request.app.state, "peers", None)
+        started, waiting, others = service.started, service.scheduler.waiting_for(tenant), []
+        members = 1
+        if peers is not None:
+            others, beats = await asyncio.to_thread(lambda: (peers.figures_of(tenant), peers.members()))
+            members += len(beats)
+            started = min([peers.started, *(b.get("started", peers.started) for b in beats)])
+            waiting += sum(int((b.get("waiting") or {}).get(tenant, 0)) for b in beats if b["live"])
+        snap = engine.tenant_stats(tenant, others)
         windows = snap.pop("windows")
         return {
             "tenant": tenant,
-            "uptime_s": round(time.time() - service.started, 1),
+            "uptime_s": round(time.time() - started, 1),
+            "processes": members,
             "since_start": snap,
             "windows": windows,
             "held": engine.cache.held(engine.namespace_for(tenant, None)),
-            "queue": {"texts_waiting": service.scheduler.waiting_for(tenant)},
+            "queue": {"texts_waiting": waiting},
         }
 
     @get("/metrics", summary="Prometheus metrics (admin key when keys are configured)", media_type=MediaType.TEXT,
