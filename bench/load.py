@@ -20,7 +20,7 @@ headfleet must answer a repeat from its memory tier and compute a new text (what
 claim to measure). Otherwise no figure is printed. Throughput and latency count only 200 answers;
 every other status is counted beside them.
 
-    .venv/bin/python bench/load.py [--seconds 10] [--connections 16] [--skip-peer]
+    .venv/bin/python bench/load.py [--seconds 10] [--connections 16] [--skip-peer] [--workers N]
 """
 
 from __future__ import annotations
@@ -67,6 +67,16 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise RuntimeError(f"{url} did not become ready")
 
 
+def wait_workers(port: int, workers: int, timeout: float = 300) -> None:
+    """Until every worker has started (``/stats`` counts the processes that report)."""
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"http://127.0.0.1:{port}/stats", headers={"Authorization": f"Bearer {KEYS['a']}"},
+                    timeout=10).json().get("processes", 1) < workers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{workers} workers did not all start")
+        time.sleep(0.5)
+
+
 def train_classifiers(data_dir: Path, n: int) -> list[str]:
     """The same n classifiers for tenants a and b, trained in this process before the server starts."""
     from headfleet.heads import load_examples
@@ -87,9 +97,10 @@ def train_classifiers(data_dir: Path, n: int) -> list[str]:
     return names
 
 
-def start_headfleet(data_dir: Path, port: int) -> subprocess.Popen:
+def start_headfleet(data_dir: Path, port: int, workers: int = 1) -> subprocess.Popen:
     env = dict(os.environ, HEADFLEET_DATA_DIR=str(data_dir), HEADFLEET_PORT=str(port),
-               HEADFLEET_API_KEYS=",".join(f"{t}:{k}" for t, k in KEYS.items()), HEADFLEET_DEVICE="cpu")
+               HEADFLEET_API_KEYS=",".join(f"{t}:{k}" for t, k in KEYS.items()), HEADFLEET_DEVICE="cpu",
+               HEADFLEET_WORKERS=str(workers))
     return subprocess.Popen([sys.executable, "-c", "from headfleet.service.cli import main; main()", "serve",
                              "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL)
 
@@ -162,7 +173,7 @@ def bodies(texts_per_request: int, classifiers: list[str], unique: bool, tag: st
         yield json.dumps({"texts": texts, "classifiers": classifiers}).encode()
 
 
-def verify(hf_port: int, peer_port: int | None, classifiers: list[str]) -> list[str]:
+def verify(hf_port: int, peer_port: int | None, classifiers: list[str], workers: int = 1) -> list[str]:
     """The checks made before any timed phase (see the module docstring); returns the lines to print."""
     texts = sms_texts(64)
     body = {"texts": texts, "classifiers": classifiers}
@@ -188,9 +199,13 @@ def verify(hf_port: int, peer_port: int | None, classifiers: list[str]) -> list[
     auth = {"Authorization": f"Bearer {KEYS['a']}"}
     first = httpx.post(f"http://127.0.0.1:{hf_port}/classify", json=one, headers=auth, timeout=60).json()
     again = httpx.post(f"http://127.0.0.1:{hf_port}/classify", json=one, headers=auth, timeout=60).json()
-    if first["cache"]["computed"] != 1 or again["cache"]["computed"] != 0 or again["cache"]["hits"]["memory"] != 1:
+    # with several workers the repeat may reach another worker, whose memory tier has not seen the text
+    # yet: the shared local store answers it there
+    tiers = ("memory",) if workers == 1 else ("memory", "local")
+    if first["cache"]["computed"] != 1 or again["cache"]["computed"] != 0 or \
+            sum(again["cache"]["hits"][t] for t in tiers) != 1:
         refuse(f"headfleet's cache does not behave as phases a and b assume: {first['cache']}, then {again['cache']}")
-    lines.append("headfleet: a new text is computed once, its repeat is a memory hit")
+    lines.append(f"headfleet: a new text is computed once, its repeat is a {' or '.join(tiers)} hit")
     return lines
 
 
@@ -229,6 +244,8 @@ def main() -> None:
     ap.add_argument("--flood-connections", type=int, default=4)
     ap.add_argument("--classifiers", type=int, default=5)
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="headfleet serve --workers N (worker processes on one port; default 1)")
     args = ap.parse_args()
     begin("HTTP load on loopback: headfleet vs a naive encode + predict_proba server")
 
@@ -236,15 +253,17 @@ def main() -> None:
         names = train_classifiers(Path(tmp), args.classifiers)
         results = {}
         hf_port, peer_port = free_port(), None if args.skip_peer else free_port()
-        procs = [start_headfleet(Path(tmp), hf_port)]
+        procs = [start_headfleet(Path(tmp), hf_port, args.workers)]
         if peer_port is not None:
             procs.append(start_peer(peer_port, args.classifiers))
         try:
             for port, proc in zip((hf_port, peer_port), procs):
                 wait_ready(f"http://127.0.0.1:{port}", proc)
-            checked = verify(hf_port, peer_port, names)  # both up, neither timed yet
+            wait_workers(hf_port, args.workers)
+            checked = verify(hf_port, peer_port, names, args.workers)  # both up, neither timed yet
             served = httpx.get(f"http://127.0.0.1:{hf_port}/info").json()["backbone"]
-            checked.insert(0, f"headfleet serves {served['backend']} {served['precision']} ({served['source']})")
+            checked.insert(0, f"headfleet serves {served['backend']} {served['precision']} ({served['source']}), "
+                              f"{args.workers} worker process(es)")
             print("\n".join(checked), flush=True)
             # one side timed at a time; the other server sits idle
             results["headfleet"] = asyncio.run(run_phases(hf_port, names, args, True, "hf"))

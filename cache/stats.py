@@ -182,16 +182,12 @@ class CacheStats:
         tenant figures over the last minute, 5 minutes and hour. ``peers``: the same tenant's raw
         figures from the other processes serving the folder (:meth:`export`), added in.
         """
+        if peers:
+            return self.merged(tenant, peers).snapshot(tenant)
         now = self._clock()
         minute = int(now // BUCKET_S)
         with self._lock:
             t = self._tenants.get(tenant) or _Tenant()
-            if peers:
-                merged = _Tenant()
-                merged.merge_raw(t.raw())
-                for raw in peers:
-                    merged.merge_raw(raw)
-                t = merged
             out = _summary(t.total, t.computed, t.fanout)
             out["classifiers"] = {name: c.as_dict() for name, c in t.classifiers.items()}
             windows = {}
@@ -204,6 +200,20 @@ class CacheStats:
                         fanout += b.fanout
                 windows[label] = _summary(counts, computed, fanout)
         out["windows"] = windows
+        return out
+
+    def merged(self, tenant: str, peers: Sequence[dict[str, Any]]) -> "CacheStats":
+        """A CacheStats holding ``tenant``'s figures only: this one's plus ``peers``' raw figures of
+        the same tenant (the other processes of a serving group), on the same clock."""
+        out = CacheStats(self._clock)
+        out.started = self.started
+        t = out._tenant(tenant)
+        with self._lock:
+            own = self._tenants.get(tenant)
+            if own is not None:
+                t.merge_raw(own.raw())
+        for raw in peers:
+            t.merge_raw(raw)
         return out
 
     def tenants(self) -> list[str]:

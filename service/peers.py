@@ -208,6 +208,14 @@ class Peers:
                     out.append(raw)
         return out
 
+    def tenants(self) -> set[str]:
+        """Tenants any other member has figures for (the operator's views only)."""
+        out = set()
+        for folder in self.root.iterdir():
+            if folder.is_dir() and folder.name != self.member:
+                out.update(urllib.parse.unquote(f.name[:-5]) for f in folder.glob("*.json"))
+        return out
+
     # -- reload ----------------------------------------------------------------------------------
     def followed(self, generation: int, note: dict[str, Any]) -> None:
         """This member has followed reload ``generation`` (``note``: its outcome); published now."""
@@ -239,3 +247,46 @@ class Peers:
                   if k not in waiting and (m.get("reload") or {}).get("error")}
         return {"members": len(beats) + 1, "followed": sorted(k for k in beats if k not in waiting and k not in failed),
                 "pending": sorted(waiting), "failed": failed}
+
+
+# -- the group's reports -------------------------------------------------------------------------------
+async def read_group(peers: Peers | None, tenant: str) -> tuple[float, list, list] | None:
+    """The other members' part of ``tenant``'s report, read off the event loop: (this member's
+    start, their raw figures of ``tenant``, their heartbeats); None outside a group."""
+    if peers is None:
+        return None
+    figures, beats = await asyncio.to_thread(lambda: (peers.figures_of(tenant), peers.members()))
+    return peers.started, figures, beats
+
+
+def stats_report(service, tenant: str, group: tuple[float, list, list] | None) -> dict[str, Any]:
+    """What ``GET /stats`` answers for ``tenant``: ``{"tenant", "uptime_s", "processes",
+    "since_start", "windows": {"1m", "5m", "1h"}, "held", "queue"}``, the group's figures with
+    ``group`` (:func:`read_group`). Only this tenant's figures are read, here and in the other
+    members' files. Runs on the event loop (it reads the scheduler and the memory tier)."""
+    engine = service.engine
+    started, waiting, others, members = service.started, service.scheduler.waiting_for(tenant), [], 1
+    if group is not None:
+        mine, others, beats = group
+        members += len(beats)
+        started = min([mine, *(b.get("started", mine) for b in beats)])
+        waiting += sum(int((b.get("waiting") or {}).get(tenant, 0)) for b in beats if b["live"])
+    snap = engine.tenant_stats(tenant, others)
+    windows = snap.pop("windows")
+    return {"tenant": tenant, "uptime_s": round(time.time() - started, 1), "processes": members,
+            "since_start": snap, "windows": windows, "held": engine.cache.held(engine.namespace_for(tenant, None)),
+            "queue": {"texts_waiting": waiting}}
+
+
+async def every_tenant(service, peers: Peers | None) -> dict[str, dict[str, Any]]:
+    """Tenant -> its cache figures (``CacheStats.snapshot``), the group's when ``peers`` is given:
+    the operator's view (``GET /admin/stats``, the dashboard's fleet page)."""
+    e = service.engine
+    if peers is None:
+        return {t: e.tenant_stats(t) for t in e.stats.tenants()}
+
+    def read() -> dict[str, list]:
+        return {t: peers.figures_of(t) for t in set(e.stats.tenants()) | peers.tenants()}
+
+    figures = await asyncio.to_thread(read)
+    return {t: e.tenant_stats(t, figures[t]) for t in sorted(figures)}

@@ -177,7 +177,10 @@ def application(settings: Settings, *, replicas: int | None = None, autoscale: t
     if replicas is not None and replicas < 1:
         raise ValidationError(f"--replicas must be at least 1, not {replicas}")
     cpus = 1.0 if num_cpus is None else float(num_cpus)
-    settings = absolute(settings)
+    from headfleet.service.peers import new_group
+
+    # the replicas are one group (service.peers): /stats adds up theirs, a backbone reload reaches each
+    settings = dataclasses.replace(absolute(settings), peer_group=settings.peer_group or new_group())
     if settings.threads is None:
         settings = dataclasses.replace(settings, threads=max(1, int(cpus)))
     options: dict[str, Any] = {

@@ -12,6 +12,7 @@ from litestar.params import FromPath, JSONBody
 from headfleet.errors import ValidationError
 from headfleet.names import check_name
 from headfleet.service.api.deps import admin_guard
+from headfleet.service.peers import every_tenant
 from headfleet.service.state import Service
 
 
@@ -69,10 +70,12 @@ class AdminController(Controller):
         return {"revoked": key_id, "tenant": entry["tenant"]}
 
     @get("/stats", summary="Every tenant's cache figures and bytes held per tier (operator view)")
-    async def stats(self, service: NamedDependency[Service]) -> dict:
+    async def stats(self, request: Request, service: NamedDependency[Service]) -> dict:
+        """Under ``serve --workers`` (or Ray replicas) the tenants' figures are the whole group's;
+        tiers and scheduler are the answering process's."""
         e = service.engine
         return {"tiers": {"bytes": e.cache.nbytes(), "errors": dict(e.cache.tier_errors)},
-                "tenants": {t: e.tenant_stats(t) for t in e.stats.tenants()},
+                "tenants": await every_tenant(service, getattr(request.app.state, "peers", None)),
                 "scheduler": {"batches": service.scheduler.batches, "rejected": service.scheduler.rejected,
                               "dropped_requests": service.scheduler.dropped_requests,
                               "dropped_texts": service.scheduler.dropped_texts}}

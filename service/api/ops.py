@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 from litestar.di import NamedDependency
 from litestar import Controller, MediaType, Request, Response, get
@@ -12,6 +11,7 @@ from headfleet import __version__
 from headfleet.service.api.deps import metrics_guard
 from headfleet.service.api.embeddings import backbone_name
 from headfleet.service.auth import key_from_headers
+from headfleet.service.peers import read_group, stats_report
 from headfleet.service.state import Service
 
 
@@ -27,26 +27,7 @@ class OpsController(Controller):
         Under ``serve --workers`` (or Ray replicas) the figures are every process's of this run, each
         other process's at most a second old (``service.peers``); ``processes`` counts those that
         reported; ``held.memory`` is the answering process's own memory tier."""
-        engine = service.engine
-        peers = getattr(request.app.state, "peers", None)
-        started, waiting, others = service.started, service.scheduler.waiting_for(tenant), []
-        members = 1
-        if peers is not None:
-            others, beats = await asyncio.to_thread(lambda: (peers.figures_of(tenant), peers.members()))
-            members += len(beats)
-            started = min([peers.started, *(b.get("started", peers.started) for b in beats)])
-            waiting += sum(int((b.get("waiting") or {}).get(tenant, 0)) for b in beats if b["live"])
-        snap = engine.tenant_stats(tenant, others)
-        windows = snap.pop("windows")
-        return {
-            "tenant": tenant,
-            "uptime_s": round(time.time() - started, 1),
-            "processes": members,
-            "since_start": snap,
-            "windows": windows,
-            "held": engine.cache.held(engine.namespace_for(tenant, None)),
-            "queue": {"texts_waiting": waiting},
-        }
+        return stats_report(service, tenant, await read_group(getattr(request.app.state, "peers", None), tenant))
 
     @get("/metrics", summary="Prometheus metrics (admin key when keys are configured)", media_type=MediaType.TEXT,
          guards=[metrics_guard])

@@ -45,6 +45,7 @@ from headfleet.service.auth import SINGLE_TENANT, digest
 from headfleet.service.dashboard import charts, data
 from headfleet.service.dashboard.session import (COOKIE_PATH, CSRF_COOKIE, CSRF_SECONDS, SESSION_COOKIE, Session,
                                                  Signer, load_secret)
+from headfleet.service.peers import every_tenant, read_group
 from headfleet.service.state import Service
 
 MAX_KEY_CHARS = 512
@@ -285,7 +286,8 @@ class DashboardController(Controller):
             return _to_login()
         if not session.admin:
             raise ForbiddenError("the fleet view needs the admin key")
-        view = await asyncio.to_thread(data.fleet_view, service)
+        per = await every_tenant(service, getattr(request.app.state, "peers", None))
+        view = await asyncio.to_thread(data.fleet_view, service, per)
         listing = data.paginate(view["tenants"], q, page)
         ranked = sorted(((t, s["computed"], s["embeddings_avoided"]) for t, s in view["stats"].items()),
                         key=lambda r: -(r[1] + r[2]))
@@ -302,11 +304,14 @@ class DashboardController(Controller):
         if session is None:
             return _to_login()
 
+        group = await read_group(getattr(request.app.state, "peers", None), tenant_name)
+
         def gather() -> dict[str, Any]:
-            stats = data.stats_view(service, tenant_name)
+            stats = data.stats_view(service, tenant_name, group)
             names = data.classifier_names(service.engine.registry, tenant_name)
             listing = data.paginate(names, q, page)
-            series = data.minute_series(service.engine.stats, tenant_name)
+            counts = service.engine.stats if group is None else service.engine.stats.merged(tenant_name, group[1])
+            series = data.minute_series(counts, tenant_name)
             return {"stats": stats, "listing": listing,
                     "rows": data.classifier_rows(service, tenant_name, listing.items, stats),
                     "experiments": data.experiments_view(service, tenant_name),
@@ -329,9 +334,11 @@ class DashboardController(Controller):
         if session is None:
             return _to_login()
 
+        group = await read_group(getattr(request.app.state, "peers", None), tenant_name)
+
         def gather() -> dict[str, Any]:
             view = data.classifier_view(service, tenant_name, ref)
-            stats = data.stats_view(service, tenant_name)
+            stats = data.stats_view(service, tenant_name, group)
             windows, settings = view["monitor"]["windows"], view["monitor"]["settings"]
             view["cache"] = stats["since_start"].get("classifiers", {}).get(view["name"])
             view["charts"] = {} if not windows else {

@@ -47,15 +47,12 @@ def paginate(names: Sequence[str], query: str, number: int, size: int = PAGE_SIZ
     return Page(hits[(number - 1) * size: number * size], number, size, pages, len(hits), len(names), query.strip())
 
 
-def stats_view(service, tenant: str) -> dict[str, Any]:
-    """Exactly what ``GET /stats`` answers for ``tenant`` (``{"tenant", "uptime_s", "since_start",
-    "windows": {"1m", "5m", "1h"}, "held", "queue"}``); only this tenant's counters are read."""
-    engine = service.engine
-    snap = engine.tenant_stats(tenant)
-    windows = snap.pop("windows")
-    return {"tenant": tenant, "uptime_s": round(time.time() - service.started, 1), "since_start": snap,
-            "windows": windows, "held": engine.cache.held(engine.namespace_for(tenant, None)),
-            "queue": {"texts_waiting": service.scheduler.waiting_for(tenant)}}
+def stats_view(service, tenant: str, group=None) -> dict[str, Any]:
+    """Exactly what ``GET /stats`` answers for ``tenant`` (``service.peers.stats_report``; ``group``:
+    the other workers' part, ``read_group``); only this tenant's counters are read."""
+    from headfleet.service.peers import stats_report
+
+    return stats_report(service, tenant, group)
 
 
 def forwards_saved(avoided: int, batch_texts: int) -> int:
@@ -141,11 +138,11 @@ def tenant_exists(service, tenant: str) -> bool:
     return tenant in known_tenants(service)
 
 
-def fleet_view(service) -> dict[str, Any]:
+def fleet_view(service, per: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """What ``GET /admin/stats`` answers, plus per tenant its classifier count and key count, and the
-    fleet's totals (sums over tenants of lookups, hits per tier, misses, computed, avoided)."""
+    fleet's totals (sums over tenants of lookups, hits per tier, misses, computed, avoided). ``per``:
+    tenant -> cache figures (``service.peers.every_tenant``)."""
     e = service.engine
-    per = {t: e.tenant_stats(t) for t in e.stats.tenants()}
     tenants = known_tenants(service)
     keys = service.keys.tenants()
     total = {"lookups": 0, "hits": dict.fromkeys(TIER_NAMES, 0), "misses": 0, "computed": 0,

@@ -156,6 +156,31 @@ def test_answers_equal_the_single_process_service(cluster, minilm, sms_spam_path
             assert vecs.shape == want_vecs.shape and np.abs(vecs - want_vecs).max() <= 1e-6
 
 
+def test_stats_from_either_replica_add_up_both(cluster):
+    """The replicas are one group (``service.peers``): /stats counts every replica's lookups, a peer's
+    within about a second, whichever replica answers."""
+    sent = []
+
+    def classify():
+        sent.append(1)
+        return acme.post("/classify", json={"texts": [f"count me {time.time_ns()}"], "classifiers": ["spam"]})
+
+    with cluster.client(cluster.keys["acme"]) as acme:
+        time.sleep(1.5)  # the figures of earlier tests have reached the other replica
+        before = {tag(r): r.json()["since_start"]["lookups"] for r in from_each(lambda: acme.get("/stats")).values()}
+        assert len(set(before.values())) == 1, before
+        for r in from_each(classify).values():
+            assert r.status_code == 200, r.text
+        want = next(iter(before.values())) + len(sent)
+        deadline = time.monotonic() + 30
+        while True:
+            now = {k: r.json() for k, r in from_each(lambda: acme.get("/stats")).items()}
+            if all(s["since_start"]["lookups"] == want and s["processes"] == 2 for s in now.values()):
+                break
+            assert time.monotonic() < deadline, (want, now)
+            time.sleep(0.3)
+
+
 def test_tenants_stay_isolated_across_replicas(cluster):
     with cluster.client(cluster.keys["globex"]) as globex, cluster.client(cluster.keys["acme"]) as acme:
         jobs = acme.get("/jobs").json()["jobs"]

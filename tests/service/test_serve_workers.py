@@ -132,6 +132,9 @@ def test_workers_share_the_report_the_metrics_and_a_reload_and_a_dead_worker_los
     other = _stats(base, "bob")  # another tenant sees none of it
     assert other["since_start"]["lookups"] == 0 and other["since_start"]["classifiers"] == {}
 
+    fleet = httpx.get(base + "/admin/stats", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30).json()
+    assert fleet["tenants"]["acme"]["lookups"] == 40  # the operator's view adds up the workers too
+
     metrics = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30).text
     count = re.search(r'headfleet_request_seconds_count\{endpoint="/classify",status="2xx"\} (\S+)', metrics)
     assert count and float(count.group(1)) == 40.0, metrics[:2000]
