@@ -65,21 +65,19 @@ def serve(settings: Settings, *, log_level: str = "info", access_log: bool = Fal
 
 
 def serve_workers(settings: Settings, sock: socket.socket, *, log_level: str, access_log: bool) -> None:
-    """``serve --workers N``: N worker processes accept on one listening socket, each a whole
-    headfleet on the same data folder (as Ray replicas are), members of one group
-    (``service.peers``): ``/stats`` adds every worker's figures, ``/metrics`` every worker's series
-    (prometheus_client's multiprocess mode, ``<data>/run/<group>/prometheus``), and a backbone
-    reload reaches every worker. uvicorn's supervisor starts them, restarts one that dies, and stops
-    them all on SIGINT/SIGTERM; SIGHUP replaces them one at a time, each new one serving before the
-    old one stops. Each worker gets ``cores // N`` backbone threads unless ``threads`` is set."""
+    """``serve --workers N``: N worker processes on ``settings.port`` (``service.workers``: each its
+    own ``SO_REUSEPORT`` socket, restarted when it dies), each a whole headfleet on the same data
+    folder (as Ray replicas are), members of one group (``service.peers``): ``/stats`` adds every
+    worker's figures, ``/metrics`` every worker's series (prometheus_client's multiprocess mode,
+    ``<data>/run/<group>/prometheus``), and a backbone reload reaches every worker. Each worker gets
+    ``cores // N`` backbone threads unless ``threads`` is set. ``sock``: the port, checked free; closed
+    here, as each worker binds its own."""
     import dataclasses
-    import inspect
     import json
     import os
 
-    import uvicorn
-
     from headfleet.service.peers import new_group
+    from headfleet.service.workers import Supervisor
 
     group = new_group()
     threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
@@ -91,15 +89,12 @@ def serve_workers(settings: Settings, sock: socket.socket, *, log_level: str, ac
                                           default=str)
     print(f"headfleet: {settings.workers} workers, {threads} backbone thread(s) each, group {group}",
           file=sys.stderr)
-    from uvicorn.supervisors import Multiprocess
-
-    config = uvicorn.Config("headfleet.service.server:worker_app", factory=True, workers=settings.workers,
-                            log_level=log_level, access_log=access_log, http="httptools", loop="uvloop",
-                            timeout_graceful_shutdown=10)
-    if "target" in inspect.signature(Multiprocess).parameters:  # older uvicorn releases also took the server's run
-        Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
-    else:
-        Multiprocess(config, sockets=[sock]).run()
+    sock.close()
+    code = Supervisor(settings.workers, settings.host, settings.port,
+                      {"log_level": log_level, "access_log": access_log, "http": "httptools", "loop": "uvloop",
+                       "timeout_graceful_shutdown": 10}).run()
+    if code:
+        sys.exit(code)
 
 
 def worker_app():

@@ -132,9 +132,14 @@ def test_workers_share_the_report_the_metrics_and_a_reload_and_a_dead_worker_los
     other = _stats(base, "bob")  # another tenant sees none of it
     assert other["since_start"]["lookups"] == 0 and other["since_start"]["classifiers"] == {}
 
-    fleet = httpx.get(base + "/admin/stats", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30).json()
-    assert fleet["tenants"]["acme"]["lookups"] == 40  # the operator's view adds up the workers too
+    def fleet():
+        """the operator's view (whichever worker answers) adds up the workers too"""
+        return httpx.get(base + "/admin/stats", headers={"Authorization": f"Bearer {ADMIN}"},
+                         timeout=30).json()["tenants"]["acme"]["lookups"] == 40
 
+    _wait(fleet, 10)  # another worker's figures are at most a second old
+
+    # Prometheus' multiprocess files are written as each request is counted: no wait
     metrics = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30).text
     count = re.search(r'headfleet_request_seconds_count\{endpoint="/classify",status="2xx"\} (\S+)', metrics)
     assert count and float(count.group(1)) == 40.0, metrics[:2000]
@@ -172,3 +177,14 @@ def test_workers_share_the_report_the_metrics_and_a_reload_and_a_dead_worker_los
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     assert all(m["stopped"] for m in _members(data) if m["pid"] != victim)  # each wrote its last figures
+
+
+def test_a_worker_that_cannot_start_stops_serve_with_an_error(tmp_path):
+    """A setting every worker fails on ends ``serve`` with exit 1, not a restart loop."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HEADFLEET_DATA_DIR=str(tmp_path / "data"), HEADFLEET_DEVICE="cpu",
+               HEADFLEET_BACKEND="torch", HEADFLEET_PRECISION="fp32", HEADFLEET_MAX_LENGTH="100000")
+    proc = subprocess.run([sys.executable, "-m", "headfleet.service.cli", "serve", "--port", str(free_port()),
+                           "--workers", "2", "--no-examples", "--log-level", "warning"], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "max_length 100000 is outside" in proc.stderr and "failed to start" in proc.stderr
