@@ -22,7 +22,7 @@ from headfleet.service.api.ops import OpsController
 from headfleet.service.dashboard import DashboardController
 from headfleet.service.backbone_admin import PlanJob, Reloader, reload_gate
 from headfleet.service.errors import HANDLERS
-from headfleet.service.metrics import ENDPOINTS, Metrics
+from headfleet.service.metrics import ENDPOINTS, Metrics, refresh_gauges
 from headfleet.service.openapi import document_errors, openapi_config
 from headfleet.service.request import HeadfleetRequest
 from headfleet.service.state import Service
@@ -96,30 +96,63 @@ def _index_options(app: Litestar) -> None:
     app.state.allow = allow
 
 
-def _join_group(app: Litestar, settings: Settings, loop: asyncio.AbstractEventLoop):
+class _Member:
     """This process as a member of its serving group (``service.peers``): it publishes its cache
-    figures and heartbeat, and follows a backbone reload another member was asked for."""
-    from headfleet.service.peers import Peers
+    figures, gauges and heartbeat, and follows a backbone reload another member was asked for, one
+    at a time (a newer request met during a follow is followed next)."""
 
-    def figures(changed_only: bool) -> dict:
-        return app.state.service.engine.stats.export(changed_only=changed_only)  # a reload keeps the figures
+    FOLLOW_WAIT_S = 120.0  # how long shutdown waits for a follow in progress (a backbone load)
 
-    def heartbeat() -> dict:
-        service = app.state.service
-        return {"fingerprint": service.engine.embedder.fingerprint, "waiting": service.scheduler.waiting_by_tenant()}
+    def __init__(self, app: Litestar, settings: Settings, loop: asyncio.AbstractEventLoop):
+        from headfleet.service.peers import Peers
 
-    async def follow(generation: int) -> None:
-        try:
-            out = await app.state.reloader.reload(app, in_request=False)
-            note = {"generation": generation, "reloaded": out["reloaded"], "paused_ms": out["paused_ms"]}
-        except Exception as exc:  # said in the heartbeat, so the member that asked reports it
-            log.exception("following the group's backbone reload failed")
-            note = {"generation": generation, "error": str(exc)}
-        await asyncio.to_thread(peers.followed, generation, note)
+        self.app, self.loop = app, loop
+        self.asked = 0  # the newest reload generation asked for
+        self.task: asyncio.Future | None = None
+        self.peers = Peers(settings.data_dir, settings.peer_group, heartbeat=self.heartbeat, figures=self.figures,
+                           on_reload=lambda g: loop.call_soon_threadsafe(self.want, g))
 
-    peers = Peers(settings.data_dir, settings.peer_group, heartbeat=heartbeat, figures=figures,
-                  on_reload=lambda generation: asyncio.run_coroutine_threadsafe(follow(generation), loop))
-    return peers.start()
+    def start(self) -> None:
+        """Blocking. A member starts one generation behind, and checks at once that it serves the
+        backbone the folder records (a reload may have landed while it loaded its backbone)."""
+        self.peers.start()
+        if self.peers.generation:
+            self.peers.generation -= 1
+            self.loop.call_soon_threadsafe(self.want, self.peers.generation + 1)
+
+    def figures(self, changed_only: bool) -> dict:
+        return self.app.state.service.engine.stats.export(changed_only=changed_only)  # a reload keeps them
+
+    def heartbeat(self) -> dict:
+        service = self.app.state.service
+        beat = {"fingerprint": service.engine.embedder.fingerprint, "waiting": service.scheduler.waiting_by_tenant()}
+        if service.metrics.multiprocess:
+            refresh_gauges(service)  # the other workers' scrapes read them from the multiprocess files
+            beat["counters"] = service.metrics.local_counters()
+        return beat
+
+    def want(self, generation: int) -> None:
+        """On the event loop: follow ``generation`` (now, or after the follow in progress)."""
+        self.asked = max(self.asked, generation)
+        if (self.task is None or self.task.done()) and not self.app.state.reloader.closing:
+            self.task = asyncio.ensure_future(self._follow())
+
+    async def _follow(self) -> None:
+        while self.asked > self.peers.generation and not self.app.state.reloader.closing:
+            generation = self.asked
+            try:
+                out = await self.app.state.reloader.reload(self.app, in_request=False)
+                note = {"generation": generation, "reloaded": out["reloaded"], "paused_ms": out["paused_ms"]}
+            except Exception as exc:  # said in the heartbeat, so the member that asked reports it
+                log.exception("following the group's backbone reload failed")
+                note = {"generation": generation, "error": str(exc)}
+            await asyncio.to_thread(self.peers.followed, generation, note)
+
+    async def settle(self) -> None:
+        """Once the Reloader is closing: waits for a follow in progress (it will not swap)."""
+        if self.task is not None and not self.task.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self.task), self.FOLLOW_WAIT_S)
 
 
 def create_app(settings: Settings | None = None, *, embedder=None) -> Litestar:
@@ -131,16 +164,21 @@ def create_app(settings: Settings | None = None, *, embedder=None) -> Litestar:
         app.state.service = await Service.start(settings, embedder)
         app.state.plan_job = PlanJob(settings)
         app.state.reloader = Reloader()
-        app.state.peers = None
-        if settings.peer_group:
-            app.state.peers = await asyncio.to_thread(_join_group, app, settings, asyncio.get_running_loop())
+        app.state.peers = member = None
         try:
+            if settings.peer_group:
+                member = _Member(app, settings, asyncio.get_running_loop())
+                await asyncio.to_thread(member.start)
+                app.state.peers = member.peers
             yield
         finally:
             app.state.plan_job.close()
+            app.state.reloader.closing = True  # no reload starts, and one in progress does not swap
+            if member is not None:
+                await member.settle()
             await app.state.service.stop()  # the one serving now: a backbone reload may have replaced it
-            if app.state.peers is not None:
-                await asyncio.to_thread(app.state.peers.close)  # after the stop: its last figures are written
+            if member is not None:
+                await asyncio.to_thread(member.peers.close)  # after the stop: its last figures are written
                 Metrics.process_exited()
 
     app = Litestar(

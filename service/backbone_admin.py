@@ -242,6 +242,7 @@ class Reloader:
         self.open = asyncio.Event()
         self.open.set()
         self.running = False
+        self.closing = False  # the app is stopping: no reload starts, none swaps
         self.last: dict[str, Any] | None = None
 
     async def reload(self, app, *, load_embedder=None, in_request: bool = True) -> dict[str, Any]:
@@ -253,6 +254,8 @@ class Reloader:
         from headfleet.embedder import Embedder
         from headfleet.service.state import Service
 
+        if self.closing:
+            raise ConflictError("the service is stopping")
         if self.running:
             raise ConflictError("a backbone reload is already running")
         self.running = True
@@ -273,6 +276,8 @@ class Reloader:
             if embedder.fingerprint == old.engine.embedder.fingerprint:
                 return {"reloaded": False, "from": before, "to": before, "paused_ms": 0.0,
                         "reason": "the recorded backbone has the serving backbone's fingerprint"}
+            if self.closing:
+                raise ConflictError("the service is stopping; the backbone was not swapped")
             t0 = time.perf_counter()
             self.open.clear()
             try:

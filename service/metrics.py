@@ -114,24 +114,74 @@ class Metrics:
         if computed:
             self.computed.inc(computed)
 
-    def render(self) -> bytes:
+    def local_counters(self) -> dict[str, float]:
+        """The counters of the scrape-time collectors (monitor, experiments, Redis) as this process
+        counts them, name -> value: what a worker publishes in its heartbeat for the others' scrapes."""
+        out: dict[str, float] = {}
+        for collector in self._custom:
+            for family in collector.collect():
+                if family.type == "counter":
+                    out[family.name] = sum(x.value for x in family.samples if x.name.endswith("_total"))
+        return out
+
+    def render(self, peer_counters: list[dict[str, float]] = ()) -> bytes:
+        """The exposition text. Under ``serve --workers`` (multiprocess mode): every worker's series
+        from the multiprocess files, and the scrape-time collectors' counters summed with
+        ``peer_counters`` (the other workers' :meth:`local_counters`, dead ones included, so a sum
+        never goes back); their gauges are the answering worker's reading of shared state."""
         if not self.multiprocess:
             return generate_latest(self.registry)
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        for collector in self._custom:
-            registry.register(collector)
+        registry.register(_Summed(self._custom, peer_counters))
         return generate_latest(registry)
 
     @staticmethod
-    def process_exited() -> None:
-        """This worker is stopping: its live gauges leave the multiprocess sums (counters stay)."""
+    def process_exited(pid: int | None = None) -> None:
+        """A worker (this one by default) stopped or died: its live gauges leave the multiprocess
+        sums (counters stay). The parent of ``serve --workers`` calls it for a worker that died."""
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             from prometheus_client import multiprocess
 
-            multiprocess.mark_process_dead(os.getpid())
+            multiprocess.mark_process_dead(pid or os.getpid())
+
+
+class _Summed:
+    """The scrape-time collectors with each counter family's value summed over the workers."""
+
+    def __init__(self, collectors: list[Any], peer_counters: list[dict[str, float]]) -> None:
+        self.collectors, self.peer_counters = collectors, peer_counters
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        for collector in self.collectors:
+            for family in collector.collect():
+                if family.type != "counter":
+                    yield family
+                    continue
+                own = sum(x.value for x in family.samples if x.name.endswith("_total"))
+                total = own + sum(float(p.get(family.name, 0.0)) for p in self.peer_counters)
+                yield CounterMetricFamily(family.name, family.documentation, value=total)
+
+
+def refresh_gauges(service) -> None:
+    """Set the gauges read from the service's state (heads loaded, queue depth, adapter slots). Called
+    at each scrape, and under ``serve --workers`` at each heartbeat, so the multiprocess sums hold
+    every worker's present values rather than those of its last scrape. Safe off the event loop."""
+    m, e = service.metrics, service.engine
+    m.heads_loaded.set(len(e.fleet))
+    m.queue_depth.set(service.scheduler.waiting)
+    if e.adapters is not None:
+        snap = e.adapters.snapshot()
+        m.adapters.labels("slots").set(snap["slots"])
+        m.adapters.labels("slots_used").set(snap["slots_used"])
+        m.adapters.labels("loaded").set(snap["loaded"])
+        for event in ("disk_loads", "slot_loads", "slot_hits", "slot_evictions", "host_evictions"):
+            m.adapter_events.labels(event).set(snap[event])
 
 
 class _RedisCollector:

@@ -73,13 +73,14 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def _held(lock: Path) -> bool:
-    """Whether another process holds ``lock``'s flock (a live member)."""
+    """Whether another process holds ``lock``'s flock (a live member holds it exclusively). The probe
+    asks for a shared lock, so two probes at once never see each other as a live member."""
     try:
-        fd = os.open(lock, os.O_RDWR)
+        fd = os.open(lock, os.O_RDONLY)
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
         return True
     finally:
@@ -116,6 +117,7 @@ class Peers:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._write_lock = threading.Lock()
+        self._unwritten: dict[str, Any] = {}  # figures a failed write left behind: written with the next
 
     # -- life --------------------------------------------------------------------------------------
     def start(self) -> "Peers":
@@ -147,6 +149,9 @@ class Peers:
         while not self._stop.wait(self.interval_s):
             try:
                 self.flush()
+            except Exception:  # the heartbeat must outlive a full disk; what was not written is kept
+                log.exception("peer heartbeat failed")
+            try:  # apart: a failed write must not stop this member from following a reload
                 path = self.root / "reload.json"
                 mtime = path.stat().st_mtime if path.exists() else 0.0
                 if mtime != seen_mtime:
@@ -155,16 +160,21 @@ class Peers:
                     if asked and int(asked["generation"]) > self.generation and asked.get("by") != self.member \
                             and self._on_reload is not None:
                         self._on_reload(int(asked["generation"]))
-            except Exception:  # the heartbeat must outlive a full disk or a bad file
-                log.exception("peer heartbeat failed")
+            except Exception:
+                log.exception("checking the group's reload request failed")
 
     def flush(self, *, everything: bool = False, stopped: bool = False) -> None:
         """Write the changed tenants' figures, then the heartbeat."""
         with self._write_lock:
-            figures = self._figures(not everything)
+            figures = {**self._unwritten, **self._figures(not everything)}  # newer figures win
+            self._unwritten = {}
             folder = self.root / self.member
-            for tenant, raw in figures.items():
-                _replace(folder / _tenant_file(tenant), json.dumps(raw, separators=(",", ":")).encode())
+            for i, (tenant, raw) in enumerate(figures.items()):
+                try:
+                    _replace(folder / _tenant_file(tenant), json.dumps(raw, separators=(",", ":")).encode())
+                except OSError:
+                    self._unwritten = dict(list(figures.items())[i:])  # tried again at the next flush
+                    raise
             beat = {"member": self.member, "pid": os.getpid(), "host": socket.gethostname(),
                     "started": self.started, "at": time.time(), "generation": self.generation,
                     "reload": self.reload_note, "stopped": stopped, **self._heartbeat()}
@@ -221,21 +231,39 @@ class Peers:
         """This member has followed reload ``generation`` (``note``: its outcome); published now."""
         self.generation = max(self.generation, generation)
         self.reload_note = note
+        try:
+            self.flush()
+        except OSError:
+            log.exception("could not publish the followed reload; the next heartbeat tries again")
+
+    def _ask_reload(self) -> int:
+        """A new generation in ``reload.json``, under the group's flock (two members asking at once
+        get two generations); returns it."""
+        from headfleet.atomic import locked
+
+        with locked(self.root / "reload.lock"):
+            current = _read(self.root / "reload.json")
+            generation = max(self.generation, int(current["generation"]) if current else 0) + 1
+            _replace(self.root / "reload.json",
+                     json.dumps({"generation": generation, "by": self.member, "at": time.time()}).encode())
+        self.generation = generation
         self.flush()
+        return generation
 
     async def spread_reload(self, fingerprint: str, *, timeout_s: float = RELOAD_WAIT_S) -> dict[str, Any]:
         """Ask every other live member to reload (a new generation in ``reload.json``) unless each
         already serves ``fingerprint``, and wait until each has followed or ``timeout_s`` passed.
-        Returns ``{"members", "followed", "pending", "failed"}`` (member ids; ``failed``: id -> reason)."""
+        Returns ``{"members", "followed", "pending", "failed"}`` (member ids; ``failed``: id -> reason);
+        ``{"error"}`` beside them when the request could not be written (this member has reloaded)."""
         live = [m for m in await asyncio.to_thread(self.members) if m["live"]]
         if all(m.get("fingerprint") == fingerprint for m in live):
             return {"members": len(live) + 1, "followed": [], "pending": [], "failed": {}}
-        path = self.root / "reload.json"
-        current = _read(path)
-        generation = max(self.generation, int(current["generation"]) if current else 0) + 1
-        self.generation = generation
-        _replace(path, json.dumps({"generation": generation, "by": self.member, "at": time.time()}).encode())
-        self.flush()
+        try:
+            generation = await asyncio.to_thread(self._ask_reload)
+        except OSError as exc:
+            log.exception("could not ask the group to reload")
+            return {"members": len(live) + 1, "followed": [], "pending": sorted(m["member"] for m in live),
+                    "failed": {}, "error": f"the other workers were not asked to reload: {exc}"}
         deadline = time.monotonic() + timeout_s
         while True:
             beats = {m["member"]: m for m in await asyncio.to_thread(self.members) if m["live"]}
@@ -243,8 +271,8 @@ class Peers:
             if not waiting or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.2)
-        failed = {k: m["reload"]["error"] for k, m in beats.items()
-                  if k not in waiting and (m.get("reload") or {}).get("error")}
+        failed = {k: note["error"] for k, m in beats.items() if k not in waiting and (note := m.get("reload") or {})
+                  .get("error") and int(note.get("generation", 0)) >= generation}
         return {"members": len(beats) + 1, "followed": sorted(k for k in beats if k not in waiting and k not in failed),
                 "pending": sorted(waiting), "failed": failed}
 

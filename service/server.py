@@ -80,7 +80,7 @@ def serve_workers(settings: Settings, sock: socket.socket, *, log_level: str, ac
     from headfleet.service.workers import Supervisor
 
     group = new_group()
-    threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
+    threads = settings.threads or max(1, len(os.sched_getaffinity(0)) // settings.workers)
     worker = dataclasses.replace(settings, peer_group=group, threads=threads)
     prom = settings.layout.root / "run" / group / "prometheus"
     prom.mkdir(parents=True, exist_ok=True)
@@ -108,10 +108,16 @@ def worker_app():
 
     from headfleet.service.app import create_app
 
-    values = json.loads(os.environ[SETTINGS_ENV])
-    paths = {f.name for f in dataclasses.fields(Settings) if "Path" in str(f.type)}
-    values = {k: Path(v) if k in paths and v is not None else v for k, v in values.items()}
-    return create_app(Settings(**values).with_recorded_backbone())
+    try:
+        values = json.loads(os.environ[SETTINGS_ENV])
+        paths = {f.name for f in dataclasses.fields(Settings) if "Path" in str(f.type)}
+        values = {k: Path(v) if k in paths and v is not None else v for k, v in values.items()}
+        return create_app(Settings(**values).with_recorded_backbone())
+    except Exception as exc:  # e.g. a damaged backbone.json: the parent stops instead of restarting forever
+        from headfleet.service.workers import STARTUP_FAILURE
+
+        print(f"headfleet worker: cannot build the app: {exc}", file=sys.stderr)
+        sys.exit(STARTUP_FAILURE)
 
 
 def bind(host: str, port: int) -> socket.socket:

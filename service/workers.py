@@ -13,10 +13,12 @@ keep-alive connections opened at once (the cached phase of ``bench/load.py``):
   So the split is the hash's, even only on average, as with nginx's ``reuseport``.
 
 The parent starts the workers (``spawn``: each imports and loads everything itself), starts another
-in place of one that dies, and on SIGINT or SIGTERM sends every worker SIGTERM (each drains, writes
-its last figures and stops) and waits. A worker whose app fails to start exits with
-``STARTUP_FAILURE``; the parent then stops them all and exits 1 rather than restart a worker that
-would fail the same way.
+in place of one that dies (after a pause that doubles, from 1 s to a minute, while replacements keep
+dying within a minute of their start), and on SIGINT or SIGTERM sends every worker SIGTERM (each
+drains, writes its last figures and stops) and waits. A dead worker's live Prometheus gauges are
+dropped from the sums at once. A worker of the first start whose app fails to start exits with
+``STARTUP_FAILURE``; the parent then stops them all and exits 1 rather than restart workers that
+would fail the same way; a replacement that fails to start is retried with the pause.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ log = logging.getLogger("headfleet.workers")
 
 STARTUP_FAILURE = 3
 STOP_WAIT_S = 30.0  # how long a stopping worker may take before it is killed
+STABLE_S = 60.0  # a worker that lived this long resets the restart pause
+PAUSE_S = (1.0, 60.0)  # the first and the longest pause before restarting a worker that keeps dying
 
 
 def reuseport_socket(host: str, port: int) -> socket.socket:
@@ -50,6 +54,9 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 def _worker(host: str, port: int, uvicorn_options: dict[str, Any]) -> None:
     """A worker's entry point: its own socket, then uvicorn with ``worker_app``."""
     import uvicorn
+
+    logging.basicConfig(level=str(uvicorn_options.get("log_level", "info")).upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     try:
         sock = reuseport_socket(host, port)
@@ -75,27 +82,41 @@ class Supervisor:
     def _start(self):
         p = self._context.Process(target=_worker, args=(self.host, self.port, self.options), name="headfleet-worker")
         p.start()
+        p.started_at = time.monotonic()
         return p
 
     def run(self) -> int:
         """Serve until stopped; 0, or 1 when a worker failed to start."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop.set())
+        from headfleet.service.metrics import Metrics
+
         failed = False
         self.processes = [self._start() for _ in range(self.n)]
-        log.info("started workers %s", [p.pid for p in self.processes])
+        first = {p.pid for p in self.processes}  # the first start: a failure there is the setup's
+        pause = [0.0] * self.n
+        due: list[float | None] = [None] * self.n  # when a dead worker's replacement starts
+        log.info("started workers %s", sorted(first))
         while not self.stop.wait(0.5):
             for i, p in enumerate(self.processes):
+                if due[i] is not None:
+                    if time.monotonic() >= due[i]:
+                        self.processes[i], due[i] = self._start(), None
+                        self.restarts += 1
+                    continue
                 if p.is_alive():
                     continue
-                if p.exitcode == STARTUP_FAILURE:
+                Metrics.process_exited(p.pid)
+                if p.exitcode == STARTUP_FAILURE and p.pid in first:
                     log.error("worker %s failed to start (see above); stopping", p.pid)
                     failed = True
                     self.stop.set()
                     break
-                log.warning("worker %s exited with %s; starting another", p.pid, p.exitcode)
-                self.processes[i] = self._start()
-                self.restarts += 1
+                short = time.monotonic() - p.started_at < STABLE_S
+                pause[i] = min(PAUSE_S[1], max(PAUSE_S[0], pause[i] * 2)) if short else 0.0
+                log.warning("worker %s exited with %s; starting another%s", p.pid, p.exitcode,
+                            f" in {pause[i]:.0f} s" if pause[i] else "")
+                due[i] = time.monotonic() + pause[i]
         self._stop_all()
         return 1 if failed else 0
 

@@ -11,6 +11,7 @@ from headfleet import __version__
 from headfleet.service.api.deps import metrics_guard
 from headfleet.service.api.embeddings import backbone_name
 from headfleet.service.auth import key_from_headers
+from headfleet.service.metrics import refresh_gauges
 from headfleet.service.peers import read_group, stats_report
 from headfleet.service.state import Service
 
@@ -31,19 +32,25 @@ class OpsController(Controller):
 
     @get("/metrics", summary="Prometheus metrics (admin key when keys are configured)", media_type=MediaType.TEXT,
          guards=[metrics_guard])
-    async def metrics(self, service: NamedDependency[Service]) -> Response:
+    async def metrics(self, request: Request, service: NamedDependency[Service]) -> Response:
+        """Under ``serve --workers``: every worker's series (see ``service.metrics``)."""
         if service.engine.redis is not None:
             await asyncio.to_thread(service.engine.redis.probe)
-        _refresh_gauges(service)
+        refresh_gauges(service)
+        peers = getattr(request.app.state, "peers", None)
+        counters = [b.get("counters") or {} for b in await asyncio.to_thread(peers.members)] \
+            if peers is not None and service.metrics.multiprocess else []
         # Litestar appends "; charset=utf-8" to text/* itself: give the type without it
-        return Response(service.metrics.render(), media_type=service.metrics.content_type.split("; charset")[0])
+        body = await asyncio.to_thread(service.metrics.render, counters) if service.metrics.multiprocess \
+            else service.metrics.render()
+        return Response(body, media_type=service.metrics.content_type.split("; charset")[0])
 
     @get("/health", summary="ready, or degraded with the reason")
     async def health(self, service: NamedDependency[Service]) -> dict:
         """Served without a key: the reason names no host, port or path. Redis is probed (bounded,
         cached about a second), so the answer is right within seconds with no traffic."""
         out = await asyncio.to_thread(service.engine.health)
-        _refresh_gauges(service)
+        refresh_gauges(service)
         out["queue_texts"] = service.scheduler.waiting
         return out
 
@@ -72,14 +79,3 @@ class OpsController(Controller):
         }
 
 
-def _refresh_gauges(service: NamedDependency[Service]) -> None:
-    m, e = service.metrics, service.engine
-    m.heads_loaded.set(len(e.fleet))
-    m.queue_depth.set(service.scheduler.waiting)
-    if e.adapters is not None:
-        snap = e.adapters.snapshot()
-        m.adapters.labels("slots").set(snap["slots"])
-        m.adapters.labels("slots_used").set(snap["slots_used"])
-        m.adapters.labels("loaded").set(snap["loaded"])
-        for event in ("disk_loads", "slot_loads", "slot_hits", "slot_evictions", "host_evictions"):
-            m.adapter_events.labels(event).set(snap[event])

@@ -156,6 +156,9 @@ def test_workers_share_the_report_the_metrics_and_a_reload_and_a_dead_worker_los
     _classify(base, 10, "b")
     after = _wait(lambda: (s := _stats(base, "acme"))["since_start"]["lookups"] == 50 and s, 30)
     assert after["processes"] == 3  # two live workers and the dead one, whose figures still count
+    # the dead worker's live gauges left the Prometheus sums; its counters stayed
+    assert not list((group / "prometheus").glob(f"gauge_live*_{victim}.db"))
+    assert list((group / "prometheus").glob(f"counter_{victim}.db"))
 
     # a reload answered by one worker reaches the other
     old = httpx.get(base + "/info").json()["backbone"]["fingerprint"]
