@@ -21,6 +21,21 @@ def _env(name: str, default: str | None) -> str | None:
     return os.environ.get(f"HEADFLEET_{name}", default)
 
 
+def _number(name: str, default, kind=int):
+    """``HEADFLEET_<name>`` as ``kind`` (int or float); ``default`` when unset or empty; a
+    ValidationError naming the variable when it is not a number (not a traceback at start-up)."""
+    raw = os.environ.get(f"HEADFLEET_{name}", "").strip()
+    if not raw:
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        from headfleet.errors import ValidationError
+
+        raise ValidationError(f"HEADFLEET_{name} must be {'an integer' if kind is int else 'a number'}, "
+                              f"not {raw!r}") from None
+
+
 _INT_LIMITS = ("max_texts_per_request", "max_classifiers_per_request", "max_chars_per_text", "max_body_bytes",
                "tenant_queue_texts", "queue_texts", "jobs_workers", "lora_slots", "lora_max_rank", "lora_max_loaded")
 
@@ -121,34 +136,33 @@ class Settings:
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
         d = cls()
-        threads = _env("THREADS", None)
         values = dict(
             data_dir=Path(_env("DATA_DIR", str(d.data_dir))),
             model_path=_env("MODEL", None),
-            max_length=int(_env("MAX_LENGTH", str(d.max_length))),
-            batch_size=int(_env("BATCH_SIZE", str(d.batch_size))),
-            threads=int(threads) if threads else None,
+            max_length=_number("MAX_LENGTH", d.max_length),
+            batch_size=_number("BATCH_SIZE", d.batch_size),
+            threads=_number("THREADS", None),
             device=_env("DEVICE", None),
             backend=_env("BACKEND", AUTO if _env("PRECISION", None) is None else d.backend),
             precision=_env("PRECISION", AUTO if _env("BACKEND", None) is None else d.precision),
-            memory_cache_mb=float(_env("MEMORY_CACHE_MB", str(d.memory_cache_mb))),
+            memory_cache_mb=_number("MEMORY_CACHE_MB", d.memory_cache_mb, float),
             faiss_store=_env("FAISS_STORE", "1") not in ("0", "false", "no"),
-            local_flush_s=float(_env("LOCAL_FLUSH_S", str(d.local_flush_s))),
-            monitor_interval_s=float(_env("MONITOR_INTERVAL_S", str(d.monitor_interval_s))),
+            local_flush_s=_number("LOCAL_FLUSH_S", d.local_flush_s, float),
+            monitor_interval_s=_number("MONITOR_INTERVAL_S", d.monitor_interval_s, float),
             redis_url=_env("REDIS_URL", None) or None,
-            redis_ttl_s=int(_env("REDIS_TTL_S", str(d.redis_ttl_s))) or None,
+            redis_ttl_s=_number("REDIS_TTL_S", d.redis_ttl_s) or None,
             redis_prefix=_env("REDIS_PREFIX", d.redis_prefix),
             host=_env("HOST", d.host),
-            port=int(_env("PORT", str(d.port))),
+            port=_number("PORT", d.port),
             keys_file=Path(kf) if (kf := _env("KEYS_FILE", None)) else None,
             api_keys=_env("API_KEYS", None) or None,
             admin_key=_env("ADMIN_KEY", None) or None,
             examples=_env("EXAMPLES", "1") not in ("0", "false", "no"),
-            batch_tokens=int(bt) if (bt := _env("BATCH_TOKENS", None)) else None,
+            batch_tokens=_number("BATCH_TOKENS", None),
             scoring_root=Path(sr) if (sr := _env("SCORING_ROOT", None)) else None,
             lora_targets=_env("LORA_TARGETS", d.lora_targets),
-            workers=int(_env("WORKERS", str(d.workers))),
-            **{name: int(_env(name.upper(), str(getattr(d, name)))) for name in _INT_LIMITS},
+            workers=_number("WORKERS", d.workers),
+            **{name: _number(name.upper(), getattr(d, name)) for name in _INT_LIMITS},
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values).with_recorded_backbone().with_default_backbone()

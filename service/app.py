@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from typing import AsyncIterator
 
@@ -42,7 +43,8 @@ def _endpoint(path: str) -> str:
 
 
 def timing_middleware(app):
-    """Observe every HTTP request's latency by endpoint and status class."""
+    """Observe every HTTP request's latency by endpoint and status class; under ``serve --workers``
+    (or Ray replicas) every answer names its worker's pid in ``X-Headfleet-Worker``."""
 
     async def middleware(scope, receive, send):
         if scope["type"] != "http":
@@ -50,10 +52,13 @@ def timing_middleware(app):
             return
         t0 = time.perf_counter()
         status = [500]
+        worker = getattr(scope["app"].state, "worker_header", None) if "app" in scope else None
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if worker is not None:  # serve --workers: which worker answered
+                    message["headers"] = [*message.get("headers", ()), worker]
             await send(message)
 
         try:
@@ -170,6 +175,7 @@ def create_app(settings: Settings | None = None, *, embedder=None) -> Litestar:
                 member = _Member(app, settings, asyncio.get_running_loop())
                 await asyncio.to_thread(member.start)
                 app.state.peers = member.peers
+                app.state.worker_header = (b"x-headfleet-worker", str(os.getpid()).encode())
             yield
         finally:
             app.state.plan_job.close()

@@ -309,7 +309,7 @@ def cmd_serve(args) -> int:
         keys_file=Path(args.keys_file) if args.keys_file else None,
         examples=False if args.no_examples else None, workers=args.workers)
     if args.ray or args.replicas is not None or args.autoscale is not None or args.affinity:
-        if args.workers is not None or settings.workers != 1:
+        if settings.workers != 1:
             raise ValidationError("--workers (HEADFLEET_WORKERS) runs processes on one machine without Ray; "
                                   "with Ray, use --replicas")
         from headfleet.service.server import serve_ray

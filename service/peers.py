@@ -11,7 +11,7 @@ counted its own requests) and a backbone reload (it reached the process that ans
 
 - ``<member>.lock``: an ``flock`` the member holds while it lives (the kernel drops it when the
   process dies, however it dies), so any member tells a live peer from a dead one;
-- ``<member>.json``: the member's heartbeat, rewritten every ``interval_s`` (1 s): pid, host,
+- ``<member>.json``: the member's heartbeat, rewritten every ``interval_s`` (0.25 s): pid, host,
   start time, the backbone fingerprint it serves, the reload generation it has followed, its
   texts waiting per tenant;
 - ``<member>/<tenant>.json``: that tenant's raw cache figures (``CacheStats.export``), rewritten
@@ -48,7 +48,7 @@ from typing import Any, Callable
 
 log = logging.getLogger("headfleet.peers")
 
-INTERVAL_S = 1.0
+INTERVAL_S = 0.25  # figures and heartbeat: what another member's report may lag, and a kill -9 may lose
 STALE_GROUP_S = 600.0
 RELOAD_WAIT_S = 300.0  # how long a reload's answer waits for the other members (a backbone load is 10-50 s)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
@@ -41,14 +42,26 @@ PAUSE_S = (1.0, 60.0)  # the first and the longest pause before restarting a wor
 
 
 def reuseport_socket(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port`` that other sockets of this user may share (``SO_REUSEPORT``)."""
+    """A socket bound to ``host:port`` that other sockets of this user may share (``SO_REUSEPORT``),
+    not yet listening: uvicorn listens once the app has started, and until then the kernel gives
+    new connections to the workers that listen (a worker still loading its backbone gets none)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(2048)
     return sock
+
+
+def _leave_with_parent(parent: int) -> None:
+    """A daemon thread's loop: when the parent is gone (killed outright, so it never stopped this
+    worker), stop as on SIGTERM rather than serve on with nobody to replace or stop workers."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            log.warning("the serve parent %s is gone; stopping", parent)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
 
 
 def _worker(host: str, port: int, uvicorn_options: dict[str, Any]) -> None:
@@ -58,6 +71,8 @@ def _worker(host: str, port: int, uvicorn_options: dict[str, Any]) -> None:
     logging.basicConfig(level=str(uvicorn_options.get("log_level", "info")).upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    threading.Thread(target=_leave_with_parent, args=(os.getppid(),), name="headfleet-parent-watch",
+                     daemon=True).start()
     try:
         sock = reuseport_socket(host, port)
     except OSError as exc:

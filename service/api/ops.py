@@ -26,7 +26,7 @@ class OpsController(Controller):
         Only the caller's own figures: another tenant's traffic never shows here.
 
         Under ``serve --workers`` (or Ray replicas) the figures are every process's of this run, each
-        other process's at most a second old (``service.peers``); ``processes`` counts those that
+        other process's at most a quarter of a second old (``service.peers``); ``processes`` counts those that
         reported; ``held.memory`` is the answering process's own memory tier."""
         return stats_report(service, tenant, await read_group(getattr(request.app.state, "peers", None), tenant))
 

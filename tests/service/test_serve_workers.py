@@ -56,11 +56,12 @@ def _members(data: Path) -> list[dict]:
 
 
 def _alive(pid: int) -> bool:
+    """Running (an exited orphan nobody reaped yet is a zombie: not alive)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
         return False
-    return True
 
 
 @pytest.fixture
@@ -81,16 +82,20 @@ def workers(tiny_model_dir, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
 
+    answered: set[str] = set()
+
     def up():
+        """both workers answer (each listens only once its app has started)"""
         assert proc.poll() is None, proc.stderr.read()
         try:
-            return httpx.get(base + "/health", timeout=2).status_code == 200 and \
-                sum(1 for m in _members(data) if not m["stopped"]) == 2
-        except (httpx.TransportError, FileNotFoundError, ValueError):
+            r = httpx.get(base + "/health", timeout=2)  # a new connection each time
+        except httpx.TransportError:
             return False
+        answered.add(r.headers["x-headfleet-worker"])
+        return len(answered) == 2
 
     try:
-        _wait(up, 180, 0.5)
+        _wait(up, 180, 0.1)
         yield base, data, proc
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -180,6 +185,20 @@ def test_workers_share_the_report_the_metrics_and_a_reload_and_a_dead_worker_los
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     assert all(m["stopped"] for m in _members(data) if m["pid"] != victim)  # each wrote its last figures
+
+
+def test_workers_stop_by_themselves_when_the_parent_is_killed(workers):
+    """Nobody is left to stop or replace them: each stops as on SIGTERM and writes its last figures."""
+    base, data, proc = workers
+    _classify(base, 4, "k")
+    pids = [m["pid"] for m in _members(data)]
+    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    proc.kill()
+    proc.wait(10)
+    _wait(lambda: not any(_alive(p) for p in pids), 20)
+    assert all(m["stopped"] for m in _members(data))
+    with pytest.raises(httpx.TransportError):
+        httpx.get(base + "/health", timeout=2)
 
 
 def test_a_worker_that_cannot_start_stops_serve_with_an_error(tmp_path):
