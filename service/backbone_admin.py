@@ -297,6 +297,7 @@ class Reloader:
                     app.state.service = await Service.start(old.settings, old.engine.embedder, old.engine.stats)
                     raise BackendError(f"the recorded backbone failed to start ({exc}); the previous backbone "
                                        "is serving again") from exc
+                new.started = old.started  # /stats' uptime_s, like its figures, carries on
                 app.state.service = new
             finally:
                 self.open.set()

@@ -136,6 +136,8 @@ def test_reload_swaps_the_backbone_and_its_aliases_under_traffic_and_rollback_go
             while len(answers) < 5 and not failures:
                 time.sleep(0.02)
             before = admin.get("/info").json()["backbone"]
+            with as_(srv, TENANT_KEY) as acme:
+                report = acme.get("/stats").json()
             r = admin.post("/admin/backbone/reload")
             n = len(answers)
             while len(answers) < n + 5 and not failures:
@@ -149,6 +151,10 @@ def test_reload_swaps_the_backbone_and_its_aliases_under_traffic_and_rollback_go
         done = r.json()
         assert done["reloaded"] is True and done["from"]["fingerprint"] == before["fingerprint"]
         assert done["to"]["fingerprint"] == int8.fingerprint and done["to"]["backend"] == "onnx"
+        with as_(srv, TENANT_KEY) as acme:  # the cache-hit report carries on over the reload
+            carried = acme.get("/stats").json()
+        assert carried["uptime_s"] >= report["uptime_s"]
+        assert carried["since_start"]["lookups"] >= report["since_start"]["lookups"] > 0
         after = admin.get("/info").json()["backbone"]
         assert after["fingerprint"] == int8.fingerprint and after["source"].startswith("data folder")
         versions = [a["results"][0]["classifications"]["spam"]["version"] for a in answers]
