@@ -59,7 +59,7 @@ def ours(name: str, e: Embedder) -> Contender:
         e.batch_size = batch_size
         return e.embed(texts).vectors
 
-    return Contender(name, embed, 0.99 if e.precision == "int8" else 0.9999)
+    return Contender(name, embed, 0.99 if e.precision in ("int8", "w8a8") else 0.9999)
 
 
 def peer(name: str, model) -> Contender:
@@ -159,6 +159,8 @@ def main() -> None:
         "torch fp32": Embedder.load(device="cpu", threads=threads),
         "onnx fp32": Embedder.load(device="cpu", threads=threads, backend="onnx", cache_dir=cache_dir),
         "onnx int8": Embedder.load(device="cpu", threads=threads, backend="onnx", precision="int8",
+                                   cache_dir=cache_dir),
+        "onnx w8a8": Embedder.load(device="cpu", threads=threads, backend="onnx", precision="w8a8",
                                    cache_dir=cache_dir),
     }
     load_s = time.perf_counter() - t0

@@ -2,6 +2,10 @@
 
 Every recipe starts from the same fp32 ONNX export of the shipped weights (headfleet's own):
 
+- ``w8a8``: headfleet's shipped ``w8a8`` precision (``headfleet.embedder.w8a8``): the per-token
+  recipe below with 8-bit weights, asymmetric scales on the FFN down-projection only, SmoothQuant
+  alpha 0.5, each MatMul input's 16 widest channels kept in fp32 (LLM.int8()), calibrated on
+  headfleet's own example texts, in the form this CPU runs exactly (``u8s8`` with VNNI).
 - ``nbits``: headfleet's shipped int8. MatMulNBits, 8-bit weights in blocks of 32 along K, and
   activations quantised per row and block at run time (accuracy_level 4), so a text's vector
   never depends on the other texts of its batch.
@@ -18,7 +22,11 @@ Every recipe starts from the same fp32 ONNX export of the shipped weights (headf
   batch-independent; ``MatMulIntegerToFloat`` runs the GEMM. ``token-u8s8`` (symmetric, alpha 0.5)
   takes the fast uint8 x int8 kernel, whose AVX2 form saturates at 8-bit weights, so its weights keep
   7 bits. ``token-u8u8`` (asymmetric per token, alpha 0.6) keeps 8 bits on both sides, on the
-  slower uint8 x uint8 kernel.
+  slower uint8 x uint8 kernel. ``token-u8s8-w8`` and ``token-u8s8-asym-w8`` are the VNNI forms:
+  the fast uint8 x int8 kernel with 8-bit weights, symmetric (alpha 0.5) or asymmetric per token
+  (alpha 0.6). They are exact only on a CPU whose int8 dot product adds in int32 (VNNI); on AVX2
+  alone their sums saturate and the cosine column shows it. ``token-outlier8`` adds LLM.int8()'s
+  decomposition to ``token-u8s8-asym-w8``: each input's 8 widest calibrated channels stay fp32.
 - ``openvino-fp32`` and ``openvino-nbits``: OpenVINO's CPU plugin on the fp32 export and on the
   MatMulNBits file, only when ``openvino`` is installed.
 
@@ -56,10 +64,15 @@ import numpy as np
 import _token_int8
 from _common import begin, interleaved_processes, long_texts, report, sms_texts
 
-RECIPES = ("nbits", "dynamic", "static", "static-no-ffn-down", "token-u8s8", "token-u8u8", "openvino-fp32",
-           "openvino-nbits")
+RECIPES = ("w8a8", "nbits", "dynamic", "static", "static-no-ffn-down", "token-u8s8", "token-u8u8", "token-u8s8-w8",
+           "token-u8s8-asym-w8", "token-outlier8", "openvino-fp32", "openvino-nbits")
 TOKEN_RECIPES = {"token-u8s8": dict(alpha=0.5, kernel="u8s8", asymmetric=False),
-                 "token-u8u8": dict(alpha=0.6, kernel="u8u8", asymmetric=True)}
+                 "token-u8u8": dict(alpha=0.6, kernel="u8u8", asymmetric=True),
+                 # the VNNI forms: u8 x s8 with 8-bit weights (exact only where VPDPBUSD adds in int32)
+                 "token-u8s8-w8": dict(alpha=0.5, kernel="u8s8", asymmetric=False, w_bits=8),
+                 "token-u8s8-asym-w8": dict(alpha=0.6, kernel="u8s8", asymmetric=True, w_bits=8),
+                 # and LLM.int8()'s decomposition: each input's 8 widest channels stay fp32
+                 "token-outlier8": dict(alpha=0.6, kernel="u8s8", asymmetric=True, w_bits=8, outliers=8)}
 CONTENDERS = ("sentence-transformers", "onnx-fp32") + RECIPES
 BATCH_BOUND = 1e-4
 
@@ -81,6 +94,7 @@ def build(folder: Path, sensitivity: bool = False) -> None:
 
     emb = _embedder(folder)
     Embedder.load(device="cpu", backend="onnx", precision="int8", cache_dir=folder)
+    Embedder.load(device="cpu", backend="onnx", precision="w8a8", cache_dir=folder)
     fp32 = next(folder.glob("*-fp32-r*.onnx"))
     quantize_int8_dynamic(fp32, folder / "dynamic.onnx")
     graph = onnx.load(str(fp32)).graph
@@ -127,13 +141,21 @@ def build(folder: Path, sensitivity: bool = False) -> None:
                   f"mean {cos.mean():.5f}", flush=True)
 
 
-def build_token_recipes(fp32: Path, folder: Path, batches) -> dict[str, Path]:
-    """``TOKEN_RECIPES`` as ``<folder>/<name>.onnx``, smoothing calibrated on ``batches``."""
+def build_token_recipes(fp32: Path, folder: Path, batches, names=None) -> dict[str, Path]:
+    """``TOKEN_RECIPES`` (or those of ``names``) as ``<folder>/<name>.onnx``, smoothing calibrated on ``batches``."""
     files = {}
+    maxima = _token_int8.channel_max(fp32, batches)
     for name, recipe in TOKEN_RECIPES.items():
-        smooth = _token_int8.smoothing(fp32, batches, recipe["alpha"])
+        if names is not None and name not in names:
+            continue
+        smooth = _token_int8.smoothing(maxima, recipe["alpha"])
         files[name] = folder / f"{name}.onnx"
-        _token_int8.build(fp32, files[name], smooth, kernel=recipe["kernel"], asymmetric=recipe["asymmetric"])
+        outliers = _token_int8.widest(maxima[0], smooth, recipe["outliers"]) if recipe.get("outliers") else None
+        asymmetric = recipe["asymmetric"]
+        if asymmetric == "down":  # the FFN down-projection's input, out of GELU
+            asymmetric = _token_int8.down_projections(fp32)
+        _token_int8.build(fp32, files[name], smooth, kernel=recipe["kernel"], asymmetric=asymmetric,
+                          w_bits=recipe.get("w_bits"), outliers=outliers)
     return files
 
 
@@ -142,6 +164,7 @@ def _runner(name: str, folder: Path):
     from headfleet.embedder.onnx_backend import OrtRunner
 
     files = {"onnx-fp32": next(folder.glob("*-fp32-r*.onnx")), "nbits": next(folder.glob("*-int8-r*.onnx")),
+             "w8a8": next(folder.glob("*-w8a8-*-r*.onnx")),
              "dynamic": folder / "dynamic.onnx", "static": folder / "static.onnx",
              "static-no-ffn-down": folder / "static-no-ffn-down.onnx",
              **{n: folder / f"{n}.onnx" for n in TOKEN_RECIPES}}
@@ -194,6 +217,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sensitivity", action="store_true",
                     help="only print each MatMul group's cosine when it alone is statically quantised (no timing)")
+    ap.add_argument("--contenders", help="comma-separated subset of: " + ", ".join(CONTENDERS)
+                    + " (sentence-transformers and onnx-fp32 are always measured)")
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--only", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -211,11 +236,18 @@ def main() -> None:
         folder = Path(tmp)
         build(folder)  # before any timing, so no contender pays for an export
         wanted = [n for n in CONTENDERS if not n.startswith("openvino") or importlib.util.find_spec("openvino")]
+        if args.contenders:
+            chosen = set(args.contenders.split(",")) | {"sentence-transformers", "onnx-fp32"}
+            unknown = chosen - set(CONTENDERS)
+            if unknown:
+                raise SystemExit(f"unknown contender(s) {sorted(unknown)}; expected some of {', '.join(CONTENDERS)}")
+            wanted = [n for n in wanted if n in chosen]
         results, skipped = interleaved_processes(__file__, wanted, args.rounds,
                                                  ["--folder", tmp, "--n-short", str(args.n_short),
                                                   "--n-long", str(args.n_long)])
-        skipped.update({n: "openvino is not installed (pip install openvino)" for n in CONTENDERS
-                        if n not in wanted})
+        skipped.update({n: "openvino is not installed (pip install openvino)" if n.startswith("openvino")
+                        and not importlib.util.find_spec("openvino") else "not asked for (--contenders)"
+                        for n in CONTENDERS if n not in wanted})
         ref = np.load(folder / "vectors-onnx-fp32.npy")
         for name in results:
             v = np.load(folder / f"vectors-{name}.npy")

@@ -69,7 +69,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache-dir", default=None, help="ONNX exports (default: a temp dir)")
     ap.add_argument("--no-dynamic", action="store_true", help="leave out the quantize_dynamic int8 contrast")
-    ap.add_argument("--token-int8", action="store_true", help="add the per-token SmoothQuant int8 recipes (not shipped)")
+    ap.add_argument("--token-int8", nargs="?", const="all", default=None,
+                    help="add the per-token SmoothQuant int8 recipes of bench/int8_recipes.py (not shipped): all, "
+                         "or a comma-separated list of their names")
     args = ap.parse_args()
     begin("parity of every backend with torch fp32")
     threads = args.threads or torch.get_num_threads()
@@ -87,6 +89,7 @@ def main() -> None:
         "torch fp32": Embedder.load(device="cpu", threads=threads),
         "onnx fp32": Embedder.load(device="cpu", threads=threads, backend="onnx", cache_dir=cache_dir),
         "onnx int8": Embedder.load(device="cpu", threads=threads, backend="onnx", precision="int8", cache_dir=cache_dir),
+        "onnx w8a8": Embedder.load(device="cpu", threads=threads, backend="onnx", precision="w8a8", cache_dir=cache_dir),
     }
     if not args.no_dynamic:
         e = backends["onnx fp32"]
@@ -104,7 +107,8 @@ def main() -> None:
         e = backends["onnx fp32"]
         src = model_file(cache_dir, fingerprint(e.folder, e.pooling), "fp32")
         batches = _token_int8.calibration_batches(e, sms_texts(2000), long_texts(700))
-        for name, path in build_token_recipes(src, cache_dir, batches).items():
+        for name, path in build_token_recipes(
+                src, cache_dir, batches, None if args.token_int8 == "all" else args.token_int8.split(",")).items():
             other = Embedder.load(device="cpu", threads=threads, backend="onnx", cache_dir=cache_dir)
             other.runner = OrtRunner(path, threads=threads)
             backends[f"onnx {name} (not shipped)"] = other

@@ -172,7 +172,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=20000)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--backend", choices=["torch", "onnx"], default=None, help="default: a new data folder's")
-    ap.add_argument("--precision", choices=["fp32", "int8"], default=None)
+    ap.add_argument("--precision", choices=["fp32", "int8", "w8a8"], default=None)
     ap.add_argument("--process-rounds", type=int, default=2, help="whole-process cold runs per side (0: none)")
     args = ap.parse_args()
     backend, precision = fast_default("cpu")

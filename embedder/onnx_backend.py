@@ -13,8 +13,10 @@ and renamed, so a crash or a concurrent writer never leaves a half file under th
 ``.json`` beside each file records what made it.
 
 Precisions: ``fp32`` (CPU or CUDA); ``int8`` (CPU only: MatMul weights stored as int8 in blocks of
-32, activations quantised to int8 per row and block at run time, see ``_quantize_int8``); ``fp16``
-(CUDA only; inputs and outputs stay int64 / float32).
+32, activations quantised to int8 per row and block at run time, see ``_quantize_int8``); ``w8a8``
+(CPU only: per-token int8 activations on the integer GEMM, see ``headfleet.embedder.w8a8``; its
+file is built in the form this CPU runs exactly, ``u8s8`` with an int8 dot product, ``u8u8``
+without); ``fp16`` (CUDA only; inputs and outputs stay int64 / float32).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import numpy as np
 from headfleet.errors import BackendError, ValidationError
 from headfleet.embedder.backbone import PoolingConfig, load_encoder, pool
 
-BACKENDS = {"torch": ("fp32",), "onnx": ("fp32", "int8", "fp16")}
+BACKENDS = {"torch": ("fp32",), "onnx": ("fp32", "int8", "w8a8", "fp16")}
+CPU_ONLY = ("int8", "w8a8")
+PRECISIONS = ("fp32", "int8", "w8a8", "fp16")  # every backend's, for the CLI's and API's choices
 RECIPE = 1  # bump when export / quantisation changes what a cached file holds
 INT8_BLOCK = 32  # int8 block size along K: <= 64 keeps every row's quantisation independent of the batch
 GRAPH_OPT_LEVELS = ("disabled", "basic", "extended", "all")
@@ -54,8 +58,8 @@ def backend_tag(backend: str, precision: str, device: str | None = None, graph_o
         )
     if device is not None:
         on_gpu = device.startswith("cuda")
-        if precision == "int8" and on_gpu:
-            raise ValidationError("int8 runs on the CPU only; use fp16 on cuda")
+        if precision in CPU_ONLY and on_gpu:
+            raise ValidationError(f"{precision} runs on the CPU only; use fp16 on cuda")
         if precision == "fp16" and not on_gpu:
             raise ValidationError("fp16 needs a cuda device; use int8 or fp32 on cpu")
     if backend == "onnx":
@@ -71,6 +75,12 @@ def _check_graph_opt(graph_opt: str) -> None:
 
 # -- building the files ---------------------------------------------------------------------------
 def model_file(cache_dir: Path, source_fingerprint: str, precision: str) -> Path:
+    """Where the file of this backbone and precision lives. ``w8a8`` is named with the form this CPU
+    runs (``w8a8-u8s8`` or ``w8a8-u8u8``); a form may also be asked for by that name."""
+    if precision == "w8a8":
+        from headfleet.embedder.w8a8 import form_for_this_cpu
+
+        precision = f"w8a8-{form_for_this_cpu()}"
     return Path(cache_dir) / f"{source_fingerprint[:32]}-{precision}-r{RECIPE}.onnx"
 
 
@@ -98,7 +108,12 @@ def _build_model_file(folder: Path, pooling: PoolingConfig, precision: str, cach
             _atomic(fp32, lambda tmp: export(folder, pooling, tmp))
             _write_manifest(fp32, folder, source_fingerprint, "fp32")
         if precision != "fp32":
-            convert = {"int8": _quantize_int8, "fp16": _convert_fp16}[precision]
+            convert = {"int8": _quantize_int8, "fp16": _convert_fp16}.get(precision)
+            if convert is None:  # w8a8, or one of its forms by name: calibrated on this backbone's tokenizer
+                from headfleet.embedder import w8a8
+
+                form = precision.split("-", 1)[1] if "-" in precision else w8a8.form_for_this_cpu()
+                convert = lambda src, dst: w8a8.quantize(src, dst, folder, form)  # noqa: E731
             _atomic(path, lambda tmp: convert(fp32, tmp))
             _write_manifest(path, folder, source_fingerprint, precision)
     except Exception as exc:  # say which backbone and which step failed

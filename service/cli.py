@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from headfleet.embedder.onnx_backend import PRECISIONS
 from headfleet.errors import HeadfleetError, ValidationError
 from headfleet.service.cli_backbone import add_parser as add_backbone_parser
 from headfleet.service.cli_reproduce import add_parser as add_reproduce_parser
@@ -379,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--list", action="store_true", help="only list what must be retrained")
     r.add_argument("--dry-run", action="store_true", help="read and check the stored data, say what would be retrained")
     r.add_argument("--backend", choices=["torch", "onnx"], help="the backbone backend (env HEADFLEET_BACKEND)")
-    r.add_argument("--precision", choices=["fp32", "int8", "fp16"], help="its precision (env HEADFLEET_PRECISION)")
+    r.add_argument("--precision", choices=PRECISIONS, help="its precision (env HEADFLEET_PRECISION)")
     r.set_defaults(func=cmd_retrain)
 
     d = sub.add_parser("demo", parents=[common], help="train the example classifiers and classify sample texts")

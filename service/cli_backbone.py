@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from headfleet.embedder.onnx_backend import PRECISIONS
 from headfleet.service.cli_output import _print_json
 
 
@@ -24,7 +25,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p = bsub.add_parser("plan", parents=[common], help="compare every classifier on the current and a candidate backbone")
     p.add_argument("--to", metavar="MODEL_DIR", help="the candidate model folder (default: the current one)")
     p.add_argument("--backend", choices=["torch", "onnx"], help="the candidate's backend (default: the current)")
-    p.add_argument("--precision", choices=["fp32", "int8", "fp16"], help="the candidate's precision (default: the current)")
+    p.add_argument("--precision", choices=PRECISIONS, help="the candidate's precision (default: the current)")
     p.add_argument("--all-tenants", action="store_true", help="every tenant of the data folder (else --tenant's)")
     p.add_argument("--max-drop", type=float, default=0.01, help="accuracy drop allowed, holdout or canary (default 0.01)")
     p.add_argument("--max-negative-flips", type=float, default=0.02,
