@@ -1,4 +1,4 @@
-"""The ONNX Runtime backend: parity with torch, int8 within bounds, its own fingerprint, clear errors.
+"""The ONNX Runtime backend: parity with torch, int8 and w8a8 within bounds, its own fingerprint, clear errors.
 
 Exports are made once per session into a tmp folder; the MiniLM parity tests run on real texts
 from ../shared/data/sms_spam.csv.
@@ -36,6 +36,12 @@ def onnx_int8(onnx_cache):
 
 
 @pytest.fixture(scope="module")
+def onnx_w8a8(onnx_cache):
+    return Embedder.load(max_length=256, batch_size=32, device="cpu", backend="onnx", precision="w8a8",
+                         cache_dir=onnx_cache)
+
+
+@pytest.fixture(scope="module")
 def sms(sms_spam_path):
     with open(sms_spam_path, newline="", encoding="utf-8") as f:
         rows = [row for _, row in zip(range(N_TEXTS), csv.DictReader(f))]
@@ -59,11 +65,12 @@ def test_onnx_fp32_matches_torch_on_real_texts(onnx_fp32, torch_vectors, sms, mi
     np.testing.assert_allclose(np.linalg.norm(both[1], axis=1), 1.0, atol=1e-5)
 
 
-def test_int8_stays_close_and_keeps_head_labels(onnx_int8, torch_vectors, sms):
+@pytest.mark.parametrize("precision", ["int8", "w8a8"])
+def test_int8_stays_close_and_keeps_head_labels(precision, request, torch_vectors, sms):
     from headfleet.heads import Examples, train_head
 
     texts, labels = sms
-    int8 = onnx_int8.embed(texts).vectors
+    int8 = request.getfixturevalue(f"onnx_{precision}").embed(texts).vectors
     cos = _cos(int8, torch_vectors)
     assert cos.min() >= 0.99, f"worst text {texts[int(cos.argmin())]!r}: cosine {cos.min():.4f}"
 
@@ -75,30 +82,72 @@ def test_int8_stays_close_and_keeps_head_labels(onnx_int8, torch_vectors, sms):
     assert (ref == got).mean() >= 0.98
 
 
-def test_int8_vector_of_a_text_does_not_depend_on_its_batch(onnx_int8, sms):
+@pytest.mark.parametrize("precision", ["int8", "w8a8"])
+def test_int8_vector_of_a_text_does_not_depend_on_its_batch(precision, request, sms):
+    emb = request.getfixturevalue(f"onnx_{precision}")
     texts = sms[0][:24] + [LONG]
-    together = onnx_int8.embed(texts).vectors
-    alone = np.stack([onnx_int8.embed([t]).vectors[0] for t in texts])
+    together = emb.embed(texts).vectors
+    alone = np.stack([emb.embed([t]).vectors[0] for t in texts])
     np.testing.assert_allclose(together, alone, atol=1e-5)
 
 
-def test_each_backend_and_precision_has_its_own_fingerprint_and_cache_namespace(minilm, onnx_fp32, onnx_int8):
+def test_w8a8_runs_the_form_this_cpu_adds_exactly_and_both_forms_agree(onnx_w8a8, onnx_cache, sms):
+    """u8s8 (int8 weights) only where the CPU adds u8 x s8 in int32; u8u8 elsewhere: same vectors."""
+    from headfleet.embedder.onnx_backend import OrtRunner, ensure_model_file
+    from headfleet.settings import cpu_has_int8_dot
+
+    form = "u8s8" if cpu_has_int8_dot() else "u8u8"
+    assert onnx_w8a8.runner.path.name.endswith(f"-w8a8-{form}-r1.onnx")
+    source = fingerprint(onnx_w8a8.folder, onnx_w8a8.pooling)
+    portable = ensure_model_file(onnx_w8a8.folder, onnx_w8a8.pooling, "w8a8-u8u8", onnx_cache, source)
+    texts = sms[0][:48] + [LONG]
+    saved = onnx_w8a8.runner
+    try:
+        onnx_w8a8.runner = OrtRunner(portable)
+        u8u8 = onnx_w8a8.embed(texts).vectors
+    finally:
+        onnx_w8a8.runner = saved
+    # the integer sums are the same numbers in either form: on this CPU's own form, equal to float rounding
+    np.testing.assert_allclose(onnx_w8a8.embed(texts).vectors, u8u8, atol=1e-6)
+
+
+def test_w8a8_calibrates_on_the_shipped_texts_and_keeps_outliers_in_fp32(onnx_w8a8, onnx_cache):
+    import onnx
+
+    from headfleet.embedder import w8a8
+
+    texts = w8a8.calibration_texts()
+    assert len(texts) == 92 + 23 and all(t.strip() for t in texts)  # 3 example CSVs, then joined in fours
+    graph = onnx.load(str(onnx_w8a8.runner.path)).graph
+    ops = [n.op_type for n in graph.node]
+    layers = 6
+    # every weight MatMul on the integer GEMM, with its 16 outlier channels through a small fp32 MatMul;
+    # the two attention-score MatMuls per layer stay fp32 too
+    assert ops.count("MatMulIntegerToFloat") == 6 * layers
+    assert ops.count("MatMul") == 6 * layers + 2 * layers
+    gathers = [i for i in graph.initializer if i.name.endswith("_oidx")]
+    assert len(gathers) == 4 * layers and all(tuple(i.dims) == (w8a8.OUTLIERS,) for i in gathers)
+
+
+def test_each_backend_and_precision_has_its_own_fingerprint_and_cache_namespace(minilm, onnx_fp32, onnx_int8,
+                                                                              onnx_w8a8):
     assert minilm.fingerprint == fingerprint(minilm.folder, minilm.pooling)  # the default stays torch-fp32
     assert (minilm.backend, minilm.precision) == ("torch", "fp32")
-    prints = {e.fingerprint for e in (minilm, onnx_fp32, onnx_int8)}
-    assert len(prints) == 3
+    every = (minilm, onnx_fp32, onnx_int8, onnx_w8a8)
+    assert len({e.fingerprint for e in every}) == 4
     assert onnx_int8.fingerprint == fingerprint(minilm.folder, minilm.pooling, backend_tag("onnx", "int8"))
-    keys = {content_key(e.fingerprint, "tenant-a", 256, "free entry") for e in (minilm, onnx_fp32, onnx_int8)}
-    assert len(keys) == 3
+    assert onnx_w8a8.fingerprint == fingerprint(minilm.folder, minilm.pooling, backend_tag("onnx", "w8a8"))
+    keys = {content_key(e.fingerprint, "tenant-a", 256, "free entry") for e in every}
+    assert len(keys) == 4
     # what does not change the vectors does not change the fingerprint
     assert onnx_fp32.dim == onnx_int8.dim == minilm.dim and minilm.tokenizer_hash == onnx_int8.tokenizer_hash
 
 
-def test_token_counts_and_truncation_are_the_same_on_every_backend(minilm, onnx_fp32, onnx_int8, sms):
+def test_token_counts_and_truncation_are_the_same_on_every_backend(minilm, onnx_fp32, onnx_int8, onnx_w8a8, sms):
     texts = sms[0][:40] + [LONG, "\u2603\u2604 \u2605", "x"]
     ref = minilm.embed(texts)
     assert ref.truncated_count == 1
-    for e in (onnx_fp32, onnx_int8):
+    for e in (onnx_fp32, onnx_int8, onnx_w8a8):
         out = e.embed(texts)
         np.testing.assert_array_equal(out.n_tokens, ref.n_tokens)
         np.testing.assert_array_equal(out.truncated, ref.truncated)
@@ -114,9 +163,9 @@ def test_forwards_and_texts_embedded_are_counted(onnx_fp32):
     assert onnx_fp32.embed([]).vectors.shape == (0, onnx_fp32.dim)
 
 
-def test_the_export_is_cached_by_source_fingerprint_with_a_manifest(onnx_fp32, onnx_int8, onnx_cache):
+def test_the_export_is_cached_by_source_fingerprint_with_a_manifest(onnx_fp32, onnx_int8, onnx_w8a8, onnx_cache):
     source = fingerprint(onnx_fp32.folder, onnx_fp32.pooling)
-    for e in (onnx_fp32, onnx_int8):
+    for e in (onnx_fp32, onnx_int8, onnx_w8a8):
         path = e.runner.path
         assert path == model_file(onnx_cache, source, e.precision)
         meta = json.loads(path.with_suffix(".json").read_text())
@@ -144,7 +193,7 @@ def test_another_backbone_gets_its_own_export_and_its_pooling(tiny_model_dir, tm
 
     texts = ["hello world", "a somewhat longer sentence with more tokens in it", LONG]
     ref = Embedder.load(folder, max_length=64, device="cpu")
-    for precision, bound in (("fp32", 0.9999), ("int8", 0.99)):
+    for precision, bound in (("fp32", 0.9999), ("int8", 0.99), ("w8a8", 0.99)):
         ours = Embedder.load(folder, max_length=64, device="cpu", backend="onnx", precision=precision,
                              cache_dir=onnx_cache)
         assert ours.runner.path.name.startswith(fingerprint(folder, ref.pooling)[:32])
@@ -158,6 +207,8 @@ def test_another_backbone_gets_its_own_export_and_its_pooling(tiny_model_dir, tm
     (dict(backend="torch", precision="int8"), "not available on the torch backend"),
     (dict(backend="onnx", precision="fp16", device="cpu"), "fp16 needs a cuda device"),
     (dict(backend="onnx", precision="int8", device="cuda"), "int8 runs on the CPU only"),
+    (dict(backend="onnx", precision="w8a8", device="cuda"), "w8a8 runs on the CPU only"),
+    (dict(backend="torch", precision="w8a8"), "not available on the torch backend"),
     (dict(backend="onnx", graph_opt="max"), "graph optimisation level"),
 ])
 def test_bad_backend_or_precision_is_a_validation_error(kwargs, match, onnx_cache):

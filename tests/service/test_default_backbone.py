@@ -25,7 +25,7 @@ from headfleet.heads import examples_from_records
 from headfleet.settings import (FORMER_DEFAULT, NEW_FOLDER_DEFAULT, RECORDED_DEFAULT, Settings,
                                 cpu_has_int8_dot, fast_default)
 
-EXPECTED = ("onnx", "int8") if cpu_has_int8_dot() else ("onnx", "fp32")
+EXPECTED = ("onnx", "w8a8") if cpu_has_int8_dot() else ("onnx", "fp32")
 
 
 @pytest.fixture
@@ -47,6 +47,16 @@ def test_a_new_folder_gets_onnx_runtime_and_an_old_one_keeps_torch(tmp_path, uns
     (tmp_path / "data" / "registry" / "acme" / "spam").mkdir(parents=True)
     old = Settings.from_env(**_data(tmp_path))
     assert (old.backend, old.precision, old.backbone_source) == ("torch", "fp32", FORMER_DEFAULT)
+
+
+def test_a_folder_recorded_on_the_former_int8_default_keeps_it(tmp_path, unset_backend):
+    """w8a8 replaced MatMulNBits int8 as the VNNI default: a folder that int8 was recorded for keeps
+    its backbone (its heads and cached vectors are int8's) until backbone plan / apply moves it."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "backbone.json").write_text(json.dumps(
+        {"backend": "onnx", "precision": "int8", "model": None, "chosen": NEW_FOLDER_DEFAULT}))
+    s = Settings.from_env(**_data(tmp_path))
+    assert (s.backend, s.precision, s.backbone_source) == ("onnx", "int8", RECORDED_DEFAULT)
 
 
 def test_an_explicit_backend_wins_and_one_variable_keeps_the_other_default(tmp_path, unset_backend, monkeypatch):
