@@ -12,6 +12,7 @@ Every weight MatMul ``Y = X W + b`` of the fp32 graph (X: [batch, seq, K], W: [K
                                     asymmetric (min..max, a zero point per token) on the FFN
                                     down-projection, whose input comes out of GELU (>= -0.17)
     Y = int8_gemm(q(X'), Wq) * scale_t * scale_w  +  X[..., O] W[O, :]  + b
+                                    (the fp32 share added by one Gemm into the integer output)
 
 Sources: smoothing ``s_k = max|X_k|^alpha / max|W_k|^(1 - alpha)`` (Xiao et al., "SmoothQuant",
 ICML 2023, eq. 4; alpha 0.5); per-token activation scales (Yao et al., "ZeroQuant", NeurIPS 2022);
@@ -217,6 +218,7 @@ def build(fp32: Path, out: Path, smooth: dict[str, np.ndarray], kernel: str = "u
     const("tq_inv127", np.float32(1 / 127))
     const("tq_inv255", np.float32(1 / 255))
     quantised: dict[str, tuple[str, str, str | None]] = {}  # input -> (q, scale_t, zero_t * scale_t)
+    flat: set[str] = set()
     nodes = []
     for node in graph.node:
         if node.op_type != "MatMul" or node.input[1] not in weights or node.name in keep:
@@ -278,8 +280,19 @@ def build(fp32: Path, out: Path, smooth: dict[str, np.ndarray], kernel: str = "u
                       helper.make_node("Mul", [shifted, const(p + "_col", col)], [p + "_zero_share"]),
                       helper.make_node("Sub", [p + "_raw", p + "_zero_share"], [y])]
         if y != node.output[0]:
-            nodes += [helper.make_node("MatMul", [a + "_xo", const(p + "_wo", w_raw[cols])], [p + "_fp"]),
-                      helper.make_node("Add", [y, p + "_fp"], [node.output[0]])]
+            # one Gemm adds the fp32 columns' share into the integer output (C with beta = 1): against
+            # a MatMul then an Add, one pass less over [tokens, N] (11 % faster on SMS in one
+            # interleaved in-process run, the same vectors to the bit)
+            if a + "_xo2" not in flat:
+                flat.add(a + "_xo2")
+                nodes.append(helper.make_node("Reshape", [a + "_xo", const(a + "_o2", np.array([-1, len(cols)], np.int64))],
+                                              [a + "_xo2"]))
+            n_out = w_raw.shape[1]
+            nodes += [helper.make_node("Shape", [y], [p + "_shape"]),
+                      helper.make_node("Reshape", [y, const(p + "_y2", np.array([-1, n_out], np.int64))], [p + "_int2"]),
+                      helper.make_node("Gemm", [a + "_xo2", const(p + "_wo", w_raw[cols]), p + "_int2"], [p + "_sum2"],
+                                       alpha=1.0, beta=1.0),
+                      helper.make_node("Reshape", [p + "_sum2", p + "_shape"], [node.output[0]])]
     del graph.node[:]
     graph.node.extend(nodes)
     used = {i for n in graph.node for i in n.input}

@@ -121,10 +121,10 @@ def test_w8a8_calibrates_on_the_shipped_texts_and_keeps_outliers_in_fp32(onnx_w8
     graph = onnx.load(str(onnx_w8a8.runner.path)).graph
     ops = [n.op_type for n in graph.node]
     layers = 6
-    # every weight MatMul on the integer GEMM, with its 16 outlier channels through a small fp32 MatMul;
-    # the two attention-score MatMuls per layer stay fp32 too
+    # every weight MatMul on the integer GEMM, with its 16 outlier channels added by a small fp32 Gemm;
+    # the two attention-score MatMuls per layer stay fp32
     assert ops.count("MatMulIntegerToFloat") == 6 * layers
-    assert ops.count("MatMul") == 6 * layers + 2 * layers
+    assert ops.count("Gemm") == 6 * layers and ops.count("MatMul") == 2 * layers
     gathers = [i for i in graph.initializer if i.name.endswith("_oidx")]
     assert len(gathers) == 4 * layers and all(tuple(i.dims) == (w8a8.OUTLIERS,) for i in gathers)
 
