@@ -61,7 +61,7 @@ def backend_tag(backend: str, precision: str, device: str | None = None, graph_o
         if precision in CPU_ONLY and on_gpu:
             raise ValidationError(f"{precision} runs on the CPU only; use fp16 on cuda")
         if precision == "fp16" and not on_gpu:
-            raise ValidationError("fp16 needs a cuda device; use int8 or fp32 on cpu")
+            raise ValidationError("fp16 needs a cuda device; use w8a8, int8 or fp32 on cpu")
     if backend == "onnx":
         _check_graph_opt(graph_opt)
     tag = f"{backend}-{precision}"
@@ -77,10 +77,11 @@ def _check_graph_opt(graph_opt: str) -> None:
 def model_file(cache_dir: Path, source_fingerprint: str, precision: str) -> Path:
     """Where the file of this backbone and precision lives. ``w8a8`` is named with the form this CPU
     runs (``w8a8-u8s8`` or ``w8a8-u8u8``); a form may also be asked for by that name."""
-    if precision == "w8a8":
-        from headfleet.embedder.w8a8 import form_for_this_cpu
+    if precision == "w8a8" or precision.startswith("w8a8-"):
+        from headfleet.embedder import w8a8
 
-        precision = f"w8a8-{form_for_this_cpu()}"
+        form = precision.split("-", 1)[1] if "-" in precision else w8a8.form_for_this_cpu()
+        precision = f"w8a8v{w8a8.RECIPE}-{form}"
     return Path(cache_dir) / f"{source_fingerprint[:32]}-{precision}-r{RECIPE}.onnx"
 
 
@@ -109,11 +110,13 @@ def _build_model_file(folder: Path, pooling: PoolingConfig, precision: str, cach
             _write_manifest(fp32, folder, source_fingerprint, "fp32")
         if precision != "fp32":
             convert = {"int8": _quantize_int8, "fp16": _convert_fp16}.get(precision)
-            if convert is None:  # w8a8, or one of its forms by name: calibrated on this backbone's tokenizer
+            if precision == "w8a8" or precision.startswith("w8a8-"):  # or one of its forms by name
                 from headfleet.embedder import w8a8
 
                 form = precision.split("-", 1)[1] if "-" in precision else w8a8.form_for_this_cpu()
-                convert = lambda src, dst: w8a8.quantize(src, dst, folder, form)  # noqa: E731
+                convert = lambda src, dst: w8a8.quantize(src, dst, folder, form, source_fingerprint)  # noqa: E731
+            elif convert is None:
+                raise ValueError(f"no ONNX conversion for precision {precision!r}")
             _atomic(path, lambda tmp: convert(fp32, tmp))
             _write_manifest(path, folder, source_fingerprint, precision)
     except Exception as exc:  # say which backbone and which step failed

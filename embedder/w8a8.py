@@ -24,17 +24,24 @@ fixed, and the integer product is exact, so a text's vector does not depend on t
 its batch: a content-addressed cache needs that (``quantize_dynamic``'s one scale per batch tensor
 fails it).
 
-**Two forms, one result.** ONNX Runtime's fast uint8 x int8 kernel (``u8s8``) adds its products in
+**Two forms, the same integer sums.** ONNX Runtime's fast uint8 x int8 kernel (``u8s8``) adds its products in
 int32 on a CPU with VNNI, but through AVX2's saturating 16-bit ``VPMADDUBSW`` without it, where
 8-bit weights overflow. So the file is built in one of two forms with the same integer arithmetic:
 ``u8s8`` (int8 weights) where the CPU has an int8 dot product, ``u8u8`` (weights offset by 128,
-zero point 128: exact everywhere, slower) elsewhere. Both give the same vectors up to float
-rounding, so they share one fingerprint and a data folder moves between machines unchanged.
+zero point 128: exact everywhere, slower) elsewhere. Built from the same calibration, both give
+the same vectors (bit-identical on the machine that measured it), so they share one fingerprint.
 
 **Calibration** runs the fp32 graph on headfleet's own example texts (``engine/example_data``, 92
-short texts, plus the same texts joined four at a time for longer inputs) and records each MatMul
-input's per-channel maximum. Changing these texts or constants changes the vectors: that needs a
-new precision name (the fingerprint names the precision, not these numbers).
+short texts, plus the same texts joined four at a time) and records each MatMul input's
+per-channel maximum. The maxima come out of fp32 kernels that differ in their last bits from one
+CPU (or ONNX Runtime version) to another, and a maximum at a rounding edge moves a smoothing factor
+and then the vectors, by up to ~5e-3 a component. So for the shipped backbone the calibration's
+result ships with the package (``w8a8_minilm.npz``: the factors and outlier channels, by source
+fingerprint) and every machine builds the same file from it: the weights' quantisation is exact
+IEEE arithmetic from there on. Another backbone is calibrated where its file is built: build it
+once and share the ONNX folder (``<data>/onnx``) between the machines that share a cache.
+``RECIPE`` is in the file name; changing these texts, constants or the shipped result needs a new
+``RECIPE`` and, as it changes the vectors, a new precision name.
 
 Measured (README, "Backends"): 2.1x sentence-transformers on SMS and news texts, every head of
 ``bench/parity.py`` >= 99 % label agreement with torch fp32.
@@ -51,6 +58,8 @@ OUTLIERS = 16  # input channels per MatMul input kept in fp32
 W_BITS = 8
 FORMS = ("u8s8", "u8u8")
 JOIN = 4  # calibration: the example texts also joined this many at a time
+RECIPE = 1  # in the file name (``w8a8v1-u8s8``): bump with any change to the above or the shipped result
+SHIPPED = "w8a8_minilm.npz"  # the shipped backbone's calibration result (write_shipped)
 
 
 def form_for_this_cpu() -> str:
@@ -166,14 +175,45 @@ def down_projections(fp32: Path) -> set[str]:
             and shapes[n.input[1]][0] > shapes[n.input[1]][1]}
 
 
-def quantize(fp32: Path, out: Path, model_folder: Path, form: str) -> None:
-    """Write the ``w8a8`` file of the fp32 export ``fp32`` to ``out`` in ``form`` (``u8s8`` or ``u8u8``)."""
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, not {form!r}")
+def calibrate(fp32: Path, model_folder: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(smoothing factors, outlier channels)`` by MatMul input name, from :func:`calibration_texts`."""
     maxima = channel_max(fp32, calibration_batches(model_folder))
     smooth = smoothing(maxima, ALPHA)
-    build(fp32, out, smooth, kernel=form, asymmetric=down_projections(fp32), w_bits=W_BITS,
-          outliers=widest(maxima[0], smooth, OUTLIERS))
+    return smooth, widest(maxima[0], smooth, OUTLIERS)
+
+
+def shipped(source_fingerprint: str):
+    """The shipped calibration result for this source fingerprint, or None (another backbone)."""
+    from importlib import resources
+
+    ref = resources.files("headfleet.embedder") / SHIPPED
+    if not ref.is_file():
+        return None
+    with ref.open("rb") as f:
+        data = np.load(f)
+        if str(data["source_fingerprint"]) != source_fingerprint:
+            return None
+        names = [str(n) for n in data["names"]]
+        return ({n: data[f"s{i}"] for i, n in enumerate(names)}, {n: data[f"o{i}"] for i, n in enumerate(names)})
+
+
+def write_shipped(fp32: Path, model_folder: Path, source_fingerprint: str, out: Path) -> None:
+    """Calibrate the shipped backbone and write its result to ``out`` (run once by a maintainer;
+    ``tests/embedder/test_onnx_backend.py`` checks it against a fresh calibration)."""
+    smooth, outliers = calibrate(fp32, model_folder)
+    names = sorted(smooth)
+    np.savez_compressed(out, source_fingerprint=np.array(source_fingerprint), names=np.array(names),
+                        **{f"s{i}": smooth[n].astype(np.float32) for i, n in enumerate(names)},
+                        **{f"o{i}": outliers[n].astype(np.int64) for i, n in enumerate(names)})
+
+
+def quantize(fp32: Path, out: Path, model_folder: Path, form: str, source_fingerprint: str = "") -> None:
+    """Write the ``w8a8`` file of the fp32 export ``fp32`` to ``out`` in ``form`` (``u8s8`` or ``u8u8``):
+    from the shipped calibration when ``source_fingerprint`` is the shipped backbone's, else calibrated here."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, not {form!r}")
+    smooth, outliers = shipped(source_fingerprint) or calibrate(fp32, model_folder)
+    build(fp32, out, smooth, kernel=form, asymmetric=down_projections(fp32), w_bits=W_BITS, outliers=outliers)
 
 
 def build(fp32: Path, out: Path, smooth: dict[str, np.ndarray], kernel: str = "u8s8",
@@ -247,9 +287,10 @@ def build(fp32: Path, out: Path, smooth: dict[str, np.ndarray], kernel: str = "u
             nodes.append(helper.make_node("Mul", [x, const(a + "_inv_s", inv_s)], [a + "_x"]))
             nodes += [helper.make_node("ReduceMax", [a + "_x", "tq_axes"], [a + "_max"], keepdims=1),
                       helper.make_node("ReduceMin", [a + "_x", "tq_axes"], [a + "_min"], keepdims=1)]
-            if asymmetric is True or (asymmetric and x in asymmetric):  # [min(min, 0), max], zero point 0..255
+            if asymmetric is True or (asymmetric and x in asymmetric):  # [min(min, 0), max(max, 0)], zero 0..255
                 nodes += [helper.make_node("Min", [a + "_min", "tq_zero"], [a + "_lo"]),
-                          helper.make_node("Sub", [a + "_max", a + "_lo"], [a + "_range"]),
+                          helper.make_node("Max", [a + "_max", "tq_zero"], [a + "_hi"]),
+                          helper.make_node("Sub", [a + "_hi", a + "_lo"], [a + "_range"]),
                           helper.make_node("Max", [a + "_range", "tq_eps"], [a + "_range1"]),
                           helper.make_node("Mul", [a + "_range1", "tq_inv255"], [a + "_scale"]),
                           helper.make_node("Div", [a + "_lo", a + "_scale"], [a + "_lo_q"]),

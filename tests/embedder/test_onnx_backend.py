@@ -97,7 +97,7 @@ def test_w8a8_runs_the_form_this_cpu_adds_exactly_and_both_forms_agree(onnx_w8a8
     from headfleet.settings import cpu_has_int8_dot
 
     form = "u8s8" if cpu_has_int8_dot() else "u8u8"
-    assert onnx_w8a8.runner.path.name.endswith(f"-w8a8-{form}-r1.onnx")
+    assert onnx_w8a8.runner.path.name.endswith(f"-w8a8v1-{form}-r1.onnx")
     source = fingerprint(onnx_w8a8.folder, onnx_w8a8.pooling)
     portable = ensure_model_file(onnx_w8a8.folder, onnx_w8a8.pooling, "w8a8-u8u8", onnx_cache, source)
     texts = sms[0][:48] + [LONG]
@@ -127,6 +127,32 @@ def test_w8a8_calibrates_on_the_shipped_texts_and_keeps_outliers_in_fp32(onnx_w8
     assert ops.count("Gemm") == 6 * layers and ops.count("MatMul") == 2 * layers
     gathers = [i for i in graph.initializer if i.name.endswith("_oidx")]
     assert len(gathers) == 4 * layers and all(tuple(i.dims) == (w8a8.OUTLIERS,) for i in gathers)
+
+
+def test_the_shipped_backbone_builds_w8a8_from_the_shipped_calibration_which_a_fresh_one_reproduces(
+        onnx_w8a8, onnx_cache, tiny_model_dir):
+    """Every machine builds the shipped backbone's w8a8 file from the same factors (its own fp32
+    kernels would move maxima at rounding edges); the shipped result is what calibrating gives."""
+    from headfleet.embedder import w8a8
+
+    source = fingerprint(onnx_w8a8.folder, onnx_w8a8.pooling)
+    smooth, outliers = w8a8.shipped(source)
+    assert w8a8.shipped(fingerprint(tiny_model_dir, PoolingConfig.from_folder(tiny_model_dir))) is None
+    fresh_smooth, fresh_outliers = w8a8.calibrate(model_file(onnx_cache, source, "fp32"), onnx_w8a8.folder)
+    assert sorted(smooth) == sorted(fresh_smooth) and len(smooth) == 4 * 6
+    for name in smooth:
+        np.testing.assert_allclose(smooth[name], fresh_smooth[name], rtol=1e-3)
+        assert set(outliers[name].tolist()) == set(fresh_outliers[name].tolist()), name
+
+
+def test_a_precision_without_a_conversion_is_refused_not_built(onnx_fp32, onnx_cache):
+    from headfleet.embedder.onnx_backend import ensure_model_file
+    from headfleet.errors import BackendError
+
+    with pytest.raises(BackendError, match="no ONNX conversion for precision 'bf16'"):
+        ensure_model_file(onnx_fp32.folder, onnx_fp32.pooling, "bf16", onnx_cache,
+                          fingerprint(onnx_fp32.folder, onnx_fp32.pooling))
+    assert not list(onnx_cache.glob("*-bf16-*"))
 
 
 def test_each_backend_and_precision_has_its_own_fingerprint_and_cache_namespace(minilm, onnx_fp32, onnx_int8,
