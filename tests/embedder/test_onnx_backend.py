@@ -267,3 +267,25 @@ def test_fp16_on_cuda(onnx_cache, sms, torch_vectors):
     fp16 = Embedder.load(device="cuda", backend="onnx", precision="fp16", cache_dir=onnx_cache)
     cos = _cos(fp16.embed(sms[0]).vectors, torch_vectors)
     assert cos.min() >= 0.999
+
+
+def test_a_w8a8_file_that_computes_wrong_vectors_is_refused_at_build_time(onnx_w8a8, onnx_cache, tmp_path):
+    """The self-check guards the contract the graph leans on (a per-token scale in
+    MatMulIntegerToFloat): a file whose integer weights are garbled fails it with a clear error."""
+    import onnx
+    from onnx import numpy_helper
+
+    from headfleet.embedder import w8a8
+
+    source = fingerprint(onnx_w8a8.folder, onnx_w8a8.pooling)
+    fp32 = model_file(onnx_cache, source, "fp32")
+    batches = w8a8.calibration_batches(onnx_w8a8.folder)[:2]
+    assert w8a8.self_check(fp32, onnx_w8a8.runner.path, batches) >= 0.99
+    model = onnx.load(str(onnx_w8a8.runner.path))
+    for init in model.graph.initializer:  # every integer weight reversed along its rows
+        if init.name.endswith("_w"):
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init)[::-1].copy(), init.name))
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, str(broken))
+    with pytest.raises(ValueError, match="fails its self-check against fp32"):
+        w8a8.self_check(fp32, broken, batches)
