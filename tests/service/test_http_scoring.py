@@ -225,8 +225,13 @@ def test_a_link_swapped_in_after_submit_fails_the_job_and_reads_none_of_it(serve
     r = client.post("/jobs", json={"source": "swapped", "classifiers": ["spam"], "output": "swapped.jsonl"},
                     headers=ACME)
     assert r.status_code == 202, r.text
-    (store / "1.swap").symlink_to("../../globex/secret.jsonl")
-    (store / "1.swap").replace(store / "1.jsonl")
+    # the link is made in a folder beside the store (the same depth, so the same relative target) and
+    # renamed over the file in one step: made inside the store, a job that lists the folder in between
+    # saw the link under its temporary name (which it refused too, naming that name instead)
+    beside = root / "acme" / "staging"
+    beside.mkdir()
+    (beside / "1.swap").symlink_to("../../globex/secret.jsonl")
+    (beside / "1.swap").replace(store / "1.jsonl")
     done = wait_for(client, r.json()["job"]["id"], ACME)
     assert done["state"] == "failed", done
     assert done["error"]["error_type"] == "forbidden"
