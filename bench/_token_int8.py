@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from headfleet.embedder.w8a8 import build, channel_max, down_projections, smoothing, widest
+from headfleet.embedder.w8a8 import build, channel_max, smoothing, widest
 
-__all__ = ["CALIBRATION", "build", "calibration_batches", "channel_max", "down_projections", "smoothing", "widest"]
+__all__ = ["CALIBRATION", "build", "calibration_batches", "channel_max", "smoothing", "widest"]
 
 CALIBRATION = (slice(1500, 1692), slice(600, 664))  # SMS and news rows no bench times
 

@@ -28,6 +28,7 @@ import torch
 
 from _common import begin, check_vectors, long_texts, percentiles_ms, report, sms_texts
 from headfleet.embedder import Embedder
+from headfleet.settings import CPU_ONLY
 
 
 class Contender:
@@ -59,7 +60,7 @@ def ours(name: str, e: Embedder) -> Contender:
         e.batch_size = batch_size
         return e.embed(texts).vectors
 
-    return Contender(name, embed, 0.99 if e.precision in ("int8", "w8a8") else 0.9999)
+    return Contender(name, embed, 0.99 if e.precision in CPU_ONLY else 0.9999)
 
 
 def peer(name: str, model) -> Contender:

@@ -151,10 +151,7 @@ def build_token_recipes(fp32: Path, folder: Path, batches, names=None) -> dict[s
         smooth = _token_int8.smoothing(maxima, recipe["alpha"])
         files[name] = folder / f"{name}.onnx"
         outliers = _token_int8.widest(maxima[0], smooth, recipe["outliers"]) if recipe.get("outliers") else None
-        asymmetric = recipe["asymmetric"]
-        if asymmetric == "down":  # the FFN down-projection's input, out of GELU
-            asymmetric = _token_int8.down_projections(fp32)
-        _token_int8.build(fp32, files[name], smooth, kernel=recipe["kernel"], asymmetric=asymmetric,
+        _token_int8.build(fp32, files[name], smooth, kernel=recipe["kernel"], asymmetric=recipe["asymmetric"],
                           w_bits=recipe.get("w_bits"), outliers=outliers)
     return files
 

@@ -207,6 +207,11 @@ def _holds_classifiers(registry: Path) -> bool:
         return False
 
 
+BACKENDS = {"torch": ("fp32",), "onnx": ("fp32", "int8", "w8a8", "fp16")}  # backend -> its precisions
+PRECISIONS = tuple(dict.fromkeys(p for ps in BACKENDS.values() for p in ps))  # for the CLI's choices
+CPU_ONLY = ("int8", "w8a8")
+
+
 def cpu_has_int8_dot() -> bool:
     """Whether this CPU has an int8 dot-product instruction (AVX-512 VNNI, AVX-VNNI or AMX), which
     ONNX Runtime's int8 kernels need to beat fp32, and its uint8 x int8 GEMM needs to add 8-bit

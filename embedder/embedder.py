@@ -243,7 +243,9 @@ class Embedder:
 
 
 def _default_device(backend: str, precision: str) -> str:
-    if precision in ("int8", "w8a8"):
+    from headfleet.settings import CPU_ONLY
+
+    if precision in CPU_ONLY:
         return "cpu"
     if backend == "onnx":
         import onnxruntime

@@ -30,10 +30,8 @@ import numpy as np
 
 from headfleet.errors import BackendError, ValidationError
 from headfleet.embedder.backbone import PoolingConfig, load_encoder, pool
+from headfleet.settings import BACKENDS, CPU_ONLY
 
-BACKENDS = {"torch": ("fp32",), "onnx": ("fp32", "int8", "w8a8", "fp16")}
-CPU_ONLY = ("int8", "w8a8")
-PRECISIONS = ("fp32", "int8", "w8a8", "fp16")  # every backend's, for the CLI's and API's choices
 RECIPE = 1  # bump when export / quantisation changes what a cached file holds
 INT8_BLOCK = 32  # int8 block size along K: <= 64 keeps every row's quantisation independent of the batch
 GRAPH_OPT_LEVELS = ("disabled", "basic", "extended", "all")
@@ -77,10 +75,10 @@ def _check_graph_opt(graph_opt: str) -> None:
 def model_file(cache_dir: Path, source_fingerprint: str, precision: str) -> Path:
     """Where the file of this backbone and precision lives. ``w8a8`` is named with the form this CPU
     runs (``w8a8-u8s8`` or ``w8a8-u8u8``); a form may also be asked for by that name."""
-    if precision == "w8a8" or precision.startswith("w8a8-"):
-        from headfleet.embedder import w8a8
+    from headfleet.embedder import w8a8
 
-        form = precision.split("-", 1)[1] if "-" in precision else w8a8.form_for_this_cpu()
+    form = w8a8.form_of(precision)
+    if form is not None:
         precision = f"w8a8v{w8a8.RECIPE}-{form}"
     return Path(cache_dir) / f"{source_fingerprint[:32]}-{precision}-r{RECIPE}.onnx"
 
@@ -109,11 +107,11 @@ def _build_model_file(folder: Path, pooling: PoolingConfig, precision: str, cach
             _atomic(fp32, lambda tmp: export(folder, pooling, tmp))
             _write_manifest(fp32, folder, source_fingerprint, "fp32")
         if precision != "fp32":
-            convert = {"int8": _quantize_int8, "fp16": _convert_fp16}.get(precision)
-            if precision == "w8a8" or precision.startswith("w8a8-"):  # or one of its forms by name
-                from headfleet.embedder import w8a8
+            from headfleet.embedder import w8a8
 
-                form = precision.split("-", 1)[1] if "-" in precision else w8a8.form_for_this_cpu()
+            convert = {"int8": _quantize_int8, "fp16": _convert_fp16}.get(precision)
+            form = w8a8.form_of(precision)
+            if form is not None:
                 convert = lambda src, dst: w8a8.quantize(src, dst, folder, form, source_fingerprint)  # noqa: E731
             elif convert is None:
                 raise ValueError(f"no ONNX conversion for precision {precision!r}")

@@ -69,6 +69,16 @@ def form_for_this_cpu() -> str:
     return "u8s8" if cpu_has_int8_dot() else "u8u8"
 
 
+def form_of(precision: str) -> str | None:
+    """The file form a precision name asks for: ``"w8a8"`` -> this CPU's, ``"w8a8-u8u8"`` -> that
+    one; None for any other precision."""
+    if precision == "w8a8":
+        return form_for_this_cpu()
+    if precision.startswith("w8a8-") and precision[5:] in FORMS:
+        return precision[5:]
+    return None
+
+
 def calibration_texts() -> list[str]:
     """The texts calibration runs: the example classifiers' training texts, then joined in fours."""
     import csv
@@ -141,20 +151,14 @@ def _significant(a: np.ndarray, digits: int = 4) -> np.ndarray:
     return (np.round(a / 10 ** (exp - digits + 1)) * 10 ** (exp - digits + 1)).astype(np.float32)
 
 
-def smoothing(maxima, alpha: float, power_of_two: bool = False) -> dict[str, np.ndarray]:
+def smoothing(maxima, alpha: float) -> dict[str, np.ndarray]:
     """SmoothQuant's per-input-channel factor ``s`` (shape [K]) by input name, from
     :func:`channel_max`'s result; clipped to [1e-3, 1e3] so a dead channel cannot blow up a weight row.
-
-    ``power_of_two`` rounds each factor to the nearest power of two (in log2), which makes ``X / s``
-    and ``s * W`` exact in floating point; measured on the SMS set it costs accuracy (mean cosine to
-    fp32 0.99940 against 0.99960), so the shipped recipe does not use it.
-    """
+    (Factors rounded to powers of two, exact in floating point, cost accuracy when measured: mean
+    cosine to fp32 0.99940 against 0.99960 on SMS.)"""
     x_max, w_max = maxima
-    out = {name: np.clip(x_max[name] ** alpha / np.maximum(w_max[name], 1e-5) ** (1 - alpha), 1e-3, 1e3)
-           for name in x_max}
-    if power_of_two:
-        out = {name: np.exp2(np.round(np.log2(s))).astype(np.float32) for name, s in out.items()}
-    return out
+    return {name: np.clip(x_max[name] ** alpha / np.maximum(w_max[name], 1e-5) ** (1 - alpha), 1e-3, 1e3)
+            for name in x_max}
 
 
 def widest(x_max: dict[str, np.ndarray], smooth: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
@@ -163,21 +167,19 @@ def widest(x_max: dict[str, np.ndarray], smooth: dict[str, np.ndarray], k: int) 
     return {name: np.sort(np.argsort(-(m / smooth[name]))[:min(k, len(m) // 8)]) for name, m in x_max.items()}
 
 
-def down_projections(fp32: Path) -> set[str]:
-    """Inputs of the weight MatMuls that narrow (K > N): the feed-forward down-projections, whose
-    inputs come out of GELU and get asymmetric scales."""
-    import onnx
-
-    graph = onnx.load(str(fp32)).graph
+def down_projections(graph) -> set[str]:
+    """Inputs of the weight MatMuls of an ONNX ``graph`` that narrow (K > N): the feed-forward
+    down-projections, whose inputs come out of GELU and get asymmetric scales."""
     shapes = {i.name: tuple(i.dims) for i in graph.initializer}
     return {n.input[0] for n in graph.node
             if n.op_type == "MatMul" and n.input[1] in shapes and len(shapes[n.input[1]]) == 2
             and shapes[n.input[1]][0] > shapes[n.input[1]][1]}
 
 
-def calibrate(fp32: Path, model_folder: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """``(smoothing factors, outlier channels)`` by MatMul input name, from :func:`calibration_texts`."""
-    maxima = channel_max(fp32, calibration_batches(model_folder))
+def calibrate(fp32: Path, model_folder: Path, batches=None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(smoothing factors, outlier channels)`` by MatMul input name, from :func:`calibration_texts`
+    (or ``batches``, :func:`calibration_batches` already made)."""
+    maxima = channel_max(fp32, batches or calibration_batches(model_folder))
     smooth = smoothing(maxima, ALPHA)
     return smooth, widest(maxima[0], smooth, OUTLIERS)
 
@@ -212,9 +214,10 @@ def quantize(fp32: Path, out: Path, model_folder: Path, form: str, source_finger
     from the shipped calibration when ``source_fingerprint`` is the shipped backbone's, else calibrated here."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, not {form!r}")
-    smooth, outliers = shipped(source_fingerprint) or calibrate(fp32, model_folder)
-    build(fp32, out, smooth, kernel=form, asymmetric=down_projections(fp32), w_bits=W_BITS, outliers=outliers)
-    self_check(fp32, out, calibration_batches(model_folder)[:2])
+    batches = calibration_batches(model_folder)
+    smooth, outliers = shipped(source_fingerprint) or calibrate(fp32, model_folder, batches)
+    build(fp32, out, smooth, kernel=form, asymmetric="down", w_bits=W_BITS, outliers=outliers)
+    self_check(fp32, out, batches[:2])
 
 
 SELF_CHECK_COSINE = 0.99
@@ -245,12 +248,13 @@ def self_check(fp32: Path, built: Path, batches) -> float:
 
 
 def build(fp32: Path, out: Path, smooth: dict[str, np.ndarray], kernel: str = "u8s8",
-          asymmetric: bool | set[str] = False, w_bits: int | None = None,
+          asymmetric: bool | str | set[str] = False, w_bits: int | None = None,
           keep: frozenset[str] | set[str] = frozenset(), outliers: dict[str, np.ndarray] | None = None) -> None:
     """Write the per-token int8 graph of ``fp32`` to ``out`` (ONNX opset 21, for blocked QuantizeLinear).
 
     ``smooth``: :func:`smoothing`'s factors. ``kernel``: ``u8s8`` or ``u8u8`` (module docstring).
-    ``asymmetric``: True, False, or the input names that get a zero point per token. ``w_bits``: 7
+    ``asymmetric``: True, False, ``"down"`` (the FFN down-projections' inputs, :func:`down_projections`),
+    or the input names that get a zero point per token. ``w_bits``: 7
     (``u8s8``'s default, safe from AVX2's saturation) or 8 (``u8u8``'s default; with ``u8s8`` exact
     only where the CPU adds in int32). ``keep``: MatMul node names left in fp32. ``outliers``: input
     channels per input name kept in fp32 (:func:`widest`).
@@ -269,6 +273,8 @@ def build(fp32: Path, out: Path, smooth: dict[str, np.ndarray], kernel: str = "u
         raise ValueError(f"w_bits must be 7 or 8, not {w_bits!r}")
     model = version_converter.convert_version(onnx.load(str(fp32)), 21)
     graph = model.graph
+    if asymmetric == "down":
+        asymmetric = down_projections(graph)
     weights = {i.name: i for i in graph.initializer}
     added: list = []
 

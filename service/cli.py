@@ -9,10 +9,10 @@ import json
 import sys
 from pathlib import Path
 
-from headfleet.embedder.onnx_backend import PRECISIONS
 from headfleet.errors import HeadfleetError, ValidationError
 from headfleet.service.cli_backbone import add_parser as add_backbone_parser
 from headfleet.service.cli_reproduce import add_parser as add_reproduce_parser
+from headfleet.settings import PRECISIONS
 from headfleet.service.cli_output import (_print_json, _retrain_line, format_classify, format_experiment,
                                           format_experiments, format_monitor, format_report, format_shadow,
                                           progress_bar)

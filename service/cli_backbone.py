@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from headfleet.embedder.onnx_backend import PRECISIONS
 from headfleet.service.cli_output import _print_json
+from headfleet.settings import PRECISIONS
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ class PlanRequest(msgspec.Struct, forbid_unknown_fields=True):
 
     to: str | None = None  # the candidate model folder on the server (default: the serving one)
     backend: Literal["torch", "onnx"] | None = None  # default: the serving backbone's
-    precision: Literal["fp32", "int8", "w8a8", "fp16"] | None = None  # onnx_backend.PRECISIONS
+    precision: Literal["fp32", "int8", "w8a8", "fp16"] | None = None  # settings.PRECISIONS
     tenant: str | None = None  # exactly one of tenant / all_tenants
     all_tenants: bool = False
     max_drop: float = 0.01  # accuracy drop allowed on the holdout or the canary, a fraction
