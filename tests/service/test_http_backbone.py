@@ -175,3 +175,16 @@ def test_reload_swaps_the_backbone_and_its_aliases_under_traffic_and_rollback_go
         with as_(srv, OTHER_KEY) as bob:  # another tenant's view is unchanged by acme's upgrade
             assert bob.get("/classifiers").json()["classifiers"] == []
         assert as_(srv, TENANT_KEY).post("/admin/backbone/reload").status_code == 403
+
+
+def test_the_plan_api_accepts_every_precision_the_cli_and_the_backends_know():
+    """POST /admin/backbone/plan's precision field is written out by hand (a Literal): it must name
+    exactly the precisions of the backend table, as the CLI's --precision choices do."""
+    import typing
+
+    from headfleet.service.api.admin import PlanRequest
+    from headfleet.settings import PRECISIONS
+
+    field = typing.get_type_hints(PlanRequest)["precision"]
+    literal = next(a for a in typing.get_args(field) if a is not type(None))
+    assert set(typing.get_args(literal)) == set(PRECISIONS) and "w8a8" in PRECISIONS
