@@ -5,10 +5,13 @@
 
 (a) ``rows`` real SMS texts, each with its own adapter among ``adapters`` distinct rank-``rank``
     adapters on all-MiniLM-L6-v2 (query, value), pooled and normalised embeddings:
-      - ours: one forward of the embedder, adapters resident in device slots (the serving path)
+      - ours, on the backend a new data folder gets here (``--backend``; on a CPU ONNX Runtime, whose
+        LoRA rows run in the graph with the delta inside), and on torch fp32: one forward of the
+        embedder, adapters resident in device slots (the serving path)
       - PEFT mixed batch: ``model(..., adapter_names=[...])``, one forward, adapters loaded in PEFT
       - per-adapter loop: PEFT ``set_adapter`` + a forward for each adapter's rows
-    Every path's vectors are checked against ours first (atol 1e-4). Median ms of ``repeats``
+    Every path's vectors are checked against PEFT's first (atol 1e-4 at fp32; cosine >= 0.99 on a
+    quantised base). Median ms of ``repeats``
     runs after a warm-up; ratio = peer / ours (> 1: ours faster).
 (b) cold load: an adapter not in host memory nor in a slot, read from the registry folder (PEFT
     files), checked against the backbone's shapes and copied into a device slot; p50/p99 over
@@ -42,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--loads", type=int, default=200, help="cold loads measured in (b)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--skip", default="", help="parts to skip, e.g. 'a' or 'bc'")
+    p.add_argument("--backend", default=None,
+                   help="backend/precision of (a)'s first row, e.g. onnx/w8a8 or onnx/fp32 (default: what a new "
+                        "data folder gets on this machine, headfleet.settings.fast_default); torch fp32 is always measured")
     return p.parse_args(argv)
 
 
@@ -67,15 +73,19 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def part_a(args, emb, adapters, texts):
+def part_a(args, embs, adapters, texts):
+    """``embs``: [(label, embedder with LoRA enabled)], the default backend first; the first torch
+    one loads PEFT's base model from its folder."""
     from peft import PeftModel
     from transformers import AutoModel
 
-    bank = emb.lora
-    for s, ad in enumerate(adapters):
-        bank.write(s, ad.torch_weights("cpu"), ad.rank, ad.scale)
     slots = np.arange(args.rows) % len(adapters)
-    ours_vecs = emb.embed(texts, slots=slots).vectors
+    vecs = {}
+    for label, emb in embs:
+        for s, ad in enumerate(adapters):
+            emb.lora.write(s, ad.torch_weights("cpu"), ad.rank, ad.scale)
+        vecs[label] = emb.embed(texts, slots=slots).vectors
+    emb = embs[0][1]
 
     with tempfile.TemporaryDirectory() as tmp:
         for k, ad in enumerate(adapters):
@@ -97,12 +107,13 @@ def part_a(args, emb, adapters, texts):
         input_ids[i, : len(x)] = torch.tensor(x)
         mask[i, : len(x)] = 1
     names = [f"a{s}" for s in slots]
+    from headfleet.embedder.backbone import pool
 
     def peft_mixed():
         with torch.inference_mode():
             h = model(input_ids=input_ids, attention_mask=mask, token_type_ids=torch.zeros_like(input_ids),
                       adapter_names=names).last_hidden_state
-            return emb.runner.pool(h, mask).numpy()
+            return pool(h, mask, emb.pooling).numpy()
 
     def peft_loop():
         out = np.empty((len(texts), emb.dim), dtype=np.float32)
@@ -114,23 +125,37 @@ def part_a(args, emb, adapters, texts):
                 w = int(sub_mask.sum(1).max())
                 h = model(input_ids=sub_ids[:, :w], attention_mask=sub_mask[:, :w],
                           token_type_ids=torch.zeros_like(sub_ids[:, :w])).last_hidden_state
-                out[rows] = emb.runner.pool(h, sub_mask[:, :w]).numpy()
+                out[rows] = pool(h, sub_mask[:, :w], emb.pooling).numpy()
         return out
 
-    checked = [check_close("PEFT mixed batch vs ours", peft_mixed(), ours_vecs, 1e-4),
-               check_close("PEFT per-adapter loop vs ours", peft_loop(), ours_vecs, 1e-4)]
+    theirs = peft_mixed()
+    checked = [check_close("PEFT per-adapter loop vs PEFT mixed", peft_loop(), theirs, 1e-4)]
+    for label, e in embs:
+        if e.backend == "torch" or e.precision == "fp32":  # the same arithmetic: equal to float rounding
+            checked.append(check_close(f"{label} vs PEFT mixed", vecs[label], theirs, 1e-4))
+        else:  # a quantised base: as close as its plain rows are (parity.py), no closer
+            cos = (vecs[label] * theirs).sum(1) / (np.linalg.norm(vecs[label], axis=1) * np.linalg.norm(theirs, axis=1))
+            if not cos.min() >= 0.99:
+                refuse(f"{label} vs PEFT mixed: lowest cosine {cos.min():.4f} < 0.99")
+            checked.append(f"{label} vs PEFT mixed: cosine min {cos.min():.5f}, mean {cos.mean():.5f} (bound 0.99)")
     print("\n".join(checked), flush=True)
-    ours_ms = median_ms(lambda: emb.embed(texts, slots=slots), args.repeats)
-    base_ms = median_ms(lambda: emb.embed(texts), args.repeats)
+    rows, figures = [], {"threads": torch.get_num_threads()}
     mixed_ms = median_ms(peft_mixed, args.repeats)
     loop_ms = median_ms(peft_loop, max(3, args.repeats // 4))
-    report(f"(a) {args.rows} rows across {len(adapters)} adapters, rank {args.rank}, one batch", [
-        ("ours (one forward, slots)", f"{ours_ms:8.1f} ms"),
-        ("  same texts, no adapters", f"{base_ms:8.1f} ms  (LoRA adds {ours_ms - base_ms:+.1f} ms)"),
-        ("PEFT mixed batch", f"{mixed_ms:8.1f} ms  -> ours {mixed_ms / ours_ms:.2f}x faster"),
-        ("per-adapter loop (PEFT)", f"{loop_ms:8.1f} ms  -> ours {loop_ms / ours_ms:.2f}x faster"),
-    ] + [("checked before timing", line) for line in checked], {"ours_ms": ours_ms, "base_ms": base_ms, "peft_mixed_ms": mixed_ms, "loop_ms": loop_ms,
-        "vs_peft": mixed_ms / ours_ms, "vs_loop": loop_ms / ours_ms, "threads": torch.get_num_threads()})
+    for k, (label, e) in enumerate(embs):
+        ours_ms = median_ms(lambda: e.embed(texts, slots=slots), args.repeats)
+        base_ms = median_ms(lambda: e.embed(texts), args.repeats)
+        rows += [(f"ours, {label}", f"{ours_ms:8.1f} ms  -> {mixed_ms / ours_ms:.2f}x PEFT mixed, "
+                                    f"{loop_ms / ours_ms:.2f}x the loop"),
+                 ("  same texts, no adapters", f"{base_ms:8.1f} ms  (LoRA adds {ours_ms - base_ms:+.1f} ms, "
+                                              f"{100 * (ours_ms - base_ms) / base_ms:+.1f} %)")]
+        key = "" if k == 0 else f"{label}_"
+        figures.update({f"{key}ours_ms": ours_ms, f"{key}base_ms": base_ms, f"{key}vs_peft": mixed_ms / ours_ms,
+                        f"{key}delta_share": (ours_ms - base_ms) / base_ms, f"{key}vs_loop": loop_ms / ours_ms})
+    rows += [("PEFT mixed batch", f"{mixed_ms:8.1f} ms"), ("per-adapter loop (PEFT)", f"{loop_ms:8.1f} ms")]
+    figures.update({"peft_mixed_ms": mixed_ms, "loop_ms": loop_ms, "default": embs[0][0]})
+    report(f"(a) {args.rows} rows across {len(adapters)} adapters, rank {args.rank}, one batch "
+           f"(first row: the default backend)", rows + [("checked before timing", line) for line in checked], figures)
 
 
 def part_bc(args, emb, shapes):
@@ -186,12 +211,24 @@ def main(argv=None) -> int:
     from headfleet.embedder import Embedder
     from headfleet.embedder.lora import module_shapes
 
+    from headfleet.settings import fast_default
+
+    slots, rank = max(args.adapters, 8), max(8, args.rank)
     emb = Embedder.load(max_length=128, batch_size=max(64, args.rows), device="cpu")
-    emb.enable_lora(max_slots=max(args.adapters, 8), max_rank=max(8, args.rank))
+    emb.enable_lora(max_slots=slots, max_rank=rank)
     shapes = module_shapes(emb.model)
     texts = sms_texts(args.rows)
     if "a" not in args.skip:
-        part_a(args, emb, random_adapters(args.adapters, args.rank, shapes), texts)
+        embs = [("torch fp32", emb)]
+        backend, _, precision = (args.backend or "").partition("/")
+        if not backend:
+            backend, precision = fast_default("cpu")
+        if backend != "torch":  # the default backend first: the goal's figure
+            fast = Embedder.load(max_length=128, batch_size=max(64, args.rows), device="cpu", backend=backend,
+                                 precision=precision, cache_dir=Path(tempfile.mkdtemp(prefix="bench-lora-onnx-")))
+            fast.enable_lora(max_slots=slots, max_rank=rank)
+            embs.insert(0, (f"{backend} {precision}", fast))
+        part_a(args, embs, random_adapters(args.adapters, args.rank, shapes), texts)
     if "b" not in args.skip:
         part_bc(args, emb, shapes)
     return 0

@@ -71,6 +71,9 @@ class Embedder:
         # LoRA rows' forward: the backbone's own on the torch backend; on ONNX Runtime a torch copy of
         # the same weights, loaded at first use (torch_model), because an exported graph is fixed
         self.lora_runner = runner if model is not None else None
+        # on ONNX Runtime on the CPU, LoRA rows are served by the graph with the delta inside
+        # (embedder.lora_graph), built at enable_lora; the torch copy then only trains adapters
+        self.lora_graph = None
         self._torch_lock = threading.Lock()
         self.forwards = 0  # backbone forward passes run
         self.texts_embedded = 0
@@ -161,14 +164,33 @@ class Embedder:
 
     # -- forward ------------------------------------------------------------------------------
     # -- LoRA ----------------------------------------------------------------------------------
-    def torch_model(self):
-        """The torch module that LoRA rows run through (``[batch, seq]`` ids in, token states out).
+    @property
+    def lora_in_graph(self) -> bool:
+        """Whether LoRA rows are served by the ONNX graph with the delta inside (ONNX Runtime on the
+        CPU: fp32, int8, w8a8) rather than by torch."""
+        return self.backend == "onnx" and not str(self.device).startswith("cuda")
 
-        On the torch backend it is the backbone itself. On ONNX Runtime an exported graph has no
-        injection points, so a torch copy of the same weights is loaded beside it at the first call
-        (about 90 MB for all-MiniLM-L6-v2): LoRA rows run there at fp32, the other rows of the same
-        batch on ONNX Runtime. The backbone fingerprint names the ONNX backend + precision and covers
-        both, since this stack always runs LoRA rows on torch fp32."""
+    @property
+    def lora_fingerprint(self) -> str:
+        """What keys the cached vectors of LoRA rows: the backbone fingerprint, plus the LoRA graph's
+        recipe where rows run in the graph (its base linears are this precision's, the delta fp32),
+        so vectors a torch LoRA forward cached under the same backbone are never read back as the
+        graph's, and the reverse."""
+        if not self.lora_in_graph:
+            return self.fingerprint
+        from headfleet.embedder.lora_graph import RECIPE
+
+        return f"{self.fingerprint}+lora-graph{RECIPE}"
+
+    def torch_model(self):
+        """The torch module that LoRA training runs through (``[batch, seq]`` ids in, token states out).
+
+        On the torch backend it is the backbone itself, which also serves LoRA rows. On ONNX Runtime
+        an exported graph has no injection points, so a torch copy of the same weights is loaded
+        beside it at the first call (about 90 MB for all-MiniLM-L6-v2): adapters train there at fp32
+        and its layer shapes check imported adapters. On the CPU, LoRA rows are served by the ONNX
+        graph with the delta inside (:attr:`lora_in_graph`, ``embedder.lora_graph``); on a cuda ONNX
+        backbone (fp16) they run on this copy at fp32, the other rows of the batch on ONNX Runtime."""
         if self.model is not None:
             return self.model
         with self._torch_lock:
@@ -187,10 +209,24 @@ class Embedder:
             return self.lora
         model = self.torch_model()
         bank = SlotBank(max_slots, max_rank, self.lora_runner.device)
-        inject(model, bank, tuple(targets or DEFAULT_TARGETS))
+        names = inject(model, bank, tuple(targets or DEFAULT_TARGETS))
         self.lora_runner.bank = bank
+        if self.lora_in_graph:
+            self.lora_graph = self._lora_graph(bank, names)
         self.lora = bank
         return bank
+
+    def _lora_graph(self, bank, names: Sequence[str]):
+        """The LoRA graph of the file this embedder runs, for the bank's injection points ``names``."""
+        from headfleet.embedder.backbone import fingerprint as _fingerprint
+        from headfleet.embedder.lora_graph import LoraGraphRunner
+        from headfleet.embedder.lora_names import target_name
+        from headfleet.embedder.onnx_backend import OrtRunner, backend_tag, ensure_lora_file
+
+        source = _fingerprint(self.folder, self.pooling, backend_tag("torch", "fp32"))
+        path = ensure_lora_file(self.runner.path, source, sorted({target_name(n) for n in names}))
+        runner = OrtRunner(path, device=self.device, threads=self.runner.threads, graph_opt=self.runner.graph_opt)
+        return LoraGraphRunner(runner.session, bank, names)
 
     def embed(self, texts: Sequence[str], progress: Callable[[int], None] | None = None,
               slots: Sequence[int] | np.ndarray | None = None) -> Embedded:
@@ -221,7 +257,7 @@ class Embedder:
         return Embedded(out, n_tokens, n_tokens > self.max_length)
 
     def _forward(self, batch: list[list[int]], slots: np.ndarray | None = None) -> np.ndarray:
-        if slots is not None and self.lora_runner is not self.runner:
+        if slots is not None and (self.lora_graph is not None or self.lora_runner is not self.runner):
             return self._forward_split(batch, slots)
         input_ids, mask = self.pad(batch)
         pooled = self.runner(input_ids, mask) if slots is None else self.runner(input_ids, mask, slots)
@@ -229,16 +265,21 @@ class Embedder:
         return pooled
 
     def _forward_split(self, batch: list[list[int]], slots: np.ndarray) -> np.ndarray:
-        """ONNX Runtime backbone: the batch's plain rows through the graph, its LoRA rows through
-        the torch copy with their adapters; each part padded to its own longest row."""
+        """ONNX Runtime backbone: the batch's plain rows through the plain file, its LoRA rows
+        through the LoRA graph (CPU) or the torch copy (cuda) with their adapters; each part padded
+        to its own longest row. Plain rows never enter the LoRA graph: on ``int8`` its fusions
+        differ from the plain file's, so a plain row there would not be bit-identical to the same
+        text in a batch without adapters (measured: up to 2e-3 a component)."""
         out = np.empty((len(batch), self.dim), dtype=np.float32)
         plain = np.flatnonzero(slots < 0)
         adapted = np.flatnonzero(slots >= 0)
         if len(plain):
             out[plain] = self._forward([batch[i] for i in plain])
-        input_ids, mask = self.pad([batch[i] for i in adapted])
-        out[adapted] = self.lora_runner(input_ids, mask, slots[adapted])
-        self.forwards += 1
+        if len(adapted):
+            input_ids, mask = self.pad([batch[i] for i in adapted])
+            run = self.lora_graph if self.lora_graph is not None else self.lora_runner
+            out[adapted] = run(input_ids, mask, slots[adapted])
+            self.forwards += 1
         return out
 
 

@@ -99,6 +99,36 @@ def ensure_model_file(folder: Path, pooling: PoolingConfig, precision: str, cach
         return _build_model_file(folder, pooling, precision, cache_dir, source_fingerprint, path)
 
 
+def lora_model_file(base: Path, targets) -> Path:
+    """Where the LoRA graph of the file ``base`` (:func:`model_file`) for ``targets`` lives."""
+    from headfleet.embedder import lora_graph
+
+    return base.with_name(f"{base.stem}-lora{lora_graph.RECIPE}-{'+'.join(sorted(targets))}.onnx")
+
+
+def ensure_lora_file(base: Path, source_fingerprint: str, targets) -> Path:
+    """The LoRA graph (``embedder.lora_graph``) of the cached file ``base``, built on first use from
+    it and the fp32 export beside it; written atomically under the export lock, with a manifest."""
+    from headfleet.atomic import locked
+    from headfleet.embedder import lora_graph
+
+    path = lora_model_file(base, targets)
+    if path.exists():
+        return path
+    fp32 = model_file(base.parent, source_fingerprint, "fp32")
+    with locked(base.parent / ".export.lock"):
+        if path.exists():
+            return path
+        try:
+            _atomic(path, lambda tmp: lora_graph.add_lora(base, fp32, tmp, sorted(targets)))
+            meta = json.loads(base.with_suffix(".json").read_text()) if base.with_suffix(".json").exists() else {}
+            meta.update(lora_recipe=lora_graph.RECIPE, lora_targets=sorted(targets), lora_of=base.name)
+            _atomic(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True)))
+        except Exception as exc:
+            raise BackendError(f"could not build the LoRA graph of {base.name}: {exc}") from exc
+    return path
+
+
 def _build_model_file(folder: Path, pooling: PoolingConfig, precision: str, cache_dir: Path,
                       source_fingerprint: str, path: Path) -> Path:
     fp32 = model_file(cache_dir, source_fingerprint, "fp32")

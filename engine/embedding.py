@@ -19,7 +19,7 @@ import numpy as np
 from headfleet.cache import content_key, normalise_text
 from headfleet.embedder.embedder import Embedded
 from headfleet.names import check_name
-from headfleet.engine.types import (_CHARS_PER_TOKEN_FLOOR, adapter_of_namespace, Answer, Compute, EmbedBatch, EmbedRequest,
+from headfleet.engine.types import (_CHARS_PER_TOKEN_FLOOR, ADAPTER_NS, adapter_of_namespace, Answer, Compute, EmbedBatch, EmbedRequest,
                                     Filled, Prepared)
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,8 @@ class EmbeddingMixin:
         ns = ns or self.namespace_for(tenant, namespace)
         norm = [normalise_text(t) for t in texts]
         fp, max_len = self.embedder.fingerprint, self.embedder.max_length
+        if ns.startswith(ADAPTER_NS):  # adapter rows may run another forward than plain rows
+            fp = getattr(self.embedder, "lora_fingerprint", fp)
         keys = [content_key(fp, ns, max_len, t) for t in norm]
         found = self.cache.lookup(keys, tenant, namespaces=[ns] * len(keys), stop=self.cache.n_local, record=False)
         vectors = np.empty((len(texts), self.embedder.dim), dtype=np.float32)

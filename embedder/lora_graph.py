@@ -1,0 +1,151 @@
+"""LoRA rows inside the ONNX graph: the exported backbone with a per-row low-rank delta on every
+target linear, so adapter rows run on the same ONNX Runtime backend (fp32, int8, ``w8a8``) as the
+plain rows, not on a torch copy.
+
+For each target linear (``query`` and ``value`` by default) with input ``x`` [batch, seq, in] and
+output ``y`` [batch, seq, out] (before its bias Add, exactly where the torch path's
+``MultiLoRALinear`` adds its delta):
+
+    y[b] += ((x[b] @ A[b]) * scale[b]) @ B[b]        A: [batch, in, r], B: [batch, r, out], scale: [batch]
+
+``A``/``B`` are graph inputs gathered per row on the host from the adapter bank
+(``SlotBank``'s stacked ``[slots, in, max_rank]`` buffers, cut to the widest rank among the rows),
+so the file depends only on the backbone, the precision and the target names, never on which
+adapters are resident. The base linear stays whatever the precision made it (an integer GEMM on
+``w8a8``); the delta runs in fp32 on the fp32 activation ``x``, as LoRA was trained. Rows without
+an adapter never enter this graph (the embedder sends them to the plain file), so plain vectors
+stay bit-identical to a batch without adapters.
+
+Graph inputs: ``input_ids``, ``attention_mask`` [batch, seq] int64; ``lora_scale`` [batch] float32;
+``lora_A.<module>`` [batch, in, r] and ``lora_B.<module>`` [batch, r, out] float32 for every target
+module (canonical names, e.g. ``encoder.layer.0.attention.self.query``). Output ``embedding``.
+Reference: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (the delta
+``x A B * alpha / r``); the per-row gather follows S-LoRA / Punica's batching of many adapters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from headfleet.embedder.lora_names import canonical_module_name, read_by_embedding, target_name
+
+RANK_STEP = 8  # the rank the rows' A/B are cut to is a multiple of this (LoraGraphRunner)
+RECIPE = 1  # bump when the delta's placement or arithmetic changes (it is in the file name and the LoRA fingerprint)
+
+
+def target_linears(fp32_graph, targets: Sequence[str]) -> list[tuple[str, str, str, int, int]]:
+    """``(module, x, y, in, out)`` of every weight MatMul of the fp32 export whose module's short
+    name is in ``targets`` and whose output the embedding reads, in graph order.
+
+    ``module`` is the canonical name (as ``embedder.lora.module_shapes`` gives it); ``x``/``y`` are
+    the MatMul's input and output tensor names, which every precision's conversion keeps."""
+    shapes = {i.name: tuple(i.dims) for i in fp32_graph.initializer}
+    found = []
+    for node in fp32_graph.node:
+        if node.op_type != "MatMul" or len(shapes.get(node.input[1], ())) != 2:
+            continue
+        # torch.onnx names a linear's MatMul "/<module path with / for .>/MatMul"
+        path = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
+        module = canonical_module_name(path)
+        if target_name(module) in targets and read_by_embedding(module):
+            k, n = shapes[node.input[1]]
+            found.append((module, node.input[0], node.output[0], int(k), int(n)))
+    return found
+
+
+def add_lora(src: Path, fp32: Path, out: Path, targets: Sequence[str]) -> list[str]:
+    """Write ``src`` (any precision's file of the fp32 export ``fp32``) with the per-row LoRA delta
+    on every target linear to ``out``; returns the adapted module names.
+
+    Raises ValueError when the export has no such linear or the converted file lost one of their
+    tensors (a conversion that renamed them cannot carry the delta)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    linears = target_linears(onnx.load(str(fp32)).graph, targets)
+    if not linears:
+        raise ValueError(f"the backbone has no linear layers named {list(targets)} to adapt")
+    model = onnx.load(str(src))
+    graph = model.graph
+    producers = {o: i for i, node in enumerate(graph.node) for o in node.output}
+    known = producers.keys() | {i.name for i in graph.input}
+    for module, x, y, _, _ in linears:
+        if x not in known or y not in producers:
+            raise ValueError(f"{src.name} has no tensors {x!r} -> {y!r} of {module}: cannot add its LoRA delta")
+    graph.input.append(helper.make_tensor_value_info("lora_scale", TensorProto.FLOAT, ["batch"]))
+    graph.initializer.append(numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "lora_scale_shape"))
+    head = [helper.make_node("Reshape", ["lora_scale", "lora_scale_shape"], ["lora_scale3"], name="lora/scale")]
+    after: dict[int, list] = {}
+    for module, x, y, k, n in linears:
+        a, b = f"lora_A.{module}", f"lora_B.{module}"
+        graph.input.append(helper.make_tensor_value_info(a, TensorProto.FLOAT, ["batch", k, "rank"]))
+        graph.input.append(helper.make_tensor_value_info(b, TensorProto.FLOAT, ["batch", "rank", n]))
+        base = y + "/lora_base"
+        producer = graph.node[producers[y]]
+        producer.output[list(producer.output).index(y)] = base
+        p = f"lora/{module}"
+        after.setdefault(producers[y], []).extend([
+            helper.make_node("MatMul", [x, a], [p + "/xa"], name=p + "/shrink"),  # [batch, seq, r]
+            helper.make_node("Mul", [p + "/xa", "lora_scale3"], [p + "/xas"], name=p + "/scale"),
+            helper.make_node("MatMul", [p + "/xas", b], [p + "/delta"], name=p + "/expand"),  # [batch, seq, out]
+            helper.make_node("Add", [base, p + "/delta"], [y], name=p + "/add"),
+        ])
+    nodes = head[:]
+    for i, node in enumerate(graph.node):
+        nodes.append(node)
+        nodes += after.get(i, [])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+    return [m for m, *_ in linears]
+
+
+class LoraGraphRunner:
+    """Runs a batch whose rows carry adapter slots through the LoRA graph, in one forward:
+    ``runner(input_ids, mask, slots) -> [batch, dim] float32``.
+
+    ``slots``: [batch] int64, the bank slot of each row (-1 or a cleared slot: no adapter; such a
+    row gets zero A/B and scale 0, so its delta is exactly 0 and its vector is bit-identical to the
+    plain file's). Each forward gathers the rows' A/B from ``bank`` (``SlotBank``: per module
+    ``A [slots, in, max_rank]``, ``B [slots, max_rank, out]``, torch buffers on the CPU, read
+    without a copy) cut to the widest rank among them rounded up to a multiple of ``RANK_STEP``. Thread-safe; like the torch path, a slot
+    must not be rewritten while a forward that uses it runs (the adapter manager's pins)."""
+
+    def __init__(self, session, bank, modules: Sequence[str]):
+        missing = [m for m in modules if m not in bank.layers]
+        if missing:
+            raise ValueError(f"the adapter bank has no layers for {missing[:3]}")
+        self.session = session  # an OrtRunner's InferenceSession over the LoRA file
+        self.bank = bank
+        self.modules = list(modules)
+        self._A = {m: bank.layers[m].A.detach().numpy() for m in self.modules}  # views of the bank
+        self._B = {m: bank.layers[m].B.detach().numpy() for m in self.modules}
+
+    def __call__(self, input_ids: np.ndarray, mask: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        ranks, scales = self.bank._ranks_host, self.bank._scales_host
+        slots = np.asarray(slots, np.int64)
+        live = [s >= 0 and ranks[s] > 0 for s in slots.tolist()]
+        widest = max([ranks[s] for s, ok in zip(slots.tolist(), live) if ok] or [1])
+        # cut to a multiple of 8 (zero columns add exact zeros): a row's delta must not depend on the
+        # other rows' ranks, and at rank 1 ONNX Runtime's GEMM takes another path whose last-bit
+        # differences, through the int8 activation steps after it, moved a rank-1 row by up to
+        # 2e-3 between a batch alone and beside a rank-16 adapter
+        rank = min(self.bank.max_rank, -(-widest // RANK_STEP) * RANK_STEP)
+        rows = np.where(live, slots, 0)
+        scale = np.array([scales[s] if ok else 0.0 for s, ok in zip(rows.tolist(), live)], np.float32)
+        dead = ~np.asarray(live)
+        feeds = {"input_ids": input_ids, "attention_mask": mask, "lora_scale": scale}
+        for m in self.modules:
+            a = np.take(self._A[m][:, :, :rank], rows, axis=0)  # [batch, in, rank], contiguous
+            b = np.take(self._B[m][:, :rank, :], rows, axis=0)
+            if dead.any():  # zeros, not a resident adapter times 0: NaN or inf in one cannot reach these rows
+                a[dead] = 0
+                b[dead] = 0
+            feeds["lora_A." + m] = a
+            feeds["lora_B." + m] = b
+        (out,) = self.session.run(["embedding"], feeds)
+        return out
