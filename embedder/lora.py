@@ -77,6 +77,7 @@ class SlotBank:
         self.scales = torch.zeros(self.max_slots, dtype=torch.float32, device=self.device)
         self._ranks_host = [0] * self.max_slots  # the same, on the host: a forward plans without a device sync
         self._scales_host = [0.0] * self.max_slots
+        self.generation = [0] * self.max_slots  # bumped by every write / clear of a slot (copies of it go stale)
         self._local = threading.local()
 
     # -- what a layer asks during a forward ----------------------------------------------------
@@ -141,12 +142,14 @@ class SlotBank:
             self.scales[slot] = float(scale)
             self.ranks[slot] = int(rank)
             self._scales_host[slot], self._ranks_host[slot] = float(scale), int(rank)
+            self.generation[slot] += 1
 
     def clear(self, slot: int) -> None:
         with torch.no_grad():
             self.ranks[slot] = 0
             self.scales[slot] = 0.0
             self._ranks_host[slot], self._scales_host[slot] = 0, 0.0
+            self.generation[slot] += 1
 
     @property
     def nbytes(self) -> int:

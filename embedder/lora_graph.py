@@ -6,19 +6,24 @@ For each target linear (``query`` and ``value`` by default) with input ``x`` [ba
 output ``y`` [batch, seq, out] (before its bias Add, exactly where the torch path's
 ``MultiLoRALinear`` adds its delta):
 
-    y[b] += ((x[b] @ A[b]) * scale[b]) @ B[b]        A: [batch, in, r], B: [batch, r, out], scale: [batch]
+    y[b] += (x[b] @ (A[b] * scale[b])) @ B[b]        A: [batch, in, r], B: [batch, r, out], scale: [batch]
 
 ``A``/``B`` are graph inputs gathered per row on the host from the adapter bank
-(``SlotBank``'s stacked ``[slots, in, max_rank]`` buffers, cut to the widest rank among the rows),
-so the file depends only on the backbone, the precision and the target names, never on which
-adapters are resident. The base linear stays whatever the precision made it (an integer GEMM on
-``w8a8``); the delta runs in fp32 on the fp32 activation ``x``, as LoRA was trained. Rows without
-an adapter never enter this graph (the embedder sends them to the plain file), so plain vectors
-stay bit-identical to a batch without adapters.
+(``SlotBank``'s stacked ``[slots, in, max_rank]`` buffers, cut to the widest rank among the rows
+rounded up to a multiple of ``RANK_STEP``), so the file depends only on the backbone, the
+precision and the target names, never on which adapters are resident. Linears that read the same
+``x`` (``query`` and ``value`` of a layer) share one shrink GEMM over their concatenated A's. The
+base linear stays whatever the precision made it (an integer GEMM on ``w8a8``); the delta runs in
+fp32 on the fp32 activation ``x``, as LoRA was trained. Rows without an adapter never enter this
+graph (the embedder sends them to the plain file), so plain vectors stay bit-identical to a batch
+without adapters.
 
-Graph inputs: ``input_ids``, ``attention_mask`` [batch, seq] int64; ``lora_scale`` [batch] float32;
-``lora_A.<module>`` [batch, in, r] and ``lora_B.<module>`` [batch, r, out] float32 for every target
-module (canonical names, e.g. ``encoder.layer.0.attention.self.query``). Output ``embedding``.
+Graph inputs: ``input_ids``, ``attention_mask`` [batch, seq] int64; per group of linears reading
+one ``x``, ``lora_A.<module>|<module>...`` [rows, r x members, in] (each member's A transposed,
+times the row's scale, in the order named: rank-major, so the host gathers contiguous blocks, and
+the graph transposes it back, which ONNX Runtime fuses into the GEMM); per linear ``lora_B.<module>`` [rows, r, out]; ``rows`` is the batch, or 1 when every row
+carries the same adapter (broadcast: one copy of it, not one per row); all float32, with
+canonical module names (e.g. ``encoder.layer.0.attention.self.query``). Output ``embedding``.
 Reference: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (the delta
 ``x A B * alpha / r``); the per-row gather follows S-LoRA / Punica's batching of many adapters.
 """
@@ -32,8 +37,9 @@ import numpy as np
 
 from headfleet.embedder.lora_names import canonical_module_name, read_by_embedding, target_name
 
+A_PREFIX, B_PREFIX, GROUP_SEP = "lora_A.", "lora_B.", "|"  # graph input names (module docstring)
 RANK_STEP = 8  # the rank the rows' A/B are cut to is a multiple of this (LoraGraphRunner)
-RECIPE = 1  # bump when the delta's placement or arithmetic changes (it is in the file name and the LoRA fingerprint)
+RECIPE = 3  # bump when the delta's placement or arithmetic changes (it is in the file name and the LoRA fingerprint)
 
 
 def target_linears(fp32_graph, targets: Sequence[str]) -> list[tuple[str, str, str, int, int]]:
@@ -60,40 +66,54 @@ def add_lora(src: Path, fp32: Path, out: Path, targets: Sequence[str]) -> list[s
     """Write ``src`` (any precision's file of the fp32 export ``fp32``) with the per-row LoRA delta
     on every target linear to ``out``; returns the adapted module names.
 
+    Target linears that read the same input (``query`` and ``value`` of one layer) share one shrink
+    GEMM: their A's come concatenated along the rank axis in one input, already multiplied by each
+    row's scale, and the product is split before each module's expand.
+
     Raises ValueError when the export has no such linear or the converted file lost one of their
     tensors (a conversion that renamed them cannot carry the delta)."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     linears = target_linears(onnx.load(str(fp32)).graph, targets)
     if not linears:
         raise ValueError(f"the backbone has no linear layers named {list(targets)} to adapt")
     model = onnx.load(str(src))
     graph = model.graph
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     producers = {o: i for i, node in enumerate(graph.node) for o in node.output}
     known = producers.keys() | {i.name for i in graph.input}
     for module, x, y, _, _ in linears:
         if x not in known or y not in producers:
             raise ValueError(f"{src.name} has no tensors {x!r} -> {y!r} of {module}: cannot add its LoRA delta")
-    graph.input.append(helper.make_tensor_value_info("lora_scale", TensorProto.FLOAT, ["batch"]))
-    graph.initializer.append(numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "lora_scale_shape"))
-    head = [helper.make_node("Reshape", ["lora_scale", "lora_scale_shape"], ["lora_scale3"], name="lora/scale")]
-    after: dict[int, list] = {}
+    groups: dict[str, list[tuple[str, str, int, int]]] = {}
     for module, x, y, k, n in linears:
-        a, b = f"lora_A.{module}", f"lora_B.{module}"
-        graph.input.append(helper.make_tensor_value_info(a, TensorProto.FLOAT, ["batch", k, "rank"]))
-        graph.input.append(helper.make_tensor_value_info(b, TensorProto.FLOAT, ["batch", "rank", n]))
-        base = y + "/lora_base"
-        producer = graph.node[producers[y]]
-        producer.output[list(producer.output).index(y)] = base
-        p = f"lora/{module}"
-        after.setdefault(producers[y], []).extend([
-            helper.make_node("MatMul", [x, a], [p + "/xa"], name=p + "/shrink"),  # [batch, seq, r]
-            helper.make_node("Mul", [p + "/xa", "lora_scale3"], [p + "/xas"], name=p + "/scale"),
-            helper.make_node("MatMul", [p + "/xas", b], [p + "/delta"], name=p + "/expand"),  # [batch, seq, out]
-            helper.make_node("Add", [base, p + "/delta"], [y], name=p + "/add"),
-        ])
-    nodes = head[:]
+        groups.setdefault(x, []).append((module, y, k, n))
+    after: dict[int, list] = {}
+    for x, members in groups.items():
+        a = A_PREFIX + GROUP_SEP.join(m for m, *_ in members)
+        graph.input.append(helper.make_tensor_value_info(a, TensorProto.FLOAT, ["rows", "ranks", members[0][2]]))
+        p = f"lora/{members[0][0]}"
+        xa = [p + "/xa"] if len(members) == 1 else [f"lora/{m}/xa" for m, *_ in members]
+        shrink = [helper.make_node("Transpose", [a], [p + "/a"], name=p + "/a", perm=[0, 2, 1]),
+                  helper.make_node("MatMul", [x, p + "/a"], [p + "/xa" if len(members) == 1 else p + "/xa_all"],
+                                   name=p + "/shrink")]  # [batch, seq, members x rank], scale included
+        if len(members) > 1:  # equal parts: every member's A is cut to the same rank
+            extra = {"num_outputs": len(members)} if opset >= 18 else {}
+            shrink.append(helper.make_node("Split", [p + "/xa_all"], xa, name=p + "/split", axis=2, **extra))
+        after.setdefault(min(producers[y] for _, y, _, _ in members), []).extend(shrink)
+        for (module, y, _, n), part in zip(members, xa):
+            b = B_PREFIX + module
+            graph.input.append(helper.make_tensor_value_info(b, TensorProto.FLOAT, ["rows", "rank", n]))
+            base = y + "/lora_base"
+            producer = graph.node[producers[y]]
+            producer.output[list(producer.output).index(y)] = base
+            q = f"lora/{module}"
+            after.setdefault(producers[y], []).extend([
+                helper.make_node("MatMul", [part, b], [q + "/delta"], name=q + "/expand"),  # [batch, seq, out]
+                helper.make_node("Add", [base, q + "/delta"], [y], name=q + "/add"),
+            ])
+    nodes = []
     for i, node in enumerate(graph.node):
         nodes.append(node)
         nodes += after.get(i, [])
@@ -122,30 +142,58 @@ class LoraGraphRunner:
         self.session = session  # an OrtRunner's InferenceSession over the LoRA file
         self.bank = bank
         self.modules = list(modules)
+        names = [i.name for i in session.get_inputs()]
+        self.groups = [n[len(A_PREFIX):].split(GROUP_SEP) for n in names if n.startswith(A_PREFIX)]
+        if sorted(m for g in self.groups for m in g) != sorted(self.modules):
+            raise ValueError(f"the LoRA graph adapts {self.groups}, the bank {self.modules}")
         self._A = {m: bank.layers[m].A.detach().numpy() for m in self.modules}  # views of the bank
         self._B = {m: bank.layers[m].B.detach().numpy() for m in self.modules}
+        # per group, the members' A transposed and times the slot's scale, [slots, members, max_rank,
+        # in]: cutting the rank and
+        # gathering rows is then one contiguous copy per group (on the bank's [slots, in, max_rank]
+        # layout a strided gather took 4 ms a forward for 32 rows); refreshed per slot when the
+        # bank's generation of it moves
+        self._At = [np.zeros((bank.max_slots, len(g), bank.max_rank, self._A[g[0]].shape[1]), np.float32)
+                    for g in self.groups]
+        self._seen = [-1] * bank.max_slots
+
+    def _refresh(self, slot: int) -> None:
+        generation = self.bank.generation[slot]
+        if self._seen[slot] == generation:
+            return
+        scale = self.bank._scales_host[slot]
+        for group, at in zip(self.groups, self._At):
+            for j, m in enumerate(group):
+                np.multiply(self._A[m][slot].T, scale, out=at[slot, j])
+        self._seen[slot] = generation
 
     def __call__(self, input_ids: np.ndarray, mask: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        ranks, scales = self.bank._ranks_host, self.bank._scales_host
-        slots = np.asarray(slots, np.int64)
-        live = [s >= 0 and ranks[s] > 0 for s in slots.tolist()]
-        widest = max([ranks[s] for s, ok in zip(slots.tolist(), live) if ok] or [1])
+        ranks = self.bank._ranks_host
+        host = np.asarray(slots, np.int64).tolist()
+        live = [s >= 0 and ranks[s] > 0 for s in host]
+        widest = max([ranks[s] for s, ok in zip(host, live) if ok] or [1])
         # cut to a multiple of 8 (zero columns add exact zeros): a row's delta must not depend on the
         # other rows' ranks, and at rank 1 ONNX Runtime's GEMM takes another path whose last-bit
         # differences, through the int8 activation steps after it, moved a rank-1 row by up to
         # 2e-3 between a batch alone and beside a rank-16 adapter
         rank = min(self.bank.max_rank, -(-widest // RANK_STEP) * RANK_STEP)
-        rows = np.where(live, slots, 0)
-        scale = np.array([scales[s] if ok else 0.0 for s, ok in zip(rows.tolist(), live)], np.float32)
+        for s in set(s for s, ok in zip(host, live) if ok):
+            self._refresh(s)
+        rows = np.array([s if ok else 0 for s, ok in zip(host, live)], np.int64)
         dead = ~np.asarray(live)
-        feeds = {"input_ids": input_ids, "attention_mask": mask, "lora_scale": scale}
-        for m in self.modules:
-            a = np.take(self._A[m][:, :, :rank], rows, axis=0)  # [batch, in, rank], contiguous
-            b = np.take(self._B[m][:, :rank, :], rows, axis=0)
+        if not dead.any() and (rows == rows[0]).all():  # one adapter: its A/B once, broadcast over the rows
+            rows = rows[:1]
+        n = len(rows)
+        feeds = {"input_ids": input_ids, "attention_mask": mask}
+        for group, at in zip(self.groups, self._At):
+            a = np.take(at[:, :, :rank, :], rows, axis=0).reshape(n, len(group) * rank, at.shape[-1])
             if dead.any():  # zeros, not a resident adapter times 0: NaN or inf in one cannot reach these rows
                 a[dead] = 0
-                b[dead] = 0
-            feeds["lora_A." + m] = a
-            feeds["lora_B." + m] = b
+            feeds[A_PREFIX + GROUP_SEP.join(group)] = a
+            for m in group:
+                b = np.take(self._B[m][:, :rank, :], rows, axis=0)  # [batch, rank, out], contiguous
+                if dead.any():
+                    b[dead] = 0
+                feeds[B_PREFIX + m] = b
         (out,) = self.session.run(["embedding"], feeds)
         return out

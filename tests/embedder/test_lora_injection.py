@@ -224,6 +224,10 @@ def test_onnx_backbone_serves_lora_rows_inside_its_own_graph(onnx_cache, lora_em
     for i in np.flatnonzero(lora_rows)[:4]:
         alone = emb.embed([TEXTS[i]], slots=[slots[i]]).vectors[0]
         np.testing.assert_allclose(alone, mixed[i], atol=1e-5)
+    # a batch whose rows all carry one adapter gets it once, broadcast: the same vectors as per row
+    ones = slots == 2
+    together = emb.embed([t for t, one in zip(TEXTS, ones) if one], slots=[2] * int(ones.sum())).vectors
+    np.testing.assert_allclose(together, mixed[ones], atol=1e-5)
 
 
 def test_a_broken_adapter_in_one_slot_cannot_reach_the_other_rows(onnx_cache, peft_setup):
@@ -249,3 +253,23 @@ def test_lora_rows_without_a_bank_are_refused(onnx_cache):
     emb = Embedder.load(max_length=64, backend="onnx", precision="fp32", cache_dir=onnx_cache)
     with pytest.raises(BackendError, match="enable_lora"):
         emb.embed(["a"], slots=[0])
+
+
+def test_the_graph_serves_what_a_slot_holds_now(onnx_cache, peft_setup):
+    """Rewriting a slot with another adapter (or clearing it) takes effect at the next forward:
+    the LoRA graph's per-slot copies of the bank never serve the adapter a slot held before."""
+    _, paths = peft_setup
+    emb = Embedder.load(max_length=128, batch_size=64, backend="onnx", precision="w8a8", cache_dir=onnx_cache)
+    bank = emb.enable_lora(max_slots=4, max_rank=16)
+    shapes = module_shapes(emb.torch_model())
+    first, second = (LoraAdapter.from_folder(paths[k], shapes=shapes) for k in (2, 4))
+    texts = TEXTS[:4]
+    bank.write(0, first.torch_weights("cpu"), first.rank, first.scale)
+    bank.write(1, second.torch_weights("cpu"), second.rank, second.scale)
+    with_first = emb.embed(texts, slots=[0] * 4).vectors
+    with_second = emb.embed(texts, slots=[1] * 4).vectors
+    assert np.abs(with_first - with_second).max() > 1e-3
+    bank.write(0, second.torch_weights("cpu"), second.rank, second.scale)  # slot 0 now holds the second
+    np.testing.assert_allclose(emb.embed(texts, slots=[0] * 4).vectors, with_second, atol=1e-6)
+    bank.clear(0)  # a cleared slot adds nothing: the plain vector
+    np.testing.assert_allclose(emb.embed(texts, slots=[0] * 4).vectors, emb.embed(texts).vectors, atol=1e-5)
