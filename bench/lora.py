@@ -11,8 +11,11 @@
       - PEFT mixed batch: ``model(..., adapter_names=[...])``, one forward, adapters loaded in PEFT
       - per-adapter loop: PEFT ``set_adapter`` + a forward for each adapter's rows
     Every path's vectors are checked against PEFT's first (atol 1e-4 at fp32; cosine >= 0.99 on a
-    quantised base). Median ms of ``repeats`` rounds after a warm-up, each round running every
-    contender once (the PEFT loop: separately); ratio = peer / ours (> 1: ours faster).
+    quantised base). Then each runtime is timed in its own process (ONNX Runtime: ours with and
+    without adapters; torch: ours with and without, PEFT mixed, the PEFT loop), the two processes
+    alternated over ``rounds``: in one process the median of ``repeats`` rounds after a warm-up,
+    each round running every contender once; of the processes, the best round of each contender.
+    Ratio = peer / ours (> 1: ours faster).
 (b) cold load: an adapter not in host memory nor in a slot, read from the registry folder (PEFT
     files), checked against the backbone's shapes and copied into a device slot; p50/p99 over
     ``loads`` distinct adapters (the goal is p99 <= 50 ms for rank 8).
@@ -22,8 +25,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--loads", type=int, default=200, help="cold loads measured in (b)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--skip", default="", help="parts to skip, e.g. 'a' or 'bc'")
+    p.add_argument("--rounds", type=int, default=3, help="(a): processes per runtime, alternated; best round")
+    p.add_argument("--family", choices=["onnx", "torch"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cache-dir", type=Path, default=None, help="ONNX exports (default: a new temporary folder)")
     p.add_argument("--backend", default=None,
                    help="backend/precision of (a)'s first row, e.g. onnx/w8a8 or onnx/fp32 (default: what a new "
                         "data folder gets on this machine, headfleet.settings.fast_default); torch fp32 is always measured")
@@ -74,7 +83,10 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def interleaved_ms(fns: dict, repeats: int) -> dict[str, float]:
-    """Median ms of each of ``fns`` over ``repeats`` rounds, each round calling every one once."""
+    """Median ms of each of ``fns`` over ``repeats`` rounds, each round calling every one once.
+    One runtime per process: right after a torch forward an ONNX Runtime forward in the same
+    process ran ~1.45x slower (214 vs 148 ms here, even 0.5 s later), so ``part_a`` times torch and
+    ONNX Runtime contenders in separate processes."""
     for fn in fns.values():  # warm-up
         fn()
         fn()
@@ -87,49 +99,44 @@ def interleaved_ms(fns: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-def part_a(args, embs, adapters, texts):
-    """``embs``: [(label, embedder with LoRA enabled)], the default backend first; the first torch
-    one loads PEFT's base model from its folder."""
+def peft_model(folder, adapters):
+    """PEFT's model over the backbone in ``folder`` with every adapter loaded as ``a<k>``."""
     from peft import PeftModel
     from transformers import AutoModel
 
-    slots = np.arange(args.rows) % len(adapters)
-    vecs = {}
-    for label, emb in embs:
-        for s, ad in enumerate(adapters):
-            emb.lora.write(s, ad.torch_weights("cpu"), ad.rank, ad.scale)
-        vecs[label] = emb.embed(texts, slots=slots).vectors
-    emb = embs[0][1]
-
     with tempfile.TemporaryDirectory() as tmp:
         for k, ad in enumerate(adapters):
-            folder = Path(tmp) / f"a{k}"
-            folder.mkdir()
+            sub = Path(tmp) / f"a{k}"
+            sub.mkdir()
             for name, data in ad.to_files().items():
-                (folder / name).write_bytes(data)
-        base = AutoModel.from_pretrained(str(emb.folder)).eval()
-        model = PeftModel.from_pretrained(base, str(Path(tmp) / "a0"), adapter_name="a0")
+                (sub / name).write_bytes(data)
+        model = PeftModel.from_pretrained(AutoModel.from_pretrained(str(folder)).eval(), str(Path(tmp) / "a0"),
+                                          adapter_name="a0")
         for k in range(1, len(adapters)):
             model.load_adapter(str(Path(tmp) / f"a{k}"), adapter_name=f"a{k}")
-    model.eval()
-    enc = emb.tokenizer.encode_batch(texts)
-    ids = [e.ids[: emb.max_length] for e in enc]
-    width = max(map(len, ids))
-    input_ids = torch.zeros((len(ids), width), dtype=torch.long)
+    return model.eval()
+
+
+def peft_calls(model, emb, texts, slots):
+    """``(mixed, loop)``: PEFT's mixed batch (``adapter_names=``) and its per-adapter loop, each
+    returning pooled, normalised [rows, dim] vectors."""
+    from headfleet.embedder.backbone import pool
+
+    ids = [e.ids[: emb.max_length] for e in emb.tokenizer.encode_batch(texts)]
+    input_ids = torch.zeros((len(ids), max(map(len, ids))), dtype=torch.long)
     mask = torch.zeros_like(input_ids)
     for i, x in enumerate(ids):
         input_ids[i, : len(x)] = torch.tensor(x)
         mask[i, : len(x)] = 1
     names = [f"a{s}" for s in slots]
-    from headfleet.embedder.backbone import pool
 
-    def peft_mixed():
+    def mixed():
         with torch.inference_mode():
             h = model(input_ids=input_ids, attention_mask=mask, token_type_ids=torch.zeros_like(input_ids),
                       adapter_names=names).last_hidden_state
             return pool(h, mask, emb.pooling).numpy()
 
-    def peft_loop():
+    def loop():
         out = np.empty((len(texts), emb.dim), dtype=np.float32)
         with torch.inference_mode():
             for s in sorted(set(slots.tolist())):
@@ -142,29 +149,105 @@ def part_a(args, embs, adapters, texts):
                 out[rows] = pool(h, sub_mask[:, :w], emb.pooling).numpy()
         return out
 
-    theirs = peft_mixed()
-    checked = [check_close("PEFT per-adapter loop vs PEFT mixed", peft_loop(), theirs, 1e-4)]
+    return mixed, loop
+
+
+def load_embedders(args, family: str | None = None):
+    """``[(label, embedder with LoRA enabled)]``: the default backend first (when it is not torch),
+    then torch fp32; ``family`` ("onnx" / "torch") keeps one of them."""
+    from headfleet.embedder import Embedder
+    from headfleet.settings import fast_default
+
+    slots, rank = max(args.adapters, 8), max(8, args.rank)
+    backend, _, precision = (args.backend or "").partition("/")
+    if not backend:
+        backend, precision = fast_default("cpu")
+    embs = []
+    if backend != "torch" and family in (None, "onnx"):
+        fast = Embedder.load(max_length=128, batch_size=max(64, args.rows), device="cpu", backend=backend,
+                             precision=precision, cache_dir=args.cache_dir)
+        fast.enable_lora(max_slots=slots, max_rank=rank)
+        embs.append((f"{backend} {precision}", fast))
+    if family in (None, "torch"):
+        emb = Embedder.load(max_length=128, batch_size=max(64, args.rows), device="cpu")
+        emb.enable_lora(max_slots=slots, max_rank=rank)
+        embs.append(("torch fp32", emb))
+    return embs
+
+
+def adapters_for(args, embs):
+    from headfleet.embedder.lora import module_shapes
+
+    adapters = random_adapters(args.adapters, args.rank, module_shapes(embs[0][1].torch_model()))
+    for _, e in embs:
+        for s, ad in enumerate(adapters):
+            e.lora.write(s, ad.torch_weights("cpu"), ad.rank, ad.scale)
+    return adapters
+
+
+def time_family(args) -> int:
+    """One process's timing of one runtime's contenders (``--family``): prints ``FAMILY <json>``,
+    the median ms of each over ``repeats`` alternated rounds."""
+    embs = load_embedders(args, args.family)
+    adapters = adapters_for(args, embs)
+    texts, slots = sms_texts(args.rows), np.arange(args.rows) % args.adapters
+    fns = {}
     for label, e in embs:
+        fns[label] = lambda e=e: e.embed(texts, slots=slots)
+        fns[label + " base"] = lambda e=e: e.embed(texts)
+    if args.family == "torch":
+        mixed, loop = peft_calls(peft_model(embs[0][1].folder, adapters), embs[0][1], texts, slots)
+        fns["PEFT mixed"] = mixed
+    med = interleaved_ms(fns, args.repeats)
+    if args.family == "torch":
+        med["PEFT loop"] = median_ms(loop, max(3, args.repeats // 4))
+    print("FAMILY " + json.dumps(med), flush=True)
+    return 0
+
+
+def part_a(args, texts):
+    """Checks every contender's vectors in this process, then times each runtime in its own
+    process (``time_family``), the runtimes alternated over ``rounds``; the best round of each."""
+    embs = load_embedders(args)
+    adapters = adapters_for(args, embs)
+    slots = np.arange(args.rows) % len(adapters)
+    emb = embs[-1][1]
+    mixed, loop = peft_calls(peft_model(emb.folder, adapters), emb, texts, slots)
+    theirs = mixed()
+    checked = [check_close("PEFT per-adapter loop vs PEFT mixed", loop(), theirs, 1e-4)]
+    for label, e in embs:
+        ours = e.embed(texts, slots=slots).vectors
         if e.backend == "torch" or e.precision == "fp32":  # the same arithmetic: equal to float rounding
-            checked.append(check_close(f"{label} vs PEFT mixed", vecs[label], theirs, 1e-4))
+            checked.append(check_close(f"{label} vs PEFT mixed", ours, theirs, 1e-4))
         else:  # a quantised base: as close as its plain rows are (parity.py), no closer
-            cos = (vecs[label] * theirs).sum(1) / (np.linalg.norm(vecs[label], axis=1) * np.linalg.norm(theirs, axis=1))
+            cos = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1))
             if not cos.min() >= 0.99:
                 refuse(f"{label} vs PEFT mixed: lowest cosine {cos.min():.4f} < 0.99")
             checked.append(f"{label} vs PEFT mixed: cosine min {cos.min():.5f}, mean {cos.mean():.5f} (bound 0.99)")
     print("\n".join(checked), flush=True)
-    rows, figures = [], {"threads": torch.get_num_threads()}
-    # every contender once per round, rounds alternated, median of each: a drift of the machine
-    # during the run lands on all of them alike
-    fns = {"peft": peft_mixed}
-    for label, e in embs:
-        fns[label] = lambda e=e: e.embed(texts, slots=slots)
-        fns[label + " base"] = lambda e=e: e.embed(texts)
-    med = interleaved_ms(fns, args.repeats)
-    mixed_ms = med["peft"]
-    loop_ms = median_ms(peft_loop, max(3, args.repeats // 4))
-    for k, (label, e) in enumerate(embs):
-        ours_ms, base_ms = med[label], med[label + " base"]
+    del embs, emb, mixed, loop
+    families = (["onnx"] if load_backend(args) != "torch" else []) + ["torch"]
+    rounds: dict[str, list[float]] = {}
+    for r in range(args.rounds):
+        for family in families:
+            cmd = [sys.executable, __file__, "--family", family, "--rows", str(args.rows), "--adapters",
+                   str(args.adapters), "--rank", str(args.rank), "--repeats", str(args.repeats),
+                   "--cache-dir", str(args.cache_dir)] + (["--backend", args.backend] if args.backend else []) + \
+                  (["--threads", str(args.threads)] if args.threads else [])
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((x for x in done.stdout.splitlines() if x.startswith("FAMILY ")), None)
+            if done.returncode or line is None:
+                refuse(f"the {family} timing process failed (rc {done.returncode}): {done.stderr[-2000:]}")
+            for name, ms in json.loads(line[len("FAMILY "):]).items():
+                rounds.setdefault(name, []).append(ms)
+            print(f"  round {r + 1}, {family}: " + ", ".join(f"{k} {v:.1f}" for k, v in json.loads(line[7:]).items()),
+                  flush=True)
+    best = {name: min(v) for name, v in rounds.items()}
+    mixed_ms, loop_ms = best["PEFT mixed"], best["PEFT loop"]
+    labels = [name for name in best if not name.endswith(" base") and not name.startswith("PEFT")]
+    rows, figures = [], {"threads": args.threads or torch.get_num_threads(), "rounds": rounds}
+    for k, label in enumerate(labels):
+        ours_ms, base_ms = best[label], best[label + " base"]
         rows += [(f"ours, {label}", f"{ours_ms:8.1f} ms  -> {mixed_ms / ours_ms:.2f}x PEFT mixed, "
                                     f"{loop_ms / ours_ms:.2f}x the loop"),
                  ("  same texts, no adapters", f"{base_ms:8.1f} ms  (LoRA adds {ours_ms - base_ms:+.1f} ms, "
@@ -173,9 +256,17 @@ def part_a(args, embs, adapters, texts):
         figures.update({f"{key}ours_ms": ours_ms, f"{key}base_ms": base_ms, f"{key}vs_peft": mixed_ms / ours_ms,
                         f"{key}delta_share": (ours_ms - base_ms) / base_ms, f"{key}vs_loop": loop_ms / ours_ms})
     rows += [("PEFT mixed batch", f"{mixed_ms:8.1f} ms"), ("per-adapter loop (PEFT)", f"{loop_ms:8.1f} ms")]
-    figures.update({"peft_mixed_ms": mixed_ms, "loop_ms": loop_ms, "default": embs[0][0]})
-    report(f"(a) {args.rows} rows across {len(adapters)} adapters, rank {args.rank}, one batch "
-           f"(first row: the default backend)", rows + [("checked before timing", line) for line in checked], figures)
+    figures.update({"peft_mixed_ms": mixed_ms, "loop_ms": loop_ms, "default": labels[0]})
+    report(f"(a) {args.rows} rows across {args.adapters} adapters, rank {args.rank}, one batch (first row: the "
+           f"default backend; each runtime in its own process, best of {args.rounds} rounds)",
+           rows + [("checked before timing", line) for line in checked], figures)
+
+
+def load_backend(args) -> str:
+    from headfleet.settings import fast_default
+
+    backend = (args.backend or "").partition("/")[0]
+    return backend or fast_default("cpu")[0]
 
 
 def part_bc(args, emb, shapes):
@@ -225,32 +316,23 @@ def part_bc(args, emb, shapes):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    begin("LoRA tenants: mixed batch vs PEFT, cold loads, bytes per tenant")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cache_dir is None:
+        args.cache_dir = Path(tempfile.mkdtemp(prefix="bench-lora-onnx-"))
+    if args.family:
+        return time_family(args)
+    begin("LoRA tenants: mixed batch vs PEFT, cold loads, bytes per tenant")
     from headfleet.embedder import Embedder
     from headfleet.embedder.lora import module_shapes
 
-    from headfleet.settings import fast_default
-
-    slots, rank = max(args.adapters, 8), max(8, args.rank)
-    emb = Embedder.load(max_length=128, batch_size=max(64, args.rows), device="cpu")
-    emb.enable_lora(max_slots=slots, max_rank=rank)
-    shapes = module_shapes(emb.model)
     texts = sms_texts(args.rows)
     if "a" not in args.skip:
-        embs = [("torch fp32", emb)]
-        backend, _, precision = (args.backend or "").partition("/")
-        if not backend:
-            backend, precision = fast_default("cpu")
-        if backend != "torch":  # the default backend first: the goal's figure
-            fast = Embedder.load(max_length=128, batch_size=max(64, args.rows), device="cpu", backend=backend,
-                                 precision=precision, cache_dir=Path(tempfile.mkdtemp(prefix="bench-lora-onnx-")))
-            fast.enable_lora(max_slots=slots, max_rank=rank)
-            embs.insert(0, (f"{backend} {precision}", fast))
-        part_a(args, embs, random_adapters(args.adapters, args.rank, shapes), texts)
+        part_a(args, texts)
     if "b" not in args.skip:
-        part_bc(args, emb, shapes)
+        emb = Embedder.load(max_length=128, batch_size=max(64, args.rows), device="cpu")
+        emb.enable_lora(max_slots=max(args.adapters, 8), max_rank=max(8, args.rank))
+        part_bc(args, emb, module_shapes(emb.model))
     return 0
 
 
