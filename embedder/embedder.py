@@ -68,11 +68,12 @@ class Embedder:
         self._sep_id = tokenizer.token_to_id("[SEP]")
         self._unk_id = tokenizer.token_to_id("[UNK]")
         self.lora = None  # the SlotBank once enable_lora ran
-        # LoRA rows' forward: the backbone's own on the torch backend; on ONNX Runtime a torch copy of
-        # the same weights, loaded at first use (torch_model), because an exported graph is fixed
+        # LoRA training's forward (and LoRA rows' on torch and on cuda ONNX): the backbone's own on the
+        # torch backend; on ONNX Runtime a torch copy of the same weights, loaded at first use
+        # (torch_model), because an exported graph has no injection points
         self.lora_runner = runner if model is not None else None
         # on ONNX Runtime on the CPU, LoRA rows are served by the graph with the delta inside
-        # (embedder.lora_graph), built at enable_lora; the torch copy then only trains adapters
+        # (embedder.lora_graph), built at enable_lora
         self.lora_graph = None
         self._torch_lock = threading.Lock()
         self.forwards = 0  # backbone forward passes run

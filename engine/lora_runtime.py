@@ -50,7 +50,8 @@ class LoraRuntimeMixin:
     def warm_lora(self) -> bool:
         """Before traffic: when any tenant holds a LoRA classifier, set up what its rows run through
         now (:meth:`adapter_manager`; on ONNX Runtime that loads the backbone's torch copy, ~4.7 s
-        and ~90 MB for all-MiniLM-L6-v2), so no request pays for it. True when it did; a folder
+        and ~90 MB for all-MiniLM-L6-v2, which trains adapters, and on the CPU opens the LoRA graph,
+        built once per cache folder), so no request pays for it. True when it did; a folder
         without LoRA classifiers loads nothing."""
         if self.adapters is not None:
             return False

@@ -94,10 +94,11 @@ def test_int8_vector_of_a_text_does_not_depend_on_its_batch(precision, request, 
 def test_w8a8_runs_the_form_this_cpu_adds_exactly_and_both_forms_agree(onnx_w8a8, onnx_cache, sms):
     """u8s8 (int8 weights) only where the CPU adds u8 x s8 in int32; u8u8 elsewhere: same vectors."""
     from headfleet.embedder.onnx_backend import OrtRunner, ensure_model_file
+    from headfleet.embedder import w8a8
     from headfleet.settings import cpu_has_int8_dot
 
     form = "u8s8" if cpu_has_int8_dot() else "u8u8"
-    assert onnx_w8a8.runner.path.name.endswith(f"-w8a8v1-{form}-r1.onnx")
+    assert onnx_w8a8.runner.path.name.endswith(f"-w8a8v{w8a8.RECIPE}-{form}-r1.onnx")
     source = fingerprint(onnx_w8a8.folder, onnx_w8a8.pooling)
     portable = ensure_model_file(onnx_w8a8.folder, onnx_w8a8.pooling, "w8a8-u8u8", onnx_cache, source)
     texts = sms[0][:48] + [LONG]
@@ -124,9 +125,34 @@ def test_w8a8_calibrates_on_the_shipped_texts_and_keeps_outliers_in_fp32(onnx_w8
     # every weight MatMul on the integer GEMM, with its 16 outlier channels added by a small fp32 Gemm;
     # the two attention-score MatMuls per layer stay fp32
     assert ops.count("MatMulIntegerToFloat") == 6 * layers
-    assert ops.count("Gemm") == 6 * layers and ops.count("MatMul") == 2 * layers
-    gathers = [i for i in graph.initializer if i.name.endswith("_oidx")]
-    assert len(gathers) == 4 * layers and all(tuple(i.dims) == (w8a8.OUTLIERS,) for i in gathers)
+    # two attention-score MatMuls per layer stay fp32; four more pick each MatMul input's outliers
+    assert ops.count("Gemm") == 6 * layers and ops.count("MatMul") == (2 + 4) * layers
+    picks = [i for i in graph.initializer if i.name.endswith("_osel")]
+    assert len(picks) == 4 * layers
+    for init in picks:  # one-hot: each of the 16 outlier columns picks one input channel
+        sel = onnx.numpy_helper.to_array(init)
+        assert sel.shape[1] == w8a8.OUTLIERS and (sel.sum(0) == 1).all() and set(np.unique(sel)) == {0.0, 1.0}
+
+
+def test_a_one_hot_gemm_picks_columns_exactly_as_a_gather():
+    """The w8a8 graph picks its fp32 outlier columns with a MatMul by a one-hot matrix; on ONNX
+    Runtime that equals a Gather to the bit, whatever the values (here spread over 12 decades)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((7, 33, 384)) * 10.0 ** rng.uniform(-6, 6, (7, 33, 384))).astype(np.float32)
+    cols = np.sort(rng.choice(384, 16, replace=False))
+    sel = np.zeros((384, 16), np.float32)
+    sel[cols, np.arange(16)] = 1
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "sel"], ["y"])], "pick",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, 384])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(sel, "sel")])
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                   .SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], x[..., cols])
 
 
 def test_the_shipped_backbone_builds_w8a8_from_the_shipped_calibration_which_a_fresh_one_reproduces(
