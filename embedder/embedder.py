@@ -208,26 +208,28 @@ class Embedder:
 
         if self.lora is not None:
             return self.lora
+        targets = tuple(targets or DEFAULT_TARGETS)
         model = self.torch_model()
+        # the graph first: a failed build leaves the torch copy uninjected, so a later call can retry
+        session = self._lora_session(targets) if self.lora_in_graph else None
         bank = SlotBank(max_slots, max_rank, self.lora_runner.device)
-        names = inject(model, bank, tuple(targets or DEFAULT_TARGETS))
+        names = inject(model, bank, targets)
         self.lora_runner.bank = bank
-        if self.lora_in_graph:
-            self.lora_graph = self._lora_graph(bank, names)
+        if session is not None:
+            from headfleet.embedder.lora_graph import LoraGraphRunner
+
+            self.lora_graph = LoraGraphRunner(session, bank, names)
         self.lora = bank
         return bank
 
-    def _lora_graph(self, bank, names: Sequence[str]):
-        """The LoRA graph of the file this embedder runs, for the bank's injection points ``names``."""
+    def _lora_session(self, targets: Sequence[str]):
+        """An ONNX Runtime session over the LoRA graph of the file this embedder runs."""
         from headfleet.embedder.backbone import fingerprint as _fingerprint
-        from headfleet.embedder.lora_graph import LoraGraphRunner
-        from headfleet.embedder.lora_names import target_name
         from headfleet.embedder.onnx_backend import OrtRunner, backend_tag, ensure_lora_file
 
         source = _fingerprint(self.folder, self.pooling, backend_tag("torch", "fp32"))
-        path = ensure_lora_file(self.runner.path, source, sorted({target_name(n) for n in names}))
-        runner = OrtRunner(path, device=self.device, threads=self.runner.threads, graph_opt=self.runner.graph_opt)
-        return LoraGraphRunner(runner.session, bank, names)
+        path = ensure_lora_file(self.runner.path, source, sorted(set(targets)))
+        return OrtRunner(path, device=self.device, threads=self.runner.threads, graph_opt=self.runner.graph_opt).session
 
     def embed(self, texts: Sequence[str], progress: Callable[[int], None] | None = None,
               slots: Sequence[int] | np.ndarray | None = None) -> Embedded:
@@ -267,19 +269,31 @@ class Embedder:
 
     def _forward_split(self, batch: list[list[int]], slots: np.ndarray) -> np.ndarray:
         """ONNX Runtime backbone: the batch's plain rows through the plain file, its LoRA rows
-        through the LoRA graph (CPU) or the torch copy (cuda) with their adapters; each part padded
-        to its own longest row. Plain rows never enter the LoRA graph: on ``int8`` its fusions
-        differ from the plain file's, so a plain row there would not be bit-identical to the same
-        text in a batch without adapters (measured: up to 2e-3 a component)."""
+        through the LoRA graph (CPU; adapters of rank <= ``lora_graph.GRAPH_MAX_RANK``) or the
+        torch copy (cuda, and wider adapters) with their adapters; each part padded to its own
+        longest row. Plain rows never enter the LoRA graph: on ``int8`` its fusions differ from the
+        plain file's, so a plain row there would not be bit-identical to the same text in a batch
+        without adapters (measured: up to 2e-3 a component)."""
         out = np.empty((len(batch), self.dim), dtype=np.float32)
         plain = np.flatnonzero(slots < 0)
         adapted = np.flatnonzero(slots >= 0)
+        on_torch = adapted
         if len(plain):
             out[plain] = self._forward([batch[i] for i in plain])
-        if len(adapted):
-            input_ids, mask = self.pad([batch[i] for i in adapted])
-            run = self.lora_graph if self.lora_graph is not None else self.lora_runner
-            out[adapted] = run(input_ids, mask, slots[adapted])
+        if self.lora_graph is not None and len(adapted):
+            from headfleet.embedder.lora_graph import GRAPH_MAX_RANK
+
+            ranks = self.lora._ranks_host
+            in_graph = np.array([ranks[s] <= GRAPH_MAX_RANK for s in slots[adapted].tolist()], bool)
+            on_torch = adapted[~in_graph]
+            if in_graph.any():
+                rows = adapted[in_graph]
+                input_ids, mask = self.pad([batch[i] for i in rows])
+                out[rows] = self.lora_graph(input_ids, mask, slots[rows])
+                self.forwards += 1
+        if len(on_torch):
+            input_ids, mask = self.pad([batch[i] for i in on_torch])
+            out[on_torch] = self.lora_runner(input_ids, mask, slots[on_torch])
             self.forwards += 1
         return out
 

@@ -8,6 +8,8 @@ output ``y`` [batch, seq, out] (before its bias Add, exactly where the torch pat
 
     y[b] += (x[b] @ (A[b] * scale[b])) @ B[b]        A: [batch, in, r], B: [batch, r, out], scale: [batch]
 
+for adapters of rank r <= ``GRAPH_MAX_RANK`` (16); wider ones run on the torch copy.
+
 ``A``/``B`` are graph inputs gathered per row on the host from the adapter bank
 (``SlotBank``'s stacked ``[slots, in, max_rank]`` buffers, cut to the widest rank among the rows
 rounded up to a multiple of ``RANK_STEP``), so the file depends only on the backbone, the
@@ -20,8 +22,8 @@ without adapters.
 
 Graph inputs: ``input_ids``, ``attention_mask`` [batch, seq] int64; per group of linears reading
 one ``x``, ``lora_A.<module>|<module>...`` [rows, r x members, in] (each member's A transposed,
-times the row's scale, in the order named: rank-major, so the host gathers contiguous blocks, and
-the graph transposes it back, which ONNX Runtime fuses into the GEMM); per linear ``lora_B.<module>`` [rows, r, out]; ``rows`` is the batch, or 1 when every row
+times the row's scale, one member after the other in the order named, so the host gathers
+contiguous blocks; the graph transposes it back, which ONNX Runtime fuses into the GEMM); per linear ``lora_B.<module>`` [rows, r, out]; ``rows`` is the batch, or 1 when every row
 carries the same adapter (broadcast: one copy of it, not one per row); all float32, with
 canonical module names (e.g. ``encoder.layer.0.attention.self.query``). Output ``embedding``.
 Reference: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (the delta
@@ -35,10 +37,17 @@ from typing import Sequence
 
 import numpy as np
 
+from headfleet.errors import ValidationError
 from headfleet.embedder.lora_names import canonical_module_name, read_by_embedding, target_name
 
 A_PREFIX, B_PREFIX, GROUP_SEP = "lora_A.", "lora_B.", "|"  # graph input names (module docstring)
 RANK_STEP = 8  # the rank the rows' A/B are cut to is a multiple of this (LoraGraphRunner)
+# Adapters up to this rank run in the graph; wider ones on the torch copy (Embedder._forward_split).
+# A shrink GEMM's output up to 32 columns (2 members x 16) gives each row the same bits whatever
+# the width and the batch; at 48 columns and more ONNX Runtime's GEMM (2 threads) gave a row other
+# last bits alone, beside wider adapters and broadcast, which w8a8's int8 steps after it grow to
+# ~1e-3: a row's vector would depend on its batch (review, 1 Dec).
+GRAPH_MAX_RANK = 16
 RECIPE = 3  # bump when the delta's placement or arithmetic changes (it is in the file name and the LoRA fingerprint)
 
 
@@ -70,14 +79,14 @@ def add_lora(src: Path, fp32: Path, out: Path, targets: Sequence[str]) -> list[s
     GEMM: their A's come concatenated along the rank axis in one input, already multiplied by each
     row's scale, and the product is split before each module's expand.
 
-    Raises ValueError when the export has no such linear or the converted file lost one of their
+    Raises ValidationError when the export has no such linear, ValueError when the converted file lost one of their
     tensors (a conversion that renamed them cannot carry the delta)."""
     import onnx
     from onnx import TensorProto, helper
 
     linears = target_linears(onnx.load(str(fp32)).graph, targets)
     if not linears:
-        raise ValueError(f"the backbone has no linear layers named {list(targets)} to adapt")
+        raise ValidationError(f"the backbone has no linear layers named {list(targets)} to adapt")
     model = onnx.load(str(src))
     graph = model.graph
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
@@ -128,12 +137,15 @@ class LoraGraphRunner:
     """Runs a batch whose rows carry adapter slots through the LoRA graph, in one forward:
     ``runner(input_ids, mask, slots) -> [batch, dim] float32``.
 
-    ``slots``: [batch] int64, the bank slot of each row (-1 or a cleared slot: no adapter; such a
-    row gets zero A/B and scale 0, so its delta is exactly 0 and its vector is bit-identical to the
-    plain file's). Each forward gathers the rows' A/B from ``bank`` (``SlotBank``: per module
-    ``A [slots, in, max_rank]``, ``B [slots, max_rank, out]``, torch buffers on the CPU, read
-    without a copy) cut to the widest rank among them rounded up to a multiple of ``RANK_STEP``. Thread-safe; like the torch path, a slot
-    must not be rewritten while a forward that uses it runs (the adapter manager's pins)."""
+    ``slots``: [batch] int64, the bank slot of each row, holding an adapter of rank at most
+    ``GRAPH_MAX_RANK`` (else ValueError; the embedder sends wider ones to the torch copy). A row
+    whose slot is -1 or cleared gets zero A/B: a zero delta on this file's base (on ``w8a8`` and
+    fp32 the plain file's vector to the bit, on ``int8`` within 2e-3 of it; the embedder sends plain
+    rows to the plain file). Each forward gathers the rows' A/B from ``bank`` (``SlotBank``: per
+    module ``A [slots, in, max_rank]``, ``B [slots, max_rank, out]``, torch buffers on the CPU, B
+    read without a copy, A through a transposed copy) cut to the widest rank among them rounded up
+    to a multiple of ``RANK_STEP``. Thread-safe; like the torch path, a slot must not be rewritten
+    while a forward that uses it runs (the adapter manager's pins)."""
 
     def __init__(self, session, bank, modules: Sequence[str]):
         missing = [m for m in modules if m not in bank.layers]
@@ -153,7 +165,8 @@ class LoraGraphRunner:
         # gathering rows is then one contiguous copy per group (on the bank's [slots, in, max_rank]
         # layout a strided gather took 4 ms a forward for 32 rows); refreshed per slot when the
         # bank's generation of it moves
-        self._At = [np.zeros((bank.max_slots, len(g), bank.max_rank, self._A[g[0]].shape[1]), np.float32)
+        self.max_rank = min(bank.max_rank, GRAPH_MAX_RANK)
+        self._At = [np.zeros((bank.max_slots, len(g), self.max_rank, self._A[g[0]].shape[1]), np.float32)
                     for g in self.groups]
         self._seen = [-1] * bank.max_slots
 
@@ -164,7 +177,7 @@ class LoraGraphRunner:
         scale = self.bank._scales_host[slot]
         for group, at in zip(self.groups, self._At):
             for j, m in enumerate(group):
-                np.multiply(self._A[m][slot].T, scale, out=at[slot, j])
+                np.multiply(self._A[m][slot, :, :self.max_rank].T, scale, out=at[slot, j])
         self._seen[slot] = generation
 
     def __call__(self, input_ids: np.ndarray, mask: np.ndarray, slots: np.ndarray) -> np.ndarray:
@@ -176,7 +189,9 @@ class LoraGraphRunner:
         # other rows' ranks, and at rank 1 ONNX Runtime's GEMM takes another path whose last-bit
         # differences, through the int8 activation steps after it, moved a rank-1 row by up to
         # 2e-3 between a batch alone and beside a rank-16 adapter
-        rank = min(self.bank.max_rank, -(-widest // RANK_STEP) * RANK_STEP)
+        if widest > self.max_rank:
+            raise ValueError(f"a row's adapter has rank {widest}; the LoRA graph serves ranks up to {self.max_rank}")
+        rank = min(self.max_rank, -(-widest // RANK_STEP) * RANK_STEP)
         for s in set(s for s, ok in zip(host, live) if ok):
             self._refresh(s)
         rows = np.array([s if ok else 0 for s, ok in zip(host, live)], np.int64)

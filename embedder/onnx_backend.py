@@ -124,6 +124,8 @@ def ensure_lora_file(base: Path, source_fingerprint: str, targets) -> Path:
             meta = json.loads(base.with_suffix(".json").read_text()) if base.with_suffix(".json").exists() else {}
             meta.update(lora_recipe=lora_graph.RECIPE, lora_targets=sorted(targets), lora_of=base.name)
             _atomic(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True)))
+        except ValidationError:
+            raise
         except Exception as exc:
             raise BackendError(f"could not build the LoRA graph of {base.name}: {exc}") from exc
     return path

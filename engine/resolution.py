@@ -71,7 +71,7 @@ class ResolutionMixin:
                    timing: dict[str, float] | None = None) -> tuple[str, dict]:
         """The fleet key and manifest of ``ref``, its head loaded; a LoRA version's adapter is read and
         checked the first time it is used (on ONNX Runtime the first one also loads the backbone's
-        torch copy), its milliseconds added to ``timing["adapter_load"]``."""
+        torch copy and opens the LoRA graph), its milliseconds added to ``timing["adapter_load"]``."""
         manifest = self._manifest(tenant, ref)
         key = f"{tenant}/{manifest['name']}@{manifest['version']}"
         try:
@@ -89,6 +89,9 @@ class ResolutionMixin:
                 if aid not in self._verified_adapters:  # refuse a damaged adapter here, not inside a shared batch
                     t0 = time.perf_counter()
                     try:
+                        # the adapter layers first (on ONNX Runtime the torch copy and, on the CPU, the
+                        # LoRA graph), so that cost is this phase's, not a shared batch's
+                        self.adapter_manager()
                         self._read_adapter(tenant, manifest)
                     finally:
                         if timing is not None:
@@ -113,7 +116,7 @@ class ResolutionMixin:
         ``targets``: ref -> the ref to load in its place (an experiment's arm); the entry (and an
         error) still carries the ref as asked.
         ``timing``: milliseconds spent reading adapters not used since start (with, on ONNX Runtime,
-        the backbone's torch copy) are added to its ``"adapter_load"``.
+        the backbone's torch copy and the LoRA graph) are added to its ``"adapter_load"``.
         """
         if not classifiers:
             raise ValidationError("classifiers must name at least one classifier")

@@ -151,7 +151,7 @@ class Route(NamedTuple):
     tags: dict[str, dict]  # ref -> fields added to each of its classification entries
     unit: str | None
     # milliseconds resolution spent reading adapters not used since start (on ONNX Runtime the first
-    # one also loads the backbone's torch copy): the answer's timing_ms["adapter_load"]
+    # one also loads the backbone's torch copy and the LoRA graph): the answer's timing_ms["adapter_load"]
     adapter_load_ms: float = 0.0
 
     @property

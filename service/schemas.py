@@ -69,7 +69,7 @@ class ClassifyResponse(msgspec.Struct, omit_defaults=True):
     cache: CacheReport
     timing_ms: Annotated[dict[str, float], msgspec.Meta(description=(
         "Milliseconds per phase: adapter_load (reading adapters of LoRA versions not used since start, "
-        "with the backbone's torch copy on ONNX Runtime; 0 when none), cache, queue, embed, heads, total."))]
+        "with the backbone's torch copy and LoRA graph on ONNX Runtime; 0 when none), cache, queue, embed, heads, total."))]
     # classifiers asked for that could not be served (a corrupt stored version); the others answered
     errors: dict[str, ClassifierError] | None = None
 

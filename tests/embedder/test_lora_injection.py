@@ -273,3 +273,35 @@ def test_the_graph_serves_what_a_slot_holds_now(onnx_cache, peft_setup):
     np.testing.assert_allclose(emb.embed(texts, slots=[0] * 4).vectors, with_second, atol=1e-6)
     bank.clear(0)  # a cleared slot adds nothing: the plain vector
     np.testing.assert_allclose(emb.embed(texts, slots=[0] * 4).vectors, emb.embed(texts).vectors, atol=1e-5)
+
+
+def test_a_rows_vector_does_not_depend_on_the_ranks_beside_it(onnx_cache, peft_setup, lora_embedder):
+    """With the service's default max rank (64): a rank-8 row gives the same vector alone, beside a
+    rank-16 row, beside a rank-32 adapter (which runs on the torch copy, as on the torch backbone)
+    and in a batch of its own adapter only (broadcast)."""
+    from headfleet.embedder.lora_graph import GRAPH_MAX_RANK
+
+    _, paths = peft_setup
+    emb = Embedder.load(max_length=128, batch_size=64, backend="onnx", precision="w8a8", cache_dir=onnx_cache)
+    bank = emb.enable_lora(max_slots=4, max_rank=64)
+    shapes = module_shapes(emb.torch_model())
+    r8, r16 = (LoraAdapter.from_folder(paths[k], shapes=shapes) for k in (2, 3))
+    assert (r8.rank, r16.rank) == (8, 16) and GRAPH_MAX_RANK >= 16
+    rng = np.random.default_rng(3)
+    wide = {k: (torch.from_numpy(rng.normal(0, 0.05, (a.shape[0], 32)).astype(np.float32)),
+                torch.from_numpy(rng.normal(0, 0.05, (32, b.shape[1])).astype(np.float32)))
+            for k, (a, b) in r8.torch_weights("cpu").items()}
+    bank.write(0, r8.torch_weights("cpu"), 8, r8.scale)
+    bank.write(1, r16.torch_weights("cpu"), 16, r16.scale)
+    bank.write(2, wide, 32, 0.5)
+    on_torch = Embedder.load(max_length=128, batch_size=64, device="cpu")
+    on_torch.enable_lora(max_slots=4, max_rank=64).write(2, wide, 32, 0.5)
+    texts = TEXTS[:4]
+    alone = np.stack([emb.embed([t], slots=[0]).vectors[0] for t in texts])
+    wide_rows = on_torch.embed(texts, slots=[2] * 4).vectors
+    for slots in ([0, 1, 0, 1], [0, 2, 0, 2], [0, 0, 0, 0], [0, 1, 2, 0]):
+        got = emb.embed(texts, slots=slots).vectors
+        rows = np.array(slots) == 0
+        np.testing.assert_allclose(got[rows], alone[rows], atol=1e-6, err_msg=str(slots))
+        rows = np.array(slots) == 2
+        np.testing.assert_allclose(got[rows], wide_rows[rows], atol=1e-5, err_msg=str(slots))

@@ -280,7 +280,8 @@ def test_retrain_on_another_backbone_trains_a_lora_version_again_with_its_record
 
 def test_lora_classifier_trains_and_serves_on_the_onnx_backbone(onnx_cache, tmp_path, sms):
     """The ONNX Runtime backbone (the default for new data folders) carries LoRA tenants: the
-    adapter trains and serves on its torch copy, beside head classifiers on the graph."""
+    adapter trains on its torch copy and serves in the LoRA graph, beside head classifiers on the
+    plain graph."""
     onnx = Embedder.load(max_length=128, batch_size=32, device="cpu", backend="onnx", precision="fp32",
                          cache_dir=onnx_cache)
     eng = Engine.open(Settings(data_dir=tmp_path / "data", device="cpu", backend="onnx"), embedder=onnx)
@@ -362,7 +363,7 @@ def test_the_first_lora_request_on_onnx_shows_the_torch_copys_load_in_adapter_lo
     onnx.torch_model = timed_torch_model
     assert onnx.lora_runner is None
     first = eng.classify("acme", ["Claim your free prize now"], ["lora"])["timing_ms"]
-    assert onnx.lora_runner is not None  # the copy was loaded by this request
+    assert onnx.lora_runner is not None and onnx.lora_graph is not None  # both opened by this request
     assert first["adapter_load"] >= round(spent[0], 3) - 0.001  # the first call is the load, at resolution
     assert eng.classify("acme", ["See you at lunch"], ["lora"])["timing_ms"]["adapter_load"] == 0
     eng.close()
