@@ -228,7 +228,7 @@ class Embedder:
         from headfleet.embedder.onnx_backend import OrtRunner, backend_tag, ensure_lora_file
 
         source = _fingerprint(self.folder, self.pooling, backend_tag("torch", "fp32"))
-        path = ensure_lora_file(self.runner.path, source, sorted(set(targets)))
+        path = ensure_lora_file(self.runner.path, source, sorted(set(targets)), self.folder, self.pooling)
         return OrtRunner(path, device=self.device, threads=self.runner.threads, graph_opt=self.runner.graph_opt).session
 
     def embed(self, texts: Sequence[str], progress: Callable[[int], None] | None = None,

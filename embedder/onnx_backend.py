@@ -106,29 +106,49 @@ def lora_model_file(base: Path, targets) -> Path:
     return base.with_name(f"{base.stem}-lora{lora_graph.RECIPE}-{'+'.join(sorted(targets))}.onnx")
 
 
-def ensure_lora_file(base: Path, source_fingerprint: str, targets) -> Path:
+def ensure_lora_file(base: Path, source_fingerprint: str, targets, folder: Path | None = None,
+                     pooling: PoolingConfig | None = None) -> Path:
     """The LoRA graph (``embedder.lora_graph``) of the cached file ``base``, built on first use from
-    it and the fp32 export beside it; written atomically under the export lock, with a manifest."""
+    it and the fp32 export beside it (exported again from ``folder`` when it was removed); written
+    atomically under the export lock, then its manifest, which names the ``base`` it was built
+    from (size and modification time): a LoRA file whose base was rebuilt since, or whose manifest
+    a crash never wrote, is built again."""
     from headfleet.atomic import locked
     from headfleet.embedder import lora_graph
 
     path = lora_model_file(base, targets)
-    if path.exists():
+    if _built_from(path, base):
         return path
     fp32 = model_file(base.parent, source_fingerprint, "fp32")
+    if not fp32.exists() and folder is not None:
+        ensure_model_file(folder, pooling or PoolingConfig.from_folder(folder), "fp32", base.parent, source_fingerprint)
     with locked(base.parent / ".export.lock"):
-        if path.exists():
+        if _built_from(path, base):
             return path
         try:
             _atomic(path, lambda tmp: lora_graph.add_lora(base, fp32, tmp, sorted(targets)))
             meta = json.loads(base.with_suffix(".json").read_text()) if base.with_suffix(".json").exists() else {}
-            meta.update(lora_recipe=lora_graph.RECIPE, lora_targets=sorted(targets), lora_of=base.name)
+            meta.update(lora_recipe=lora_graph.RECIPE, lora_targets=sorted(targets), lora_of=base.name,
+                        lora_base=_file_signature(base))
             _atomic(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True)))
         except ValidationError:
             raise
         except Exception as exc:
             raise BackendError(f"could not build the LoRA graph of {base.name}: {exc}") from exc
     return path
+
+
+def _file_signature(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _built_from(path: Path, base: Path) -> bool:
+    """Whether the LoRA file ``path`` exists and its manifest says it was built from ``base`` as it is now."""
+    try:
+        return path.exists() and json.loads(path.with_suffix(".json").read_text()).get("lora_base") == _file_signature(base)
+    except (OSError, ValueError):
+        return False
 
 
 def _build_model_file(folder: Path, pooling: PoolingConfig, precision: str, cache_dir: Path,

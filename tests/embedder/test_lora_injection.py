@@ -305,3 +305,31 @@ def test_a_rows_vector_does_not_depend_on_the_ranks_beside_it(onnx_cache, peft_s
         np.testing.assert_allclose(got[rows], alone[rows], atol=1e-6, err_msg=str(slots))
         rows = np.array(slots) == 2
         np.testing.assert_allclose(got[rows], wide_rows[rows], atol=1e-5, err_msg=str(slots))
+
+
+def test_the_lora_graph_is_rebuilt_when_its_base_or_manifest_changed(tmp_path):
+    """The LoRA file names the base it was built from: a base rebuilt since (or a LoRA file whose
+    manifest a crash never wrote) is built again, and a removed fp32 export is exported again."""
+    import os
+
+    from headfleet.embedder.onnx_backend import lora_model_file
+
+    cache = tmp_path / "onnx"
+    emb = Embedder.load(max_length=64, backend="onnx", precision="fp32", cache_dir=cache)
+    emb.enable_lora(max_slots=2, max_rank=8)
+    lora_file = lora_model_file(emb.runner.path, ["query", "value"])
+    first = lora_file.stat().st_mtime_ns
+    again = Embedder.load(max_length=64, backend="onnx", precision="fp32", cache_dir=cache)
+    again.enable_lora(max_slots=2, max_rank=8)
+    assert lora_file.stat().st_mtime_ns == first  # reused as it is
+    os.utime(emb.runner.path)  # the base "rebuilt" under the same name
+    lora_file.with_suffix(".json").unlink()  # and a crash lost the manifest: either one forces a rebuild
+    third = Embedder.load(max_length=64, backend="onnx", precision="fp32", cache_dir=cache)
+    third.enable_lora(max_slots=2, max_rank=8)
+    assert lora_file.stat().st_mtime_ns != first and lora_file.with_suffix(".json").exists()
+    # an int8 base whose fp32 export was removed: the LoRA graph still builds (fp32 exported again)
+    int8 = Embedder.load(max_length=64, backend="onnx", precision="int8", cache_dir=cache)
+    for p in cache.glob("*-fp32-r1.onnx"):
+        p.unlink()
+    int8.enable_lora(max_slots=2, max_rank=8)
+    assert int8.lora_graph is not None and any(cache.glob("*-fp32-r1.onnx"))
