@@ -156,12 +156,9 @@ def load_embedders(args, family: str | None = None):
     """``[(label, embedder with LoRA enabled)]``: the default backend first (when it is not torch),
     then torch fp32; ``family`` ("onnx" / "torch") keeps one of them."""
     from headfleet.embedder import Embedder
-    from headfleet.settings import fast_default
 
     slots, rank = max(args.adapters, 8), max(8, args.rank)
-    backend, _, precision = (args.backend or "").partition("/")
-    if not backend:
-        backend, precision = fast_default("cpu")
+    backend, precision = backend_of(args)
     embs = []
     if backend != "torch" and family in (None, "onnx"):
         fast = Embedder.load(max_length=128, batch_size=max(64, args.rows), device="cpu", backend=backend,
@@ -226,7 +223,7 @@ def part_a(args, texts):
             checked.append(f"{label} vs PEFT mixed: cosine min {cos.min():.5f}, mean {cos.mean():.5f} (bound 0.99)")
     print("\n".join(checked), flush=True)
     del embs, emb, mixed, loop
-    families = (["onnx"] if load_backend(args) != "torch" else []) + ["torch"]
+    families = (["onnx"] if backend_of(args)[0] != "torch" else []) + ["torch"]
     rounds: dict[str, list[float]] = {}
     for r in range(args.rounds):
         for family in families:
@@ -238,16 +235,17 @@ def part_a(args, texts):
             line = next((x for x in done.stdout.splitlines() if x.startswith("FAMILY ")), None)
             if done.returncode or line is None:
                 refuse(f"the {family} timing process failed (rc {done.returncode}): {done.stderr[-2000:]}")
-            for name, ms in json.loads(line[len("FAMILY "):]).items():
+            timed = json.loads(line[len("FAMILY "):])
+            for name, ms in timed.items():
                 rounds.setdefault(name, []).append(ms)
-            print(f"  round {r + 1}, {family}: " + ", ".join(f"{k} {v:.1f}" for k, v in json.loads(line[7:]).items()),
-                  flush=True)
+            print(f"  round {r + 1}, {family}: " + ", ".join(f"{k} {v:.1f}" for k, v in timed.items()), flush=True)
     best = {name: min(v) for name, v in rounds.items()}
     mixed_ms, loop_ms = best["PEFT mixed"], best["PEFT loop"]
     labels = [name for name in best if not name.endswith(" base") and not name.startswith("PEFT")]
     rows, figures = [], {"threads": args.threads or torch.get_num_threads(), "rounds": rounds}
     for k, label in enumerate(labels):
         ours_ms, base_ms = best[label], best[label + " base"]
+        key = "" if k == 0 else f"{label}_"
         # the delta within each process (both timed alternately there), not best against best
         shares = [(o - b) / b for o, b in zip(rounds[label], rounds[label + " base"])]
         rows += [(f"ours, {label}", f"{ours_ms:8.1f} ms  -> {mixed_ms / ours_ms:.2f}x PEFT mixed, "
@@ -255,8 +253,7 @@ def part_a(args, texts):
                  ("  same texts, no adapters", f"{base_ms:8.1f} ms  (LoRA adds {ours_ms - base_ms:+.1f} ms best "
                                               f"against best; per round " +
                                               ", ".join(f"{100 * x:+.1f} %" for x in shares) + ")")]
-        figures[f"{'' if k == 0 else label + '_'}delta_shares"] = shares
-        key = "" if k == 0 else f"{label}_"
+        figures[f"{key}delta_shares"] = shares
         figures.update({f"{key}ours_ms": ours_ms, f"{key}base_ms": base_ms, f"{key}vs_peft": mixed_ms / ours_ms,
                         f"{key}delta_share": (ours_ms - base_ms) / base_ms, f"{key}vs_loop": loop_ms / ours_ms})
     rows += [("PEFT mixed batch", f"{mixed_ms:8.1f} ms"), ("per-adapter loop (PEFT)", f"{loop_ms:8.1f} ms")]
@@ -266,11 +263,12 @@ def part_a(args, texts):
            rows + [("checked before timing", line) for line in checked], figures)
 
 
-def load_backend(args) -> str:
+def backend_of(args) -> tuple[str, str]:
+    """``(backend, precision)`` of (a)'s first row: ``--backend``, else what a new data folder gets."""
     from headfleet.settings import fast_default
 
-    backend = (args.backend or "").partition("/")[0]
-    return backend or fast_default("cpu")[0]
+    backend, _, precision = (args.backend or "").partition("/")
+    return (backend, precision) if backend else fast_default("cpu")
 
 
 def part_bc(args, emb, shapes):

@@ -50,8 +50,9 @@ class Embedder:
     def __init__(self, folder: Path, runner: Callable[[np.ndarray, np.ndarray], np.ndarray], tokenizer,
                  pooling: PoolingConfig, *, dim: int, max_length: int, batch_size: int, device: str,
                  fingerprint: str, tokenizer_hash: str, backend: str = "torch", precision: str = "fp32",
-                 model=None):
+                 model=None, source_fingerprint: str | None = None):
         self.folder = folder
+        self.source_fingerprint = source_fingerprint  # the torch fp32 one the ONNX files are named by
         self.runner = runner  # (input_ids, mask) [batch, seq] int64 -> [batch, dim] float32, pooled
         self.model = model  # the torch module on the torch backend, else None (see torch_model)
         self.tokenizer = tokenizer
@@ -106,6 +107,7 @@ class Embedder:
         tag = backend_tag(backend, precision, device, graph_opt)
         pooling = PoolingConfig.from_folder(folder)
         model = None
+        source = None
         if backend == "torch":
             model, dim, limit, runner = _load_torch(folder, pooling, device, threads)
         else:
@@ -118,15 +120,16 @@ class Embedder:
 
             if cache_dir is None:
                 cache_dir = Path(os.environ.get("HEADFLEET_DATA_DIR") or ".headfleet") / "onnx"
-            onnx_path = ensure_model_file(folder, pooling, precision, Path(cache_dir),
-                                          fingerprint(folder, pooling, backend_tag("torch", "fp32")))
+            source = fingerprint(folder, pooling, backend_tag("torch", "fp32"))
+            onnx_path = ensure_model_file(folder, pooling, precision, Path(cache_dir), source)
             runner = OrtRunner(onnx_path, device=device, threads=threads, graph_opt=graph_opt)
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         tokenizer.no_truncation()
         tokenizer.no_padding()
         return cls(folder, runner, tokenizer, pooling, dim=dim, max_length=max_length, batch_size=batch_size,
                    device=device, fingerprint=fingerprint(folder, pooling, tag),
-                   tokenizer_hash=tokenizer_hash(folder), backend=backend, precision=precision, model=model)
+                   tokenizer_hash=tokenizer_hash(folder), backend=backend, precision=precision, model=model,
+                   source_fingerprint=source)
 
     # -- tokenisation -------------------------------------------------------------------------
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
@@ -224,11 +227,9 @@ class Embedder:
 
     def _lora_session(self, targets: Sequence[str]):
         """An ONNX Runtime session over the LoRA graph of the file this embedder runs."""
-        from headfleet.embedder.backbone import fingerprint as _fingerprint
-        from headfleet.embedder.onnx_backend import OrtRunner, backend_tag, ensure_lora_file
+        from headfleet.embedder.onnx_backend import OrtRunner, ensure_lora_file
 
-        source = _fingerprint(self.folder, self.pooling, backend_tag("torch", "fp32"))
-        path = ensure_lora_file(self.runner.path, source, sorted(set(targets)), self.folder, self.pooling)
+        path = ensure_lora_file(self.runner.path, self.folder, self.pooling, self.source_fingerprint, sorted(set(targets)))
         return OrtRunner(path, device=self.device, threads=self.runner.threads, graph_opt=self.runner.graph_opt).session
 
     def embed(self, texts: Sequence[str], progress: Callable[[int], None] | None = None,

@@ -161,8 +161,7 @@ class LoraGraphRunner:
         self._A = {m: bank.layers[m].A.detach().numpy() for m in self.modules}  # views of the bank
         self._B = {m: bank.layers[m].B.detach().numpy() for m in self.modules}
         # per group, the members' A transposed and times the slot's scale, [slots, members, max_rank,
-        # in]: cutting the rank and
-        # gathering rows is then one contiguous copy per group (on the bank's [slots, in, max_rank]
+        # in]: cutting the rank and gathering rows is then one contiguous copy per group (on the bank's [slots, in, max_rank]
         # layout a strided gather took 4 ms a forward for 32 rows); refreshed per slot when the
         # bank's generation of it moves
         self.max_rank = min(bank.max_rank, GRAPH_MAX_RANK)
@@ -185,29 +184,30 @@ class LoraGraphRunner:
         host = np.asarray(slots, np.int64).tolist()
         live = [s >= 0 and ranks[s] > 0 for s in host]
         widest = max([ranks[s] for s, ok in zip(host, live) if ok] or [1])
+        if widest > self.max_rank:
+            raise ValueError(f"a row's adapter has rank {widest}; the LoRA graph serves ranks up to {self.max_rank}")
         # cut to a multiple of 8 (zero columns add exact zeros): a row's delta must not depend on the
         # other rows' ranks, and at rank 1 ONNX Runtime's GEMM takes another path whose last-bit
         # differences, through the int8 activation steps after it, moved a rank-1 row by up to
         # 2e-3 between a batch alone and beside a rank-16 adapter
-        if widest > self.max_rank:
-            raise ValueError(f"a row's adapter has rank {widest}; the LoRA graph serves ranks up to {self.max_rank}")
         rank = min(self.max_rank, -(-widest // RANK_STEP) * RANK_STEP)
         for s in set(s for s, ok in zip(host, live) if ok):
             self._refresh(s)
         rows = np.array([s if ok else 0 for s, ok in zip(host, live)], np.int64)
         dead = ~np.asarray(live)
-        if not dead.any() and (rows == rows[0]).all():  # one adapter: its A/B once, broadcast over the rows
+        any_dead = bool(dead.any())
+        if not any_dead and (rows == rows[0]).all():  # one adapter: its A/B once, broadcast over the rows
             rows = rows[:1]
         n = len(rows)
         feeds = {"input_ids": input_ids, "attention_mask": mask}
         for group, at in zip(self.groups, self._At):
             a = np.take(at[:, :, :rank, :], rows, axis=0).reshape(n, len(group) * rank, at.shape[-1])
-            if dead.any():  # zeros, not a resident adapter times 0: NaN or inf in one cannot reach these rows
+            if any_dead:  # zeros, not a resident adapter times 0: NaN or inf in one cannot reach these rows
                 a[dead] = 0
             feeds[A_PREFIX + GROUP_SEP.join(group)] = a
             for m in group:
                 b = np.take(self._B[m][:, :rank, :], rows, axis=0)  # [batch, rank, out], contiguous
-                if dead.any():
+                if any_dead:
                     b[dead] = 0
                 feeds[B_PREFIX + m] = b
         (out,) = self.session.run(["embedding"], feeds)

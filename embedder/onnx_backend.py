@@ -106,8 +106,7 @@ def lora_model_file(base: Path, targets) -> Path:
     return base.with_name(f"{base.stem}-lora{lora_graph.RECIPE}-{'+'.join(sorted(targets))}.onnx")
 
 
-def ensure_lora_file(base: Path, source_fingerprint: str, targets, folder: Path | None = None,
-                     pooling: PoolingConfig | None = None) -> Path:
+def ensure_lora_file(base: Path, folder: Path, pooling: PoolingConfig, source_fingerprint: str, targets) -> Path:
     """The LoRA graph (``embedder.lora_graph``) of the cached file ``base``, built on first use from
     it and the fp32 export beside it (exported again from ``folder`` when it was removed); written
     atomically under the export lock, then its manifest, which names the ``base`` it was built
@@ -120,8 +119,8 @@ def ensure_lora_file(base: Path, source_fingerprint: str, targets, folder: Path 
     if _built_from(path, base):
         return path
     fp32 = model_file(base.parent, source_fingerprint, "fp32")
-    if not fp32.exists() and folder is not None:
-        ensure_model_file(folder, pooling or PoolingConfig.from_folder(folder), "fp32", base.parent, source_fingerprint)
+    if not fp32.exists():
+        ensure_model_file(folder, pooling, "fp32", base.parent, source_fingerprint)
     with locked(base.parent / ".export.lock"):
         if _built_from(path, base):
             return path

@@ -77,7 +77,7 @@ class EmbeddingMixin:
         norm = [normalise_text(t) for t in texts]
         fp, max_len = self.embedder.fingerprint, self.embedder.max_length
         if ns.startswith(ADAPTER_NS):  # adapter rows may run another forward than plain rows
-            fp = getattr(self.embedder, "lora_fingerprint", fp)
+            fp = self.embedder.lora_fingerprint
         keys = [content_key(fp, ns, max_len, t) for t in norm]
         found = self.cache.lookup(keys, tenant, namespaces=[ns] * len(keys), stop=self.cache.n_local, record=False)
         vectors = np.empty((len(texts), self.embedder.dim), dtype=np.float32)
