@@ -135,3 +135,58 @@ def test_a_flood_batch_yields_between_pieces_while_a_smaller_batch_runs(engine):
     got = np.stack([big[0][f"a{i}".encode().ljust(16, b"_")].vector for i in range(len(flood_texts))])
     assert np.allclose(got, whole, atol=1e-5)
     assert small[0][b"b0".ljust(16, b"_")].computed
+
+
+def test_a_text_packed_beside_a_flood_is_answered_when_its_piece_ends_and_its_lane_is_free_again(engine):
+    """Tenant B's text lands in the same batch as tenant A's flood: B's row goes into the first
+    piece, on its own, and B's request is answered when that piece ends, not when A's batch does.
+    B's next request then starts beside A's batch instead of waiting for it. A's vectors are the
+    same as one whole forward's."""
+    import threading
+    import time
+
+    import numpy as np
+
+    calls, lock = [], threading.Lock()
+
+    def fill(keys, texts, namespaces):
+        t0 = time.perf_counter()
+        out = engine.fill(keys, texts, namespaces)
+        with lock:
+            calls.append((texts, t0, time.perf_counter()))
+        return out
+
+    flood_texts = [f"tenant a sends a rather long message number {i} about the quarterly invoices and the "
+                   f"delivery schedule for the northern warehouse" for i in range(24)]
+    a_keys = [f"a{i}".encode().ljust(16, b"_") for i in range(len(flood_texts))]
+
+    async def scenario():
+        sched = Scheduler(fill, engine.write_back, max_length=engine.embedder.max_length, batch_texts=64,
+                          batch_tokens=4096, tenant_queue_texts=1000, queue_texts=1000, yield_tokens=48)
+        await sched.start()
+        try:
+            # both submitted before the scheduler task runs: deficit round-robin packs them into one batch
+            flood = asyncio.ensure_future(sched.run("a", a_keys, flood_texts, ["tenant:a"] * len(a_keys)))
+            first = asyncio.ensure_future(sched.run("b", [b"b0".ljust(16, b"_")], ["bob: lunch?"], ["tenant:b"]))
+            b1 = await first
+            b1_at = time.perf_counter()
+            assert not flood.done()
+            b2 = await sched.run("b", [b"b1".ljust(16, b"_")], ["bob: lunch at noon?"], ["tenant:b"])
+            b2_at = time.perf_counter()
+            big = await flood
+            return sched, big, b1, b1_at, b2, b2_at, time.perf_counter()
+        finally:
+            await sched.stop()
+
+    sched, big, b1, b1_at, b2, b2_at, a_at = asyncio.run(scenario())
+    assert sched.batches == 2  # A and B's first text in one batch, B's second text in a batch of its own
+    assert calls[0][0] == ["bob: lunch?"]  # B's row first, in a piece of its own
+    a_pieces = [c for c in calls if c[0][0].startswith("tenant a")]
+    assert len(a_pieces) >= 4 and sum(len(c[0]) for c in a_pieces) == len(flood_texts)
+    assert not any(t.startswith("bob") for c in a_pieces for t in c[0])  # no piece mixes the two lanes
+    assert b1_at < a_pieces[-1][1]  # B had its answer before A's last piece started
+    b2_call = next(c for c in calls if c[0] == ["bob: lunch at noon?"])
+    assert b2_call[1] < a_pieces[-1][2] and b2_at < a_at  # B's next text ran while A's batch was still going
+    whole = engine.embedder.embed(flood_texts).vectors
+    assert np.allclose(np.stack([big[0][k].vector for k in a_keys]), whole, atol=1e-5)
+    assert b1[0][b"b0".ljust(16, b"_")].computed and b2[0][b"b1".ljust(16, b"_")].computed
