@@ -15,7 +15,9 @@
     without adapters; torch: ours with and without, PEFT mixed, the PEFT loop), the two processes
     alternated over ``rounds``: in one process the median of ``repeats`` rounds after a warm-up,
     each round running every contender once; of the processes, the best round of each contender.
-    Ratio = peer / ours (> 1: ours faster).
+    Ratio = peer / ours (> 1: ours faster). The LoRA delta (what adapters add to the same texts'
+    forward) is given per process as the median over its rounds of with / without, each pair
+    timed back to back.
 (b) cold load: an adapter not in host memory nor in a slot, read from the registry folder (PEFT
     files), checked against the backbone's shapes and copied into a device slot; p50/p99 over
     ``loads`` distinct adapters (the goal is p99 <= 50 ms for rank 8).
@@ -96,7 +98,13 @@ def interleaved_ms(fns: dict, repeats: int) -> dict[str, float]:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    out = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    # the LoRA delta as the median over rounds of (with adapters / without) in the same round: the
+    # two ran back to back, so a drift of the machine between rounds (10-25 % here) cancels out
+    for name in fns:
+        if name + " base" in times:
+            out[name + " delta"] = statistics.median(a / b for a, b in zip(times[name], times[name + " base"])) - 1
+    return out
 
 
 def peft_model(folder, adapters):
@@ -238,16 +246,18 @@ def part_a(args, texts):
             timed = json.loads(line[len("FAMILY "):])
             for name, ms in timed.items():
                 rounds.setdefault(name, []).append(ms)
-            print(f"  round {r + 1}, {family}: " + ", ".join(f"{k} {v:.1f}" for k, v in timed.items()), flush=True)
+            print(f"  round {r + 1}, {family}: " + ", ".join(f"{k} {100 * v:+.1f} %" if k.endswith(" delta") else
+                                                            f"{k} {v:.1f}" for k, v in timed.items()), flush=True)
     best = {name: min(v) for name, v in rounds.items()}
     mixed_ms, loop_ms = best["PEFT mixed"], best["PEFT loop"]
-    labels = [name for name in best if not name.endswith(" base") and not name.startswith("PEFT")]
+    labels = [name for name in best if not name.endswith((" base", " delta")) and not name.startswith("PEFT")]
     rows, figures = [], {"threads": args.threads or torch.get_num_threads(), "rounds": rounds}
     for k, label in enumerate(labels):
         ours_ms, base_ms = best[label], best[label + " base"]
         key = "" if k == 0 else f"{label}_"
-        # the delta within each process (both timed alternately there), not best against best
-        shares = [(o - b) / b for o, b in zip(rounds[label], rounds[label + " base"])]
+        # the delta within each process (both timed alternately there: the median of paired
+        # ratios, interleaved_ms), not best against best
+        shares = rounds[label + " delta"]
         rows += [(f"ours, {label}", f"{ours_ms:8.1f} ms  -> {mixed_ms / ours_ms:.2f}x PEFT mixed, "
                                     f"{loop_ms / ours_ms:.2f}x the loop"),
                  ("  same texts, no adapters", f"{base_ms:8.1f} ms  (LoRA adds {ours_ms - base_ms:+.1f} ms best "

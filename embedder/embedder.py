@@ -272,10 +272,14 @@ class Embedder:
         """ONNX Runtime backbone: the batch's plain rows through the plain file, its LoRA rows
         through the LoRA graph (CPU; adapters of rank <= ``lora_graph.GRAPH_MAX_RANK``) or the
         torch copy (cuda, and wider adapters) with their adapters; each part padded to its own
-        longest row. Plain rows never enter the LoRA graph: on ``int8`` its fusions differ from the
-        plain file's, so a plain row there would not be bit-identical to the same text in a batch
-        without adapters (measured: up to 2e-3 a component)."""
+        longest row. Plain rows (and rows of a cleared slot) never enter the LoRA graph: its fusions
+        (``int8``) and its folded biases (``w8a8``, ``lora_graph.fold_biases``) sum in another order
+        than the plain file, so a plain row there would not be bit-identical to the same text in a
+        batch without adapters (measured: up to 2e-3 a component)."""
         out = np.empty((len(batch), self.dim), dtype=np.float32)
+        if self.lora_graph is not None:  # a cleared slot adds nothing: its rows are plain rows, to the bit
+            ranks = self.lora._ranks_host
+            slots = np.array([s if s >= 0 and ranks[s] > 0 else -1 for s in slots.tolist()], np.int64)
         plain = np.flatnonzero(slots < 0)
         adapted = np.flatnonzero(slots >= 0)
         on_torch = adapted
