@@ -19,9 +19,9 @@ cores only until A's current piece ends, then has them to itself (smaller waits 
 two batches never wait for each other). Inside a batch the lanes with the fewest tokens go
 first, in pieces of their own, and each piece's answers are delivered when it ends: B's text
 packed beside A's rows is answered after the first piece, and B's lane is free at once for its
-next request (bench/load.py, fairness: B's p99 under A's flood went from 2.3-2.5x B alone to
-about 1.4x). The Redis write-back of new vectors goes to its own thread so the reply never waits
-on it.
+next request (bench/load.py, fairness: B's p99 under A's flood went from 1.5-2.5x B alone to
+1.66-1.83x in three quiet runs). The Redis write-back of new vectors goes to its own thread so
+the reply never waits on it.
 
 Admission: a tenant with more than ``tenant_queue_texts`` texts waiting, or a queue holding
 more than ``queue_texts`` in all, gets :class:`OverloadedError` (429 with ``Retry-After``
