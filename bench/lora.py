@@ -93,14 +93,15 @@ def interleaved_ms(fns: dict, repeats: int) -> dict[str, float]:
         fn()
         fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for r in range(repeats):
+        for name, fn in (fns.items() if r % 2 == 0 else reversed(fns.items())):  # neither always goes first
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
     out = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     # the LoRA delta as the median over rounds of (with adapters / without) in the same round: the
-    # two ran back to back, so a drift of the machine between rounds (10-25 % here) cancels out
+    # two ran back to back (in alternating order), so a drift of the machine between rounds (10-25 %
+    # here) cancels out
     for name in fns:
         if name + " base" in times:
             out[name + " delta"] = statistics.median(a / b for a, b in zip(times[name], times[name + " base"])) - 1
@@ -232,7 +233,8 @@ def part_a(args, texts):
     print("\n".join(checked), flush=True)
     del embs, emb, mixed, loop
     families = (["onnx"] if backend_of(args)[0] != "torch" else []) + ["torch"]
-    rounds: dict[str, list[float]] = {}
+    rounds: dict[str, list[float]] = {}  # ms per process
+    deltas: dict[str, list[float]] = {}  # "<label> delta": each process's median paired ratio - 1
     for r in range(args.rounds):
         for family in families:
             cmd = [sys.executable, __file__, "--family", family, "--rows", str(args.rows), "--adapters",
@@ -244,28 +246,29 @@ def part_a(args, texts):
             if done.returncode or line is None:
                 refuse(f"the {family} timing process failed (rc {done.returncode}): {done.stderr[-2000:]}")
             timed = json.loads(line[len("FAMILY "):])
-            for name, ms in timed.items():
-                rounds.setdefault(name, []).append(ms)
+            for name, value in timed.items():
+                (deltas if name.endswith(" delta") else rounds).setdefault(name, []).append(value)
             print(f"  round {r + 1}, {family}: " + ", ".join(f"{k} {100 * v:+.1f} %" if k.endswith(" delta") else
                                                             f"{k} {v:.1f}" for k, v in timed.items()), flush=True)
     best = {name: min(v) for name, v in rounds.items()}
     mixed_ms, loop_ms = best["PEFT mixed"], best["PEFT loop"]
-    labels = [name for name in best if not name.endswith((" base", " delta")) and not name.startswith("PEFT")]
-    rows, figures = [], {"threads": args.threads or torch.get_num_threads(), "rounds": rounds}
+    labels = [name for name in best if not name.endswith(" base") and not name.startswith("PEFT")]
+    rows, figures = [], {"threads": args.threads or torch.get_num_threads(), "rounds": rounds, "deltas": deltas}
     for k, label in enumerate(labels):
         ours_ms, base_ms = best[label], best[label + " base"]
         key = "" if k == 0 else f"{label}_"
         # the delta within each process (both timed alternately there: the median of paired
         # ratios, interleaved_ms), not best against best
-        shares = rounds[label + " delta"]
+        shares = deltas[label + " delta"]
         rows += [(f"ours, {label}", f"{ours_ms:8.1f} ms  -> {mixed_ms / ours_ms:.2f}x PEFT mixed, "
                                     f"{loop_ms / ours_ms:.2f}x the loop"),
                  ("  same texts, no adapters", f"{base_ms:8.1f} ms  (LoRA adds {ours_ms - base_ms:+.1f} ms best "
-                                              f"against best; per round " +
-                                              ", ".join(f"{100 * x:+.1f} %" for x in shares) + ")")]
+                                              f"against best; in each process, the median of paired "
+                                              f"runs: " + ", ".join(f"{100 * x:+.1f} %" for x in shares) + ")")]
         figures[f"{key}delta_shares"] = shares
+        figures[f"{key}delta_median"] = statistics.median(shares)
         figures.update({f"{key}ours_ms": ours_ms, f"{key}base_ms": base_ms, f"{key}vs_peft": mixed_ms / ours_ms,
-                        f"{key}delta_share": (ours_ms - base_ms) / base_ms, f"{key}vs_loop": loop_ms / ours_ms})
+                        f"{key}delta_best_vs_best": (ours_ms - base_ms) / base_ms, f"{key}vs_loop": loop_ms / ours_ms})
     rows += [("PEFT mixed batch", f"{mixed_ms:8.1f} ms"), ("per-adapter loop (PEFT)", f"{loop_ms:8.1f} ms")]
     figures.update({"peft_mixed_ms": mixed_ms, "loop_ms": loop_ms, "default": labels[0]})
     report(f"(a) {args.rows} rows across {args.adapters} adapters, rank {args.rank}, one batch (first row: the "

@@ -32,6 +32,7 @@ Reference: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -40,6 +41,7 @@ import numpy as np
 from headfleet.errors import ValidationError
 from headfleet.embedder.lora_names import canonical_module_name, read_by_embedding, target_name
 
+log = logging.getLogger(__name__)
 A_PREFIX, B_PREFIX, GROUP_SEP = "lora_A.", "lora_B.", "|"  # graph input names (module docstring)
 RANK_STEP = 8  # the rank the rows' A/B are cut to is a multiple of this (LoraGraphRunner)
 # Adapters up to this rank run in the graph; wider ones on the torch copy (Embedder._forward_split).
@@ -128,7 +130,8 @@ def add_lora(src: Path, fp32: Path, out: Path, targets: Sequence[str]) -> list[s
         nodes += after.get(i, [])
     del graph.node[:]
     graph.node.extend(nodes)
-    fold_biases(graph, [y for _, _, y, _, _ in linears])
+    folded = fold_biases(graph, [y for _, _, y, _, _ in linears])
+    log.info("LoRA graph %s: %d adapted linears, %d biases folded into their outlier Gemm", out.name, len(linears), folded)
     onnx.checker.check_model(model)
     onnx.save(model, str(out))
     return [m for m, *_ in linears]
@@ -197,13 +200,18 @@ def fold_biases(graph, outputs: Sequence[str]) -> int:
         w = array(w_name)
         if pick is None or pick.op_type != "MatMul" or w is None or w.shape[1] != bias.shape[0]:
             continue
-        if xo2 not in widened:
+        if pick.output[0] not in widened:
             onehot, shape = array(pick.input[1]), array(flat.input[1])
             k = w.shape[0]
             if onehot is None or shape is None or onehot.shape[1] != k or list(shape) != [-1, k]:
                 continue
+            # the widened pick must reach nothing but Gemms that read it as A, untransposed: any
+            # other reader would get a column it does not expect
             gemms = readers[xo2]
-            if any(g.op_type != "Gemm" or array(g.input[1]) is None for g in gemms):
+            if readers.get(pick.output[0]) != [flat] or any(
+                    g.op_type != "Gemm" or g.input[0] != xo2 or array(g.input[1]) is None
+                    or any(helper.get_attribute_value(a) for a in g.attribute if a.name in ("transA", "transB"))
+                    for g in gemms):
                 continue
             own(pick.input[1], pick, np.concatenate([onehot, np.zeros((onehot.shape[0], 1), onehot.dtype)], 1))
             own(flat.input[1], flat, np.array([-1, k + 1], shape.dtype))
@@ -217,7 +225,7 @@ def fold_biases(graph, outputs: Sequence[str]) -> int:
             for g in gemms:  # every linear reading the pick gets a zero row (exact zeros: same sums)
                 wg = array(g.input[1])
                 own(g.input[1], g, np.concatenate([wg, np.zeros((1, wg.shape[1]), wg.dtype)], 0))
-            widened.add(xo2)
+            widened.add(pick.output[0])
             w_name = gemm.input[1]
             w = array(w_name)
         w = w.copy()

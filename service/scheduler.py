@@ -14,12 +14,12 @@ in the next batch, not after A's queue drains. A batch runs in a worker thread (
 Redis, then the backbone for what is still missing). While one batch runs, a second may start
 for lanes the running batch does not serve: B's text starts at once instead of waiting for A's
 batch to end. With ``yield_tokens`` (the CPU default), a batch's forward is cut into pieces of
-about that many tokens, and between pieces a batch waits while a smaller one runs: B shares the
-cores only until A's current piece ends, then has them to itself (smaller waits for nobody, so
-two batches never wait for each other). Inside a batch the lanes with the fewest tokens go
-first, in pieces of their own, and each piece's answers are delivered when it ends: B's text
-packed beside A's rows is answered after the first piece, and B's lane is free at once for its
-next request (bench/load.py, fairness: B's p99 under A's flood went from 1.5-2.5x B alone to
+about that many tokens, and between pieces a batch waits while one of at most half its tokens
+runs: B shares the cores only until A's current piece ends, then has them to itself (the smaller
+waits for nobody, so two batches never wait for each other). Inside a batch the lanes with the
+fewest tokens go first, in pieces of their own, and each piece's answers are delivered when it
+ends: B's text packed beside A's rows is answered after the first piece, and B's lane (a small
+one, at most ``yield_tokens`` in the batch) is free at once for its next request (bench/load.py, fairness: B's p99 under A's flood went from 1.5-2.5x B alone to
 1.66-1.83x in three quiet runs). The Redis write-back of new vectors goes to its own thread so
 the reply never waits on it.
 
@@ -102,8 +102,8 @@ class Scheduler:
         the remote-tier write, run on its own thread off the reply path; ``max_length``: the
         backbone's token limit (for cost estimates); ``yield_tokens``: cut a batch's compute into
         ``fill`` calls of about this many estimated tokens and wait between them while a batch of
-        fewer tokens runs (None: one call per batch, as on a GPU, where big batches pay). The queue
-        knows nothing else of its backend."""
+        at most half as many tokens runs (None: one call per batch, as on a GPU, where big batches
+        pay). The queue knows nothing else of its backend."""
         self._fill = fill
         self._write_back_fn = write_back
         self.max_length = int(max_length)
@@ -356,10 +356,10 @@ class Scheduler:
             self._wake.set()
 
     async def _compute_batch(self, loop: asyncio.AbstractEventLoop, rows: list[tuple[Work, int]], bid: int = 0) -> None:
-        askers: dict[bytes, list[tuple[Work, int]]] = {}  # two requests of one tenant asking the same text: once
+        askers: dict[bytes, list[tuple[Work, int]]] = {}  # requests asking the same key in one batch: once
         for work, i in rows:
             askers.setdefault(work.keys[i], []).append((work, i))
-        keys, groups = self.order(rows)
+        keys, groups, small = self.order(rows)
         first = {k: a[0] for k, a in askers.items()}
         texts = [first[k][0].texts[first[k][1]] for k in keys]
         namespaces = [first[k][0].namespaces[first[k][1]] for k in keys]
@@ -370,11 +370,11 @@ class Scheduler:
                 work.started = t0
                 self.metrics.queued(t0 - work.enqueued)
         self.in_flight += len(keys)
-
-        left = collections.Counter(work.lane for work, _ in rows)  # rows of each lane not yet answered
+        # rows of each lane not yet answered, and keys answered (for in_flight), updated on the loop
+        state = {"left": collections.Counter(work.lane for work, _ in rows), "answered": 0}
 
         def piece_done(piece_keys: list[bytes], filled: Filled) -> None:  # in the worker thread
-            loop.call_soon_threadsafe(self._deliver, askers, piece_keys, filled, bid, left)
+            loop.call_soon_threadsafe(self._deliver, askers, piece_keys, filled, bid, state, small)
 
         try:
             await loop.run_in_executor(self._compute, self._fill_yielding, bid, keys, texts, namespaces, costs,
@@ -387,64 +387,85 @@ class Scheduler:
                     work.future.set_exception(err)
             return
         finally:
-            self.in_flight -= len(keys)
+            self.in_flight -= len(keys) - state["answered"]
         seconds = time.perf_counter() - t0
         self.batches += 1
         self._rate = len(keys) / seconds if self._rate == 0 else 0.8 * self._rate + 0.2 * len(keys) / max(seconds, 1e-6)
         self.metrics.batch(len(keys), sum(w.costs[i] for w, i in rows), seconds)
 
-    def order(self, rows: list[tuple[Work, int]]) -> tuple[list[bytes], list[int]]:
-        """A batch's distinct keys in the order its pieces compute them, and each key's piece group.
+    def order(self, rows: list[tuple[Work, int]]) -> tuple[list[bytes], list[int], frozenset[str]]:
+        """A batch's distinct keys in the order its pieces compute them, each key's piece group, and
+        the batch's small lanes.
 
         Lanes with the fewest estimated tokens in the batch go first, so a tenant's single text
         packed beside a flood's rows is in the first piece and answered when that piece ends, not
-        when the batch does. Lanes of at most ``yield_tokens`` share group 0 (several small tenants
-        still ride one forward); each bigger lane is a group of its own, and a piece never spans
-        two groups. Without ``yield_tokens`` (a GPU: one forward per batch) the packing order stays."""
+        when the batch does; a key asked by several lanes goes with the smallest of them. Lanes of
+        at most ``yield_tokens`` (the small lanes) share group 0, so several small tenants still
+        ride one forward; each bigger lane is a group of its own, and a piece never spans two
+        groups. Without ``yield_tokens`` (a GPU: one forward per batch) the packing order stays and
+        no lane is small."""
         lane_tokens: collections.Counter[str] = collections.Counter()
-        keys: dict[bytes, str] = {}
+        lanes: dict[bytes, list[str]] = {}
         for work, i in rows:
-            if work.keys[i] not in keys:
-                keys[work.keys[i]] = work.lane
-                lane_tokens[work.lane] += work.costs[i]
+            lanes.setdefault(work.keys[i], []).append(work.lane)
+            lane_tokens[work.lane] += work.costs[i]
         if self.yield_tokens is None:
-            return list(keys), [0] * len(keys)
+            return list(lanes), [0] * len(lanes), frozenset()
         rank = {lane: n for n, (lane, _) in enumerate(sorted(lane_tokens.items(), key=lambda kv: kv[1]))}
-        ordered = sorted(keys, key=lambda k: rank[keys[k]])  # stable: packing order within a lane
-        groups = [0 if lane_tokens[keys[k]] <= self.yield_tokens else 1 + rank[keys[k]] for k in ordered]
-        return ordered, groups
+        lane_of = {k: min(ls, key=rank.__getitem__) for k, ls in lanes.items()}
+        ordered = sorted(lanes, key=lambda k: rank[lane_of[k]])  # stable: packing order within a lane
+        small = frozenset(lane for lane, n in lane_tokens.items() if n <= self.yield_tokens)
+        groups = [0 if lane_of[k] in small else 1 + rank[lane_of[k]] for k in ordered]
+        return ordered, groups, small
 
     def _deliver(self, askers: dict[bytes, list[tuple[Work, int]]], keys: list[bytes], filled: Filled,
-                 bid: int, left: collections.Counter) -> None:
+                 bid: int, state: dict, small: frozenset[str]) -> None:
         """On the loop: one piece's answers to the requests that asked its keys (a request whose texts
-        are all answered is resolved now, before the rest of its batch), and its remote write queued.
-        A lane with no rows left in the batch is free again: its next request may start a batch
-        beside this one instead of waiting for it to end."""
+        are all answered is resolved now, before the rest of its batch), then its remote write
+        queued. A small lane (``order``) with no rows left in the batch is free again: its next
+        request may start a batch beside this one instead of waiting for it to end. Flood lanes stay
+        busy until the batch ends, as before: released early, two floods would land in batches of
+        their own, and the slightly smaller one would keep pausing the other (review, 1 Dec)."""
+        try:
+            answers = filled.answers(keys)
+            for key in keys:
+                for n, (work, _) in enumerate(askers[key]):
+                    vec, tier, trunc, computed, corrupt = answers[key]
+                    if n:  # computed once for the first asker; a batch-mate sees it as a miss filled
+                        computed, corrupt = False, 0
+                    work.answers[key] = Answer(vec, tier, trunc, computed, corrupt)
+                    work.answered += 1
+                    if work.answered == len(work.keys) and not work.future.done():
+                        work.future.set_result(work.answers)
+                    state["left"][work.lane] -= 1
+                    if work.lane in small and not state["left"][work.lane] and bid in self._in_flight:
+                        self._in_flight[bid].discard(work.lane)
+                        self._wake.set()
+            state["answered"] += len(keys)
+            self.in_flight -= len(keys)
+        except Exception as exc:  # never leave a request of this piece waiting for ever
+            log.exception("delivering a piece of %d texts failed", len(keys))
+            err = BackendError(f"embedding failed: {type(exc).__name__}: {exc}")
+            for key in keys:
+                for work, _ in askers[key]:
+                    if not work.future.done():
+                        work.future.set_exception(err)
+            return
         if filled.write[0]:
-            self._writer.submit(self._write_back, filled)
-        answers = filled.answers(keys)
-        for key in keys:
-            for n, (work, _) in enumerate(askers[key]):
-                vec, tier, trunc, computed, corrupt = answers[key]
-                if n:  # computed once for the first asker; a batch-mate sees it as a miss filled
-                    computed, corrupt = False, 0
-                work.answers[key] = Answer(vec, tier, trunc, computed, corrupt)
-                work.answered += 1
-                if work.answered == len(work.keys) and not work.future.done():
-                    work.future.set_result(work.answers)
-                left[work.lane] -= 1
-                if not left[work.lane] and bid in self._in_flight:
-                    self._in_flight[bid].discard(work.lane)
-                    self._wake.set()
+            try:
+                self._writer.submit(self._write_back, filled)
+            except RuntimeError:  # stop() has shut the writer: the vectors stay in the in-process tiers
+                log.warning("remote-tier write of %d vectors skipped: the scheduler is stopping", len(filled.write[0]))
 
     def _fill_yielding(self, bid: int, keys: list[bytes], texts: list[str], namespaces: list[str],
                        costs: list[int], groups: list[int],
                        piece_done: Callable[[list[bytes], Filled], None]) -> None:
         """``fill`` for one batch (in a worker thread): in pieces of about ``yield_tokens`` estimated
-        tokens, never spanning two ``groups``, each piece waiting while a batch of fewer tokens runs;
+        tokens, never spanning two ``groups``, each piece waiting while a batch of at most half as many
+        tokens runs;
         ``piece_done(keys, filled)`` after each piece."""
         total = sum(costs)
-        if self.yield_tokens is None or total <= self.yield_tokens and len(set(groups)) == 1:
+        if self.yield_tokens is None or total <= self.yield_tokens:  # (then every lane is in group 0)
             pieces = [(0, len(keys))]
         else:
             pieces, start, acc = [], 0, 0
@@ -458,9 +479,9 @@ class Scheduler:
             self._running_tokens[bid] = total
         try:
             for a, b in pieces:
-                if len(pieces) > 1:
+                if len(pieces) > 1:  # wait while a batch of at most half this one's tokens runs
                     with self._yield:
-                        while any(t < total for other, t in self._running_tokens.items() if other != bid):
+                        while any(2 * t <= total for other, t in self._running_tokens.items() if other != bid):
                             self._yield.wait()
                 piece_done(keys[a:b], self._fill(keys[a:b], texts[a:b], namespaces[a:b]))
         finally:

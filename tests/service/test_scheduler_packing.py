@@ -179,14 +179,123 @@ def test_a_text_packed_beside_a_flood_is_answered_when_its_piece_ends_and_its_la
             await sched.stop()
 
     sched, big, b1, b1_at, b2, b2_at, a_at = asyncio.run(scenario())
-    assert sched.batches == 2  # A and B's first text in one batch, B's second text in a batch of its own
     assert calls[0][0] == ["bob: lunch?"]  # B's row first, in a piece of its own
     a_pieces = [c for c in calls if c[0][0].startswith("tenant a")]
     assert len(a_pieces) >= 4 and sum(len(c[0]) for c in a_pieces) == len(flood_texts)
     assert not any(t.startswith("bob") for c in a_pieces for t in c[0])  # no piece mixes the two lanes
     assert b1_at < a_pieces[-1][1]  # B had its answer before A's last piece started
-    b2_call = next(c for c in calls if c[0] == ["bob: lunch at noon?"])
-    assert b2_call[1] < a_pieces[-1][2] and b2_at < a_at  # B's next text ran while A's batch was still going
+    b2_call = next(c for c in calls if c[0] == ["bob: lunch at noon?"])  # in a batch of its own
+    assert b2_call[1] < a_pieces[-1][2]  # B's next text ran while A's batch was still going
+    assert b2_at < a_at
     whole = engine.embedder.embed(flood_texts).vectors
     assert np.allclose(np.stack([big[0][k].vector for k in a_keys]), whole, atol=1e-5)
     assert b1[0][b"b0".ljust(16, b"_")].computed and b2[0][b"b1".ljust(16, b"_")].computed
+
+
+def _fake_fill(seconds_per_token: float, served: list, fail_on: str | None = None):
+    """A backbone stand-in for scheduling tests: sleeps in proportion to the estimated tokens,
+    records each text it computes, raises on a text containing ``fail_on``."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from headfleet.engine.types import Filled
+
+    lock = threading.Lock()
+
+    def fill(keys, texts, namespaces):
+        if fail_on is not None and any(fail_on in t for t in texts):
+            raise RuntimeError("the backbone gave up on this piece")
+        time.sleep(seconds_per_token * sum(estimate_tokens(t, 256) for t in texts))
+        with lock:
+            served.extend(texts)
+        m = len(keys)
+        return Filled(np.zeros((m, 4), np.float32), [None] * m, np.zeros(m, bool), np.ones(m, bool), [0] * m,
+                      ([], np.zeros((0, 4), np.float32), []))
+
+    return fill
+
+
+def test_two_floods_at_once_share_the_backbone():
+    """Two tenants flooding at the same time, each with 4 requests of 8 texts outstanding, get about
+    equal shares of the computed texts: neither keeps pausing the other (a flood's lane is not freed
+    before its batch ends, and a batch waits only for one of at most half its tokens)."""
+    served: list[str] = []
+    fill = _fake_fill(2e-4, served)
+    target = 320
+
+    async def scenario():
+        sched = Scheduler(fill, lambda filled: None, max_length=256, batch_texts=64, batch_tokens=256,
+                          tenant_queue_texts=1000, queue_texts=1000, yield_tokens=64)
+        await sched.start()
+        counter = iter(range(10**6))
+
+        async def client(tenant: str, pad: str):
+            while len(served) < target:
+                n = next(counter)
+                texts = [f"{tenant} {pad} request {n} text {j}" for j in range(8)]
+                keys = [f"{tenant}{n}.{j}".encode().ljust(16, b"_") for j in range(8)]
+                await sched.run(tenant, keys, texts, [f"tenant:{tenant}"] * 8)
+
+        try:
+            await asyncio.gather(*(client("a", "x" * 60) for _ in range(4)), *(client("c", "y" * 64) for _ in range(4)))
+        finally:
+            await sched.stop()
+
+    asyncio.run(scenario())
+    first = served[:target]
+    shares = {t: sum(x.startswith(t + " ") for x in first) / len(first) for t in ("a", "c")}
+    assert min(shares.values()) >= 1 / 3, shares
+
+
+def test_a_failed_piece_fails_only_the_requests_still_waiting():
+    """The backbone fails on a later piece of a batch: the request answered by an earlier piece
+    keeps its answer, the flood's request gets the error, and nothing is left counted in flight."""
+    from headfleet.errors import BackendError
+
+    served: list[str] = []
+    fill = _fake_fill(1e-5, served, fail_on="boom")
+
+    async def scenario():
+        sched = Scheduler(fill, lambda filled: None, max_length=256, batch_texts=64, batch_tokens=4096,
+                          tenant_queue_texts=1000, queue_texts=1000, yield_tokens=48)
+        await sched.start()
+        try:
+            texts = [f"tenant a sends message {i} about the invoices of the northern warehouse" for i in range(23)]
+            texts.append("tenant a sends the boom message that the backbone cannot embed, about invoices")
+            keys = [f"a{i}".encode().ljust(16, b"_") for i in range(len(texts))]
+            flood = asyncio.ensure_future(sched.run("a", keys, texts, ["tenant:a"] * len(keys)))
+            small = asyncio.ensure_future(sched.run("b", [b"b0".ljust(16, b"_")], ["bob: lunch?"], ["tenant:b"]))
+            b = await small
+            with pytest.raises(BackendError):
+                await flood
+            return sched, b
+        finally:
+            await sched.stop()
+
+    sched, b = asyncio.run(scenario())
+    assert b[0][b"b0".ljust(16, b"_")].computed and served[0] == "bob: lunch?"
+    assert any(t.startswith("tenant a") for t in served)  # some of A's pieces ran before the failing one
+    assert sched.in_flight == 0 and not sched._in_flight
+
+
+def test_a_key_asked_by_a_flood_and_a_small_lane_is_computed_with_the_small_lane():
+    """A text that a flood's lane asked first and a small lane (a shared namespace, or the same
+    tenant's monitor) asks too goes in the batch's first piece, with the small lane: the small
+    request does not wait for the flood's group."""
+    from headfleet.service.scheduler import Work
+
+    def work(lane: str, keys: list[bytes], cost: int) -> Work:
+        return Work(lane, lane, keys, [k.decode() for k in keys], ["shared:x"] * len(keys), [cost] * len(keys),
+                    None, 0.0)
+
+    sched = Scheduler(lambda *a: None, lambda f: None, max_length=256, batch_texts=64, batch_tokens=4096,
+                      tenant_queue_texts=1000, queue_texts=1000, yield_tokens=48)
+    flood = work("a", [f"a{i}".encode() for i in range(10)] + [b"both"], 20)
+    small = work("b", [b"both"], 20)
+    rows = [(flood, i) for i in range(11)] + [(small, 0)]
+    keys, groups, small_lanes = sched.order(rows)
+    assert keys[0] == b"both" and groups[0] == 0 and small_lanes == {"b"}
+    assert all(g != 0 for g in groups[1:])  # the flood's own keys: a group of their own, after
+    assert sorted(keys) == sorted({w.keys[i] for w, i in rows})
