@@ -10,22 +10,24 @@ output ``y`` [batch, seq, out] (before its bias Add, exactly where the torch pat
 
 for adapters of rank r <= ``GRAPH_MAX_RANK`` (16); wider ones run on the torch copy.
 
-``A``/``B`` are graph inputs gathered per row on the host from the adapter bank
-(``SlotBank``'s stacked ``[slots, in, max_rank]`` buffers, cut to the widest rank among the rows
-rounded up to a multiple of ``RANK_STEP``), so the file depends only on the backbone, the
-precision and the target names, never on which adapters are resident. Linears that read the same
-``x`` (``query`` and ``value`` of a layer) share one shrink GEMM over their concatenated A's. The
-base linear stays whatever the precision made it (an integer GEMM on ``w8a8``); the delta runs in
-fp32 on the fp32 activation ``x``, as LoRA was trained. Rows without an adapter never enter this
-graph (the embedder sends them to the plain file), so plain vectors stay bit-identical to a batch
-without adapters.
+``A``/``B`` come in as copies of every adapter slot (``LoraGraphRunner``: from the bank's stacked
+``[slots, in, max_rank]`` buffers, cut to the widest rank among the rows rounded up to a multiple
+of ``RANK_STEP``) with each row's slot index, and the graph gathers each row's block itself; so
+the file depends only on the backbone, the precision and the target names, never on which
+adapters are resident. Linears that read the same ``x`` (``query`` and ``value`` of a layer)
+share one shrink GEMM over their concatenated A's. The base linear stays whatever the precision
+made it (an integer GEMM on ``w8a8``, whose adapted linears' biases move into the outlier Gemm:
+``fold_biases``); the delta runs in fp32 on the fp32 activation ``x``, as LoRA was trained. Rows
+without an adapter never enter this graph (the embedder sends them to the plain file), so plain
+vectors stay bit-identical to a batch without adapters.
 
-Graph inputs: ``input_ids``, ``attention_mask`` [batch, seq] int64; per group of linears reading
-one ``x``, ``lora_A.<module>|<module>...`` [rows, r x members, in] (each member's A transposed,
-times the row's scale, one member after the other in the order named, so the host gathers
-contiguous blocks; the graph transposes it back, which ONNX Runtime fuses into the GEMM); per linear ``lora_B.<module>`` [rows, r, out]; ``rows`` is the batch, or 1 when every row
-carries the same adapter (broadcast: one copy of it, not one per row); all float32, with
-canonical module names (e.g. ``encoder.layer.0.attention.self.query``). Output ``embedding``.
+Graph inputs: ``input_ids``, ``attention_mask`` [batch, seq] int64; ``lora_rows`` [rows] int64,
+each row's slot (``rows`` is the batch, or 1 when every row carries the same adapter: broadcast);
+per group of linears reading one ``x``, ``lora_A.<module>|<module>...`` [slots, r x members, in]
+(each member's A transposed, times the slot's scale, one member after the other in the order
+named; the graph transposes the gathered rows back, which ONNX Runtime fuses into the GEMM); per
+linear ``lora_B.<module>`` [slots, r, out]; all float32 but ``lora_rows``, with canonical module
+names (e.g. ``encoder.layer.0.attention.self.query``). Output ``embedding``.
 Reference: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (the delta
 ``x A B * alpha / r``); the per-row gather follows S-LoRA / Punica's batching of many adapters.
 """
@@ -42,7 +44,7 @@ from headfleet.errors import ValidationError
 from headfleet.embedder.lora_names import canonical_module_name, read_by_embedding, target_name
 
 log = logging.getLogger(__name__)
-A_PREFIX, B_PREFIX, GROUP_SEP = "lora_A.", "lora_B.", "|"  # graph input names (module docstring)
+A_PREFIX, B_PREFIX, GROUP_SEP, ROWS = "lora_A.", "lora_B.", "|", "lora_rows"  # graph input names (module docstring)
 RANK_STEP = 8  # the rank the rows' A/B are cut to is a multiple of this (LoraGraphRunner)
 # Adapters up to this rank run in the graph; wider ones on the torch copy (Embedder._forward_split).
 # A shrink GEMM's output up to 32 columns (2 members x 16) gives each row the same bits whatever
@@ -50,7 +52,7 @@ RANK_STEP = 8  # the rank the rows' A/B are cut to is a multiple of this (LoraGr
 # last bits alone, beside wider adapters and broadcast, which w8a8's int8 steps after it grow to
 # ~1e-3: a row's vector would depend on its batch (review, 1 Dec).
 GRAPH_MAX_RANK = 16
-RECIPE = 4  # bump when the delta's placement or arithmetic changes (it is in the file name and the LoRA fingerprint)
+RECIPE = 5  # bump when the delta's placement or arithmetic changes (it is in the file name and the LoRA fingerprint)
 
 
 def target_linears(fp32_graph, targets: Sequence[str]) -> list[tuple[str, str, str, int, int]]:
@@ -101,9 +103,16 @@ def add_lora(src: Path, fp32: Path, out: Path, targets: Sequence[str]) -> list[s
     for module, x, y, k, n in linears:
         groups.setdefault(x, []).append((module, y, k, n))
     after: dict[int, list] = {}
+    gathers = []  # each row's A/B taken from the slot copies by index, first thing in the graph
+    graph.input.append(helper.make_tensor_value_info(ROWS, TensorProto.INT64, ["rows"]))
+
+    def per_row(name: str, dims: list) -> str:
+        graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["slots"] + dims))
+        gathers.append(helper.make_node("Gather", [name, ROWS], [name + "/rows"], name=name + "/rows", axis=0))
+        return name + "/rows"
+
     for x, members in groups.items():
-        a = A_PREFIX + GROUP_SEP.join(m for m, *_ in members)
-        graph.input.append(helper.make_tensor_value_info(a, TensorProto.FLOAT, ["rows", "ranks", members[0][2]]))
+        a = per_row(A_PREFIX + GROUP_SEP.join(m for m, *_ in members), ["ranks", members[0][2]])
         p = f"lora/{members[0][0]}"
         xa = [p + "/xa"] if len(members) == 1 else [f"lora/{m}/xa" for m, *_ in members]
         shrink = [helper.make_node("Transpose", [a], [p + "/a"], name=p + "/a", perm=[0, 2, 1]),
@@ -114,8 +123,7 @@ def add_lora(src: Path, fp32: Path, out: Path, targets: Sequence[str]) -> list[s
             shrink.append(helper.make_node("Split", [p + "/xa_all"], xa, name=p + "/split", axis=2, **extra))
         after.setdefault(min(producers[y] for _, y, _, _ in members), []).extend(shrink)
         for (module, y, _, n), part in zip(members, xa):
-            b = B_PREFIX + module
-            graph.input.append(helper.make_tensor_value_info(b, TensorProto.FLOAT, ["rows", "rank", n]))
+            b = per_row(B_PREFIX + module, ["rank", n])
             base = y + "/lora_base"
             producer = graph.node[producers[y]]
             producer.output[list(producer.output).index(y)] = base
@@ -124,7 +132,7 @@ def add_lora(src: Path, fp32: Path, out: Path, targets: Sequence[str]) -> list[s
                 helper.make_node("MatMul", [part, b], [q + "/delta"], name=q + "/expand"),  # [batch, seq, out]
                 helper.make_node("Add", [base, q + "/delta"], [y], name=q + "/add"),
             ])
-    nodes = []
+    nodes = list(gathers)
     for i, node in enumerate(graph.node):
         nodes.append(node)
         nodes += after.get(i, [])
@@ -244,14 +252,15 @@ class LoraGraphRunner:
 
     ``slots``: [batch] int64, the bank slot of each row, holding an adapter of rank at most
     ``GRAPH_MAX_RANK`` (else ValueError; the embedder sends wider ones to the torch copy). A row
-    whose slot is -1 or cleared gets zero A/B: a zero delta on this file's base (on fp32 the plain file's vector to the bit, on ``int8`` and
-    ``w8a8`` within about 2e-3 of it; the embedder sends plain rows and rows of cleared slots to
-    the plain file). Each forward gathers the rows' A/B from ``bank`` (``SlotBank``: per
+    whose slot is -1 or cleared reads a slot of zeros: a zero delta on this file's base (on fp32
+    the plain file's vector to the bit, on ``int8`` and ``w8a8`` within about 1e-2 a component;
+    the embedder sends plain rows and rows of cleared slots to the plain file). Each forward feeds the graph the slots' copies of A/B (``SlotBank``: per
     module ``A [slots, in, max_rank]``, ``B [slots, max_rank, out]``, torch buffers on the CPU,
-    mirrored per slot when the slot is written: A transposed and times the slot's scale, B cut to
-    ``GRAPH_MAX_RANK``; about 0.3 MB each per slot for all-MiniLM-L6-v2's 12 targets) cut
-    to the widest rank among them rounded up to a multiple of ``RANK_STEP``. Thread-safe; like the torch path, a slot must not be rewritten
-    while a forward that uses it runs (the adapter manager's pins)."""
+    copied per slot when the slot is written: A transposed and times the slot's scale, both cut
+    to each multiple of ``RANK_STEP`` up to ``GRAPH_MAX_RANK``; about 0.9 MB per slot for
+    all-MiniLM-L6-v2's 12 targets at max rank 16) at the widest rank among the rows rounded up
+    to a multiple of ``RANK_STEP``, and the rows' slots. Thread-safe; like the torch path, a slot
+    must not be rewritten while a forward that uses it runs (the adapter manager's pins)."""
 
     def __init__(self, session, bank, modules: Sequence[str]):
         missing = [m for m in modules if m not in bank.layers]
@@ -266,17 +275,21 @@ class LoraGraphRunner:
             raise ValueError(f"the LoRA graph adapts {self.groups}, the bank {self.modules}")
         self._A = {m: bank.layers[m].A.detach().numpy() for m in self.modules}  # views of the bank
         self._B = {m: bank.layers[m].B.detach().numpy() for m in self.modules}
-        # per group, the members' A transposed and times the slot's scale, [slots, members, max_rank,
-        # in]: cutting the rank and gathering rows is then one contiguous copy per group (on the bank's [slots, in, max_rank]
-        # layout a strided gather took 4 ms a forward for 32 rows); refreshed per slot when the
-        # bank's generation of it moves
+        # Copies of every slot for the graph to gather rows from, one set per rank a batch can be
+        # cut to (multiples of RANK_STEP up to max_rank): per group the members' A transposed and
+        # times the slot's scale, [slots + 1, members x rank, in]; per module B, [slots + 1, rank,
+        # out]. The last slot stays zeros (rows of a cleared slot). They are graph inputs as they
+        # stand, without a copy: the graph's Gather takes each row's block (a host-side gather of
+        # 9.4 MB for 32 rank-8 rows took 1-5.6 ms a forward; in the graph the LoRA file cost +0.5 to
+        # +4.0 % over the plain file against +6.5 to +11.3 % with it, same vectors, 1 Dec, not quiet).
+        # Refreshed per slot when the bank's generation of it moves.
         self.max_rank = min(bank.max_rank, GRAPH_MAX_RANK)
-        self._At = [np.zeros((bank.max_slots, len(g), self.max_rank, self._A[g[0]].shape[1]), np.float32)
-                    for g in self.groups]
-        # and each module's B cut to GRAPH_MAX_RANK, [slots, max_rank, out] (the bank's is cut to
-        # its own max rank, 64 by default): a row's rank-cut block is then one contiguous run
-        self._Bc = {m: np.zeros((bank.max_slots, self.max_rank, self._B[m].shape[2]), np.float32)
-                    for m in self.modules}
+        self.ranks = sorted({min(self.max_rank, k) for k in range(RANK_STEP, self.max_rank + RANK_STEP, RANK_STEP)})
+        self.zero = bank.max_slots
+        self._Am = {r: [np.zeros((bank.max_slots + 1, len(g) * r, self._A[g[0]].shape[1]), np.float32)
+                        for g in self.groups] for r in self.ranks}
+        self._Bm = {r: {m: np.zeros((bank.max_slots + 1, r, self._B[m].shape[2]), np.float32) for m in self.modules}
+                    for r in self.ranks}
         self._seen = [-1] * bank.max_slots
 
     def _refresh(self, slot: int) -> None:
@@ -284,10 +297,12 @@ class LoraGraphRunner:
         if self._seen[slot] == generation:
             return
         scale = self.bank._scales_host[slot]
-        for group, at in zip(self.groups, self._At):
-            for j, m in enumerate(group):
-                np.multiply(self._A[m][slot, :, :self.max_rank].T, scale, out=at[slot, j])
-                self._Bc[m][slot] = self._B[m][slot, :self.max_rank]
+        for r in self.ranks:
+            for group, am in zip(self.groups, self._Am[r]):
+                blocks = am[slot].reshape(len(group), r, am.shape[-1])
+                for j, m in enumerate(group):
+                    np.multiply(self._A[m][slot, :, :r].T, scale, out=blocks[j])
+                    self._Bm[r][m][slot] = self._B[m][slot, :r]
         self._seen[slot] = generation
 
     def __call__(self, input_ids: np.ndarray, mask: np.ndarray, slots: np.ndarray) -> np.ndarray:
@@ -304,24 +319,15 @@ class LoraGraphRunner:
         rank = min(self.max_rank, -(-widest // RANK_STEP) * RANK_STEP)
         for s in set(s for s, ok in zip(host, live) if ok):
             self._refresh(s)
-        rows = np.array([s if ok else 0 for s, ok in zip(host, live)], np.int64)
-        dead = ~np.asarray(live)
-        any_dead = bool(dead.any())
-        if not any_dead and (rows == rows[0]).all():  # one adapter: its A/B once, broadcast over the rows
+        # a dead row reads the zero slot, not a resident adapter times 0: NaN or inf in one cannot
+        # reach it
+        rows = np.array([s if ok else self.zero for s, ok in zip(host, live)], np.int64)
+        if (rows == rows[0]).all():  # one adapter: its A/B once, broadcast over the rows
             rows = rows[:1]
-        n = len(rows)
-        feeds = {"input_ids": input_ids, "attention_mask": mask}
-        # fancy indexing copies each row's block in one pass into a new contiguous array (np.take of
-        # the rank-cut view took about twice as long: 0.8-1.0 against 0.34-0.47 ms for 32 rows)
-        for group, at in zip(self.groups, self._At):
-            a = at[rows, :, :rank].reshape(n, len(group) * rank, at.shape[-1])
-            if any_dead:  # zeros, not a resident adapter times 0: NaN or inf in one cannot reach these rows
-                a[dead] = 0
-            feeds[A_PREFIX + GROUP_SEP.join(group)] = a
-            for m in group:
-                b = self._Bc[m][rows, :rank]  # [batch, rank, out], contiguous
-                if any_dead:
-                    b[dead] = 0
-                feeds[B_PREFIX + m] = b
+        feeds = {"input_ids": input_ids, "attention_mask": mask, ROWS: rows}
+        for group, am in zip(self.groups, self._Am[rank]):
+            feeds[A_PREFIX + GROUP_SEP.join(group)] = am
+        for m, bm in self._Bm[rank].items():
+            feeds[B_PREFIX + m] = bm
         (out,) = self.session.run(["embedding"], feeds)
         return out
