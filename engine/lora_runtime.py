@@ -12,7 +12,6 @@ from typing import Callable, Sequence
 import numpy as np
 
 from headfleet.cache import normalise_text
-from headfleet.embedder.lora import module_shapes
 from headfleet.errors import CorruptVersionError, NoAdapterSlotError, NotFoundError
 from headfleet.heads.adapters import LoraAdapter, manager_for
 from headfleet.engine.types import parse_adapter_id
@@ -90,6 +89,8 @@ class LoraRuntimeMixin:
             raise CorruptVersionError(corrupt_message(tenant, manifest["name"], int(manifest["version"]),
                                                       f"its adapter config cannot be read ({exc})")) from None
         try:
+            from headfleet.embedder.lora import module_shapes  # torch: imported only where LoRA is used
+
             return LoraAdapter.from_parts(cfg, weights, shapes=module_shapes(self.embedder.torch_model()), where=where)
         except AdapterImportError as exc:  # intact files this configuration cannot serve (e.g. its targets)
             from headfleet.errors import BackendError

@@ -11,7 +11,6 @@ import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 from headfleet.cache import normalise_text
-from headfleet.embedder.lora import module_shapes
 from headfleet.embedder.lora_names import target_name
 from headfleet.errors import ValidationError
 from headfleet.heads.adapters import LoraAdapter
@@ -181,6 +180,8 @@ class TrainingMixin:
 
         report = self._validate(examples)
         manager = self.adapter_manager()
+        from headfleet.embedder.lora import module_shapes  # torch: imported only where LoRA is used
+
         shapes = module_shapes(self.embedder.torch_model())
         t0 = time.perf_counter()
         if adapter_dir is not None:
