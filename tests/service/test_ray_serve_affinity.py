@@ -62,9 +62,14 @@ def test_a_repeated_text_is_answered_from_the_memory_of_the_replica_that_saw_it(
         first, replicas = memory_hits(c)
         assert first == 0 and len(replicas) == 2  # the texts spread over both replicas
         # the router learns where each bucket went from Ray's controller within moments; from then on
-        # every repeat lands where its vector is (round-robin would find it about half the time)
+        # a repeat lands where its vector is. Ray's multiplexed routing is best effort: when the
+        # replica holding a bucket does not answer the router's queue probe in time (a loaded
+        # machine), the request goes to the other one, which then holds the bucket too (seen once in
+        # CI: 22, 24, 23 hits of 24). Round-robin would find 50 %, 75 %, 87 % of the three passes
+        # (a missed text is then on both replicas): about 71 % in all, against >= 90 % asserted here.
         later = [memory_hits(c)[0] for _ in range(3)]
-        assert later[-1] == len(TEXTS), later
+        assert sum(later) >= 0.9 * 3 * len(TEXTS), later
+        assert max(later) >= len(TEXTS) - 1, later
 
 
 def test_bad_input_is_a_4xx_through_the_router(url):
