@@ -26,7 +26,7 @@ The backbone is the one a new data folder gets by default (``Settings.with_defau
 ONNX Runtime on a CPU), unless ``--backend``/``--precision`` name another.
 
     .venv/bin/python bench/score.py [--docs 20000] [--threads N] [--backend torch|onnx --precision fp32|int8]
-                                    [--process-rounds 2]
+                                    [--process-rounds 3]
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--backend", choices=["torch", "onnx"], default=None, help="default: a new data folder's")
     ap.add_argument("--precision", choices=["fp32", "int8", "w8a8"], default=None)
-    ap.add_argument("--process-rounds", type=int, default=2, help="whole-process cold runs per side (0: none)")
+    ap.add_argument("--process-rounds", type=int, default=3, help="whole-process cold runs per side (0: none)")
     args = ap.parse_args()
     backend, precision = fast_default("cpu")
     backend, precision = args.backend or backend, args.precision or (precision if not args.backend else "fp32")
@@ -260,6 +260,8 @@ def main() -> None:
          f"best {min(proc['times']['peer']):.1f} s of " + ", ".join(f"{t:.1f}" for t in proc["times"]["peer"])),
         ("cold ratio, whole process each", f"{min(proc['times']['peer']) / min(proc['times']['ours']):.2f}x  "
                                            f"(best against best; goal >= 2x)"),
+        ("  each round's pair (the machine's drift)",
+         ", ".join(f"{p / o:.2f}x" for o, p in zip(proc["times"]["ours"], proc["times"]["peer"]))),
     ]) + [("checked before timing", line) for line in checked] + [("checked after timing", line) for line in after]
       + ([] if proc is None else [("checked, whole process", line) for line in proc["checked"]]),
         {"docs": n, "process_s": proc and proc["times"], "ours_cold_s": t_ours_cold, "peer_cold_s": t_peer_cold, "ours_rescore_s": t_ours_new,
