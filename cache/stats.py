@@ -14,8 +14,10 @@ from typing import Any
 
 from headfleet.names import TIER_NAMES
 
-BUCKET_S = 60  # recent windows are summed from per-minute buckets
+BUCKET_S = 60  # the 1h window (and the dashboard's minute series) is summed from per-minute buckets
+FINE_S = 10  # the 1m and 5m windows from 10-second buckets, so "1m" slides: the last 50 to 60 s
 WINDOWS_S = {"1m": 60, "5m": 300, "1h": 3600}
+FINE_WINDOWS = ("1m", "5m")
 
 
 @dataclasses.dataclass
@@ -63,7 +65,7 @@ class _Counts:
 
 @dataclasses.dataclass
 class _Bucket:
-    """One minute of a tenant's figures (for the recent windows)."""
+    """One minute (or 10 seconds) of a tenant's figures (for the recent windows)."""
 
     counts: _Counts = dataclasses.field(default_factory=_Counts)
     computed: int = 0
@@ -77,35 +79,43 @@ class _Tenant:
     fanout: int = 0
     classifiers: dict[str, _Counts] = dataclasses.field(default_factory=dict)
     buckets: dict[int, _Bucket] = dataclasses.field(default_factory=dict)  # minute -> figures
+    fine: dict[int, _Bucket] = dataclasses.field(default_factory=dict)  # 10-second slot -> figures
 
     def raw(self) -> dict[str, Any]:
         return {"total": self.total.raw(), "computed": self.computed, "fanout": self.fanout,
                 "classifiers": {n: c.raw() for n, c in self.classifiers.items()},
-                "buckets": {str(m): [b.counts.raw(), b.computed, b.fanout] for m, b in self.buckets.items()}}
+                "buckets": {str(m): [b.counts.raw(), b.computed, b.fanout] for m, b in self.buckets.items()},
+                "fine": {str(m): [b.counts.raw(), b.computed, b.fanout] for m, b in self.fine.items()}}
 
     def merge_raw(self, raw: dict[str, Any]) -> None:
-        """Add another process's figures of the same tenant (minute buckets line up: they are
-        absolute minutes since the epoch)."""
+        """Add another process's figures of the same tenant (buckets line up: they are absolute
+        minutes, and 10-second slots, since the epoch)."""
         self.total.merge(_Counts.from_raw(raw["total"]))
         self.computed += int(raw["computed"])
         self.fanout += int(raw["fanout"])
         for name, c in raw["classifiers"].items():
             self.classifiers.setdefault(name, _Counts()).merge(_Counts.from_raw(c))
-        for minute, (counts, computed, fanout) in raw["buckets"].items():
-            b = self.buckets.setdefault(int(minute), _Bucket())
-            b.counts.merge(_Counts.from_raw(counts))
-            b.computed += int(computed)
-            b.fanout += int(fanout)
+        for into, got in ((self.buckets, raw["buckets"]), (self.fine, raw.get("fine", {}))):
+            for slot, (counts, computed, fanout) in got.items():
+                b = into.setdefault(int(slot), _Bucket())
+                b.counts.merge(_Counts.from_raw(counts))
+                b.computed += int(computed)
+                b.fanout += int(fanout)
 
-    def bucket(self, now: float) -> _Bucket:
-        minute = int(now // BUCKET_S)
-        b = self.buckets.get(minute)
-        if b is None:
-            b = self.buckets[minute] = _Bucket()
-            horizon = minute - max(WINDOWS_S.values()) // BUCKET_S
-            for old in [m for m in self.buckets if m <= horizon]:
-                del self.buckets[old]
-        return b
+    def bucket(self, now: float) -> tuple[_Bucket, _Bucket]:
+        """The minute bucket and the 10-second bucket ``now`` falls in (made, and the ones past
+        every window they serve dropped, at a new bucket's start)."""
+        return (_slot(self.buckets, int(now // BUCKET_S), WINDOWS_S["1h"] // BUCKET_S),
+                _slot(self.fine, int(now // FINE_S), max(WINDOWS_S[w] for w in FINE_WINDOWS) // FINE_S))
+
+
+def _slot(buckets: dict[int, _Bucket], slot: int, keep: int) -> _Bucket:
+    b = buckets.get(slot)
+    if b is None:
+        b = buckets[slot] = _Bucket()
+        for old in [m for m in buckets if m <= slot - keep]:
+            del buckets[old]
+    return b
 
 
 def _summary(counts: _Counts, computed: int, fanout: int) -> dict[str, Any]:
@@ -149,9 +159,9 @@ class CacheStats:
             t = self._tenant(tenant)
             t.total.add(tiers, corrupt)
             t.fanout += fanout
-            b = t.bucket(self._clock())
-            b.counts.add(tiers, corrupt)
-            b.fanout += fanout
+            for b in t.bucket(self._clock()):
+                b.counts.add(tiers, corrupt)
+                b.fanout += fanout
             for name in names:
                 counts = t.classifiers.get(name)
                 if counts is None:
@@ -164,7 +174,8 @@ class CacheStats:
             self._dirty.add(tenant)
             t = self._tenant(tenant)
             t.computed += int(n)
-            t.bucket(self._clock()).computed += int(n)
+            for b in t.bucket(self._clock()):
+                b.computed += int(n)
 
     def export(self, *, changed_only: bool = True) -> dict[str, dict[str, Any]]:
         """Tenant -> its raw figures (JSON-able), for the other processes of a serving group
@@ -179,22 +190,26 @@ class CacheStats:
 
         Per classifier: lookups, hits, misses, hit_rate, corrupt ("computed" is per tenant:
         one embedding serves every classifier of the request). ``windows`` holds the same
-        tenant figures over the last minute, 5 minutes and hour. ``peers``: the same tenant's raw
-        figures from the other processes serving the folder (:meth:`export`), added in.
+        tenant figures over the last minute, 5 minutes and hour, each a sliding window of whole
+        buckets ending with the one running now: ``1m`` and ``5m`` of 10-second buckets (they
+        cover the last 50-60 s and 290-300 s), ``1h`` of minute buckets (59-60 min). ``peers``:
+        the same tenant's raw figures from the other processes serving the folder
+        (:meth:`export`), added in.
         """
         if peers:
             return self.merged(tenant, peers).snapshot(tenant)
         now = self._clock()
-        minute = int(now // BUCKET_S)
         with self._lock:
             t = self._tenants.get(tenant) or _Tenant()
             out = _summary(t.total, t.computed, t.fanout)
             out["classifiers"] = {name: c.as_dict() for name, c in t.classifiers.items()}
             windows = {}
             for label, span in WINDOWS_S.items():
+                width, buckets = (FINE_S, t.fine) if label in FINE_WINDOWS else (BUCKET_S, t.buckets)
+                current = int(now // width)
                 counts, computed, fanout = _Counts(), 0, 0
-                for m, b in t.buckets.items():
-                    if m > minute - span // BUCKET_S:
+                for m, b in buckets.items():
+                    if current - span // width < m <= current:
                         counts.merge(b.counts)
                         computed += b.computed
                         fanout += b.fanout

@@ -39,3 +39,25 @@ def test_a_peer_s_figures_add_to_the_report_window_by_window_and_only_for_their_
     assert mine.snapshot("acme")["lookups"] == 2  # merging never changes this process's own counters
     alone = mine.snapshot("bob", [exported["bob"]])
     assert alone["lookups"] == 1 and "spam" not in alone["classifiers"]
+
+
+def test_the_1m_and_5m_windows_slide_across_the_minute_boundary():
+    """"1m" is the last 50-60 s whatever the second of the minute: a lookup 20 s ago counts after the
+    calendar minute turned (the report once showed only the current minute, so at hh:mm:02 it held
+    2 s of traffic), and a lookup 75 s ago has left it; the same holds through a peer's export."""
+    minute = 60 * 16_667  # a minute's start, in epoch seconds
+    clock = Clock(minute + 50.0)
+    stats, peer = CacheStats(clock), CacheStats(clock)
+    stats.record("acme", ["spam"], [None, "memory"])
+    peer.record("acme", ["spam"], ["local"])
+    clock.t = minute + 70.0  # 20 s later, in the next calendar minute
+    snap = stats.snapshot("acme", [peer.export()["acme"]])
+    assert snap["windows"]["1m"]["lookups"] == 3 and snap["windows"]["1m"]["hits"]["local"] == 1
+    clock.t = minute + 125.0  # 75 s after them: out of "1m", still in "5m" and "1h"
+    stats.record("acme", ["spam"], ["memory"])
+    w = stats.snapshot("acme")["windows"]
+    assert (w["1m"]["lookups"], w["5m"]["lookups"], w["1h"]["lookups"]) == (1, 3, 3)
+    clock.t = minute + 50.0 + 301  # just over 5 minutes after the first: only the later lookup is in "5m"
+    w = stats.snapshot("acme")["windows"]
+    assert (w["5m"]["lookups"], w["1h"]["lookups"]) == (1, 3)
+    assert stats.snapshot("acme")["lookups"] == 3  # since start: nothing leaves it
