@@ -12,8 +12,11 @@ so it cannot be scored on its holdout):
         McNemar's exact test on the discordant pairs (binomial, scipy.stats.binomtest)
     verdict      = "regression" when accuracy drops by more than max_drop (absolute, holdout or
                    canary) or negative flips exceed max_negative_flips (a share of the holdout),
-                   else "pass"; "needs_data" without stored data; "needs_retrain" for a LoRA
-                   version (its adapter was trained on the old backbone's activations)
+                   else "pass"; "needs_data" without stored data, or with stored data that
+                   cannot be compared (a damaged file, data today's rules refuse: the reason says
+                   which; the plan goes on with the other versions, and a rerun tries it again);
+                   "needs_retrain" for a LoRA version (its adapter was trained on the old
+                   backbone's activations)
     staged       = the head refit on every example with candidate embeddings: what apply publishes
 
 Embeddings go through each engine's cache (the candidate's under its own fingerprint), so a second
@@ -35,10 +38,12 @@ from scipy import stats as sps
 
 from headfleet.atomic import write_json_atomic
 from headfleet.engine import Engine
+from headfleet.errors import TrainingDataError, ValidationError
 from headfleet.heads.metrics import classification_metrics
 from headfleet.heads.retrain import stored_examples
 from headfleet.heads.split import holdout_split
 from headfleet.heads.train import DEFAULT_HOLDOUT, train_head
+from headfleet.heads.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +90,8 @@ def compare(X_old: np.ndarray, X_new: np.ndarray, examples, *, kind: str, seed: 
     multi, classes = examples.multi_label, examples.classes()
     y = examples.targets()
     split = holdout_split(y, multi, holdout, seed)
-    heads = [_fit_train_split(X, examples, split.train, kind, seed) for X in (X_old, X_new)]
+    report = validate(examples)  # the rules training applied to the whole data (TrainingDataError)
+    heads = [_fit_train_split(X, examples, split.train, kind, seed, report) for X in (X_old, X_new)]
     out: dict[str, Any] = {"canary": None}
     parts = {"holdout": (X_old[split.holdout], X_new[split.holdout], y[split.holdout])}
     if canary is not None:
@@ -118,11 +124,14 @@ def compare(X_old: np.ndarray, X_new: np.ndarray, examples, *, kind: str, seed: 
     return out
 
 
-def _fit_train_split(X: np.ndarray, examples, rows: np.ndarray, kind: str, seed: int):
+def _fit_train_split(X: np.ndarray, examples, rows: np.ndarray, kind: str, seed: int, report):
+    """The head fitted on the train split alone, as training fitted it before measuring its holdout:
+    ``report`` is the whole data's validation, so a split training accepted (a class of 2 examples
+    leaves 1 to train on) is not refused here on its own."""
     from headfleet.heads.examples import Examples
 
     sub = Examples([examples.texts[i] for i in rows], [examples.labels[i] for i in rows], examples.multi_label)
-    return train_head(X[rows], sub, kind=kind, seed=seed, holdout=0.0).head
+    return train_head(X[rows], sub, kind=kind, seed=seed, holdout=0.0, report=report).head
 
 
 def plan(current: Engine, candidate: Engine, tenants: Sequence[str], *, out: Path,
@@ -156,11 +165,18 @@ def plan(current: Engine, candidate: Engine, tenants: Sequence[str], *, out: Pat
         for i, (tenant, name, version, aliases) in enumerate(todo):
             k = f"{tenant}/{name}@{version}"
             if k not in done:
-                row = _one(current, candidate, tenant, name, version, aliases, thresholds, canary_for, staged,
-                           as_examples)
+                try:
+                    row = _one(current, candidate, tenant, name, version, aliases, thresholds, canary_for, staged,
+                               as_examples)
+                except (TrainingDataError, ValidationError) as e:  # this version's data, not the plan's: go on
+                    log.warning("backbone plan: %s needs data: %s", k, e)
+                    row = {"tenant": tenant, "classifier": name, "version": version, "aliases": aliases,
+                           "verdict": "needs_data", "reason": f"its stored training data cannot be compared: {e}",
+                           "holdout": {"negative_flips": 0}, "error": True}
                 row.update(key=k, backbones=key)
-                log_file.write(json.dumps(row) + "\n")
-                log_file.flush()
+                if not row.pop("error", False):  # a rerun tries a version whose data failed again
+                    log_file.write(json.dumps(row) + "\n")
+                    log_file.flush()
                 done[k] = row
             if progress is not None:
                 progress(i + 1, len(todo))

@@ -13,6 +13,7 @@ import pytest
 from headfleet.embedder import Embedder, default_model_path
 from headfleet.engine import Engine
 from headfleet.heads import examples_from_records, load_examples
+from headfleet.heads.examples import TRAINING_DATA_FILE
 from headfleet.lifecycle.backbone_plan import Thresholds, plan
 from headfleet.lifecycle.feedback import Labelled
 from headfleet.settings import Settings
@@ -184,3 +185,40 @@ def test_the_int8_plan_applies_while_the_old_backbone_keeps_serving(minilm, flee
     with Engine.open(Settings(data_dir=data, device="cpu", faiss_store=False), embedder=int8) as after:
         got = after.classify("acme", ["free prize, call now"], ["spam"])["results"][0]["classifications"]["spam"]
     assert got["version"] > 2 and got["label"] == answers[-1]["results"][0]["classifications"]["spam"]["label"]
+
+
+def test_a_tiny_classifier_is_compared_and_a_damaged_one_does_not_stop_the_plan(minilm, onnx_cache, tmp_path):
+    """Training accepts 2 examples a class (1 trains, 1 is held out); the plan compares such a
+    version on the same terms instead of refusing its 1-example train split and aborting every
+    tenant's plan. A version whose stored data is damaged is "needs_data", named, with the reason,
+    the others are still compared, and a rerun tries it again (its row is not kept as finished)."""
+    data = tmp_path / "data"
+    tiny = [{"text": t, "label": lab} for t, lab in (("who won the match tonight", "sport"),
+                                                      ("the striker scored twice", "sport"),
+                                                      ("the senate passed the budget", "politics"),
+                                                      ("the minister resigned today", "politics"))]
+    other = [{"text": f"{w} message number {i}", "label": lab} for i in range(12)
+             for w, lab in (("urgent: reply now", "urgent"), ("see you next week", "calm"))]
+    with Engine.open(Settings(data_dir=data, device="cpu", faiss_store=False), embedder=minilm) as eng:
+        eng.train("acme", "topic", examples_from_records(tiny))
+        eng.train("acme", "urgency", examples_from_records(other))
+        eng.train("acme", "damaged", examples_from_records(other), seed=1)
+        manifest = eng.registry.resolve("acme", "damaged@1")
+        stored = eng.registry.version_dir("acme", manifest) / manifest["training_data"].get("file", TRAINING_DATA_FILE)
+    with open(stored, "ab") as f:
+        f.write(b"\n")  # no longer the bytes its manifest's sha256 names
+    int8 = Embedder.load(max_length=256, batch_size=32, device="cpu", backend="onnx", precision="int8",
+                         cache_dir=onnx_cache)
+    out = tmp_path / "plan.json"
+    with Engine.open(Settings(data_dir=data, device="cpu"), embedder=minilm) as current, \
+            Engine.open(Settings(data_dir=data, device="cpu"), embedder=int8) as cand:
+        doc = plan(current, cand, ["acme"], out=out)
+    rows = {r["key"]: r for r in doc["classifiers"]}
+    assert set(rows) == {"acme/topic@1", "acme/urgency@1", "acme/damaged@1"}
+    assert rows["acme/topic@1"]["verdict"] in ("pass", "regression") and rows["acme/topic@1"]["holdout"]["n"] == 2
+    assert rows["acme/urgency@1"]["verdict"] in ("pass", "regression")
+    bad = rows["acme/damaged@1"]
+    assert bad["verdict"] == "needs_data" and "sha256" in bad["reason"] and "acme/damaged@1" in bad["reason"]
+    assert doc["summary"]["needs_data"] == 1 and json.loads(out.read_text()) == doc
+    kept = [json.loads(line)["key"] for line in out.with_name("plan.json.partial.jsonl").read_text().splitlines()]
+    assert sorted(kept) == ["acme/topic@1", "acme/urgency@1"]
