@@ -22,11 +22,24 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}\Z")  # \Z, not $ (which also m
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 
 
+SHOWN_CHARS = 80  # of a refused value, quoted in its error message
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for an error message, clipped: a 100 KB name comes back as its first
+    ``limit`` characters and its length, not as a 100 KB answer."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value):,} characters)" if isinstance(value, str) else ""
+    return f"{text[:limit]}...{size}"
+
+
 def check_name(value: str, what: str) -> str:
     """A tenant or classifier name; ValidationError otherwise."""
     if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise ValidationError(
-            f"invalid {what} {value!r}: use 1-64 of a-z 0-9 _ . - starting with a letter or digit"
+            f"invalid {what} {shown(value)}: use 1-64 of a-z 0-9 _ . - starting with a letter or digit"
         )
     return value
 
@@ -34,6 +47,6 @@ def check_name(value: str, what: str) -> str:
 def check_alias(value: str) -> str:
     if not isinstance(value, str) or not ALIAS_RE.fullmatch(value) or value.isdigit():
         raise ValidationError(
-            f"invalid alias {value!r}: use 1-32 of a-z 0-9 _ - starting with a letter"
+            f"invalid alias {shown(value)}: use 1-32 of a-z 0-9 _ - starting with a letter"
         )
     return value

@@ -22,3 +22,11 @@ def test_aliases_are_checked_the_same_way(bad):
 def test_ordinary_names_pass_unchanged():
     assert check_name("acme-2.eu_west", "tenant") == "acme-2.eu_west"
     assert check_alias("candidate") == "candidate"
+
+
+def test_a_refused_name_is_quoted_clipped_with_its_length():
+    with pytest.raises(ValidationError) as e:
+        check_name("x" * 100_000, "classifier name")
+    assert len(str(e.value)) < 300 and "'xxxx" in str(e.value) and "100,000 characters" in str(e.value)
+    with pytest.raises(ValidationError, match="'Prod'"):  # a short one is quoted whole, as before
+        check_alias("Prod")
