@@ -99,6 +99,10 @@ def _decode(name: str, content: bytes) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+#: How each entry point names the columns to read, for the message that says a column is missing.
+_COLUMN_OPTIONS = "CLI: --text-col / --label-col; HTTP: text_col / label_col"
+
+
 def _refuse_bad_bytes(cells: list[str] | str, where: str) -> None:
     for cell in [cells] if isinstance(cells, str) else cells:
         m = _ESCAPED_BYTE.search(cell)
@@ -125,7 +129,7 @@ def _read_csv(
         if missing:
             raise TrainingDataError(
                 f"{name}: no column {' or '.join(repr(c) for c in missing)}; columns present: {header}. "
-                f"Rename the header or pass text_col/label_col."
+                f"Rename the header, or name your columns ({_COLUMN_OPTIONS})."
             )
         ti, li = header.index(text_col), header.index(label_col)
         texts: list[str] = []
@@ -173,7 +177,7 @@ def _read_jsonl(
         if missing:
             raise TrainingDataError(
                 f"{where}: no key {' or '.join(repr(c) for c in missing)}; keys present: {sorted(record)}. "
-                f"Pass text_col/label_col to match your data."
+                f"Name your keys ({_COLUMN_OPTIONS})."
             )
         texts.append(parse_text(record[text_col], where))
         labels.append(reader.read(record[label_col], where))

@@ -143,3 +143,16 @@ def test_risky_data_warns():
 def test_token_stats_under_thresholds_do_not_warn():
     report = validate(examples_from_records(_pairs({"a": 10, "b": 10})), TokenStats(0.01, 0.05))
     assert report.warnings == []
+
+
+@pytest.mark.parametrize("name, content", [("sms.csv", "body,label\nhello there,ham\n"),
+                                           ("sms.jsonl", '{"body": "hello there", "label": "ham"}\n')])
+def test_a_missing_column_says_how_each_entry_point_names_it(tmp_path, name, content):
+    """The CLI user reads --text-col, the HTTP user text_col (the hint once named only the HTTP field)."""
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(TrainingDataError) as e:
+        load_examples(path)
+    message = str(e.value)
+    assert "'text'" in message and "body" in message
+    assert "--text-col" in message and "text_col" in message
