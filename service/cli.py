@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import sys
+import time
 from pathlib import Path
 
 from headfleet.errors import HeadfleetError, ValidationError
@@ -102,7 +103,10 @@ def cmd_classify(args) -> int:
 
     texts = _read_texts(args)
     with Engine.open(_settings(args)) as engine, progress_bar(len(texts), "embedding") as cb:
+        t0 = time.perf_counter()
         out = engine.classify(args.tenant, texts, args.classifier, namespace=args.namespace, progress=cb)
+        # the same phases as POST /classify: no queue in one process, and the whole call (backbone load excluded)
+        out["timing_ms"] = {"queue": 0.0, **out["timing_ms"], "total": round((time.perf_counter() - t0) * 1e3, 3)}
     print(json.dumps(out, indent=2, ensure_ascii=False) if args.json else format_classify(texts, out))
     return 0
 

@@ -41,6 +41,9 @@ def test_train_then_classify_with_two_classifiers(run):
     body = json.loads(out)
     assert body["results"][0]["classifications"]["spam"]["label"] == "spam"
     assert body["results"][1]["classifications"]["urgency"]["label"] == "urgent"
+    timing = body["timing_ms"]  # the phases POST /classify reports, queue (none here) and total included
+    assert {"queue", "embed", "heads", "total"} <= set(timing) and timing["queue"] == 0.0
+    assert timing["total"] >= timing["embed"] + timing["heads"] > 0
     code, table, _ = run("classify", "--tenant", "acme", "-c", "spam", "Claim your free prize now")
     # a new CLI process: the vector comes back from the local store the last call persisted
     assert "spam" in table.splitlines()[0] and "local" in table and "local 1" in table and "computed 0" in table
