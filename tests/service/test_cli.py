@@ -49,6 +49,13 @@ def test_train_then_classify_with_two_classifiers(run):
     assert "spam" in table.splitlines()[0] and "local" in table and "local 1" in table and "computed 0" in table
 
 
+def test_demo_says_whether_its_first_call_found_the_cache_cold(run):
+    code, out, _ = run("demo")
+    assert code == 0 and "# first call (cold cache)" in out and "# same call again (cached)" in out
+    code, again, _ = run("demo")  # a second run on the same folder: the local store holds the texts
+    assert code == 0 and "cold cache" not in again and "already holds these texts" in again
+
+
 def test_classifiers_list_show_alias_delete(run):
     for _ in range(2):
         run("train", "--tenant", "acme", "--name", "spam", "--data", str(EXAMPLES / "spam.csv"))
