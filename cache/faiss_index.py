@@ -12,7 +12,7 @@ Not thread-safe on its own: ``FaissStore`` holds its lock around every call.
 
 from __future__ import annotations
 
-import faiss
+from ._faiss import faiss
 import numpy as np
 
 from .base import Entry

@@ -14,7 +14,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-import faiss
+from ._faiss import faiss
 import numpy as np
 
 from .keys import key_id

@@ -259,3 +259,16 @@ def test_reput_moves_key_between_namespaces() -> None:
     store.put_many([key], vec, ["new"])
     assert store.search(vec[0], k=5, namespace="old") == []
     assert [k for k, _ in store.search(vec[0], k=5, namespace="new")] == [key]
+
+
+def test_loading_faiss_logs_no_missing_module_at_the_service_s_log_level():
+    """faiss' loader logged two ModuleNotFoundError lines at INFO on every start (its AVX builds it
+    does not ship), which read like failures in the service's log."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import logging; logging.basicConfig(level=logging.INFO); "
+                           "import headfleet.cache; print(headfleet.cache.FaissStore.__name__)"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "FaissStore", done.stderr[-2000:]
+    assert "ModuleNotFoundError" not in done.stderr and "Could not load library" not in done.stderr, done.stderr
