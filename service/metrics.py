@@ -23,7 +23,8 @@ from headfleet.names import MISS, TIER_NAMES
 from headfleet.service.scheduler import SchedulerMetrics
 
 _MS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
-ENDPOINTS = ("/classify", "/embed", "/v1/embeddings", "/classifiers", "/stats", "/health", "/info", "/metrics")
+ENDPOINTS = ("/classify", "/embed", "/v1/embeddings", "/v1/models", "/classifiers", "/feedback", "/stats", "/health",
+             "/info", "/metrics")
 
 
 class Metrics:

@@ -238,3 +238,21 @@ def test_an_error_never_echoes_a_huge_input_back_whole(client, path, body):
     err = r.json()["error"]
     message = err["message"] if isinstance(err, dict) else err
     assert message and ("invalid" in message or "cut" in message or "not" in message), message
+
+
+def test_every_route_has_a_latency_label_of_its_own_or_its_family(client):
+    """The request histogram's endpoint label: each fixed public route is its own label, routes with
+    ids in them fall into their family's prefix, and none falls into "other" (GET /v1/models was
+    counted as "/v1", POST /feedback as "other")."""
+    from headfleet.service.app import _endpoint
+
+    spec = client.get("/schema/openapi.json").json()
+    paths = [p.replace("{", "").replace("}", "") for p in spec["paths"]]
+    assert "/v1/models" in paths and "/feedback" in paths
+    for path in paths:
+        assert _endpoint(path) != "other", path
+    for path in ("/v1/models", "/v1/embeddings", "/feedback", "/classify", "/stats"):
+        assert _endpoint(path) == path
+    client.get("/v1/models")
+    text = client.get("/metrics").text
+    assert 'headfleet_request_seconds_count{endpoint="/v1/models",status="2xx"}' in text
