@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 
-logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+_loader = logging.getLogger("faiss.loader")
+if _loader.level == logging.NOTSET:  # an operator who set its level (DEBUG, say) keeps theirs
+    _loader.setLevel(logging.WARNING)
 
 import faiss  # noqa: E402  (after the logger's level is set)
 

@@ -95,7 +95,11 @@ class _Tenant:
         self.fanout += int(raw["fanout"])
         for name, c in raw["classifiers"].items():
             self.classifiers.setdefault(name, _Counts()).merge(_Counts.from_raw(c))
-        for into, got in ((self.buckets, raw["buckets"]), (self.fine, raw.get("fine", {}))):
+        fine = raw.get("fine")
+        if fine is None:  # a process of an older version keeps minute buckets only: each counts at its
+            # minute's first 10 seconds, so its figures still reach "1m" and "5m", less finely placed
+            fine = {str(int(m) * (BUCKET_S // FINE_S)): b for m, b in raw["buckets"].items()}
+        for into, got in ((self.buckets, raw["buckets"]), (self.fine, fine)):
             for slot, (counts, computed, fanout) in got.items():
                 b = into.setdefault(int(slot), _Bucket())
                 b.counts.merge(_Counts.from_raw(counts))
@@ -209,7 +213,7 @@ class CacheStats:
                 current = int(now // width)
                 counts, computed, fanout = _Counts(), 0, 0
                 for m, b in buckets.items():
-                    if current - span // width < m <= current:
+                    if current - span // width < m <= current + 1:  # + 1: a peer whose clock runs a little ahead
                         counts.merge(b.counts)
                         computed += b.computed
                         fanout += b.fanout

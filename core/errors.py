@@ -7,14 +7,28 @@ Each layer raises these; only the service maps them to HTTP status (one table in
 
 from __future__ import annotations
 
+MAX_MESSAGE = 2_000  # characters of an error message a person reads; a longer one is cut in the middle
+
+
+def clip_message(message: str, limit: int = MAX_MESSAGE) -> str:
+    """``message`` cut in the middle when over ``limit`` characters: its start and its end (where
+    the reason and the fix usually are, after a quoted input) with the count cut between them, so
+    a message quoting a 100 KB input is neither 100 KB long nor stripped of its explanation."""
+    if len(message) <= limit:
+        return message
+    head, tail = limit // 2, limit // 2 - 100
+    return f"{message[:head]} ...({len(message) - head - tail:,} characters cut)... {message[-tail:]}"
+
 
 class HeadfleetError(Exception):
-    """``message``: what went wrong and what to do, for a person; ``param``: the request field it
-    concerns, when there is one (OpenAI-shaped errors on ``/v1`` carry it)."""
+    """``message``: what went wrong and what to do, for a person (:func:`clip_message`: at most
+    about 2,000 characters, whatever it quotes); ``param``: the request field it concerns, when
+    there is one (OpenAI-shaped errors on ``/v1`` carry it)."""
 
     error_type = "internal_error"
 
     def __init__(self, message: str, *, param: str | None = None):
+        message = clip_message(str(message))
         super().__init__(message)
         self.message = message
         self.param = param

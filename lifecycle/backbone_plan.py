@@ -38,7 +38,7 @@ from scipy import stats as sps
 
 from headfleet.atomic import write_json_atomic
 from headfleet.engine import Engine
-from headfleet.errors import TrainingDataError, ValidationError
+from headfleet.errors import HeadfleetError, TrainingDataError
 from headfleet.heads.metrics import classification_metrics
 from headfleet.heads.retrain import stored_examples
 from headfleet.heads.split import holdout_split
@@ -91,7 +91,7 @@ def compare(X_old: np.ndarray, X_new: np.ndarray, examples, *, kind: str, seed: 
     y = examples.targets()
     split = holdout_split(y, multi, holdout, seed)
     report = validate(examples)  # the rules training applied to the whole data (TrainingDataError)
-    heads = [_fit_train_split(X, examples, split.train, kind, seed, report) for X in (X_old, X_new)]
+    heads = [_fit_train_split(X, examples, kind, seed, holdout, report) for X in (X_old, X_new)]
     out: dict[str, Any] = {"canary": None}
     parts = {"holdout": (X_old[split.holdout], X_new[split.holdout], y[split.holdout])}
     if canary is not None:
@@ -124,14 +124,14 @@ def compare(X_old: np.ndarray, X_new: np.ndarray, examples, *, kind: str, seed: 
     return out
 
 
-def _fit_train_split(X: np.ndarray, examples, rows: np.ndarray, kind: str, seed: int, report):
-    """The head fitted on the train split alone, as training fitted it before measuring its holdout:
-    ``report`` is the whole data's validation, so a split training accepted (a class of 2 examples
-    leaves 1 to train on) is not refused here on its own."""
-    from headfleet.heads.examples import Examples
-
-    sub = Examples([examples.texts[i] for i in rows], [examples.labels[i] for i in rows], examples.multi_label)
-    return train_head(X[rows], sub, kind=kind, seed=seed, holdout=0.0, report=report).head
+def _fit_train_split(X: np.ndarray, examples, kind: str, seed: int, holdout: float, report):
+    """The head fitted on the recorded train split alone, exactly as training fitted it before
+    measuring its holdout: ``train_head`` makes the same split (``holdout_split``, same seed and
+    share), keeps the whole data's label order (so a label absent from the split is still a
+    column) and refuses what training refused ("the train split lacks some classes");
+    ``report`` is the whole data's validation, so a split training accepted (a class of 2
+    examples leaves 1 to train on) is not refused here on its own."""
+    return train_head(X, examples, kind=kind, seed=seed, holdout=holdout, report=report).head
 
 
 def plan(current: Engine, candidate: Engine, tenants: Sequence[str], *, out: Path,
@@ -168,9 +168,11 @@ def plan(current: Engine, candidate: Engine, tenants: Sequence[str], *, out: Pat
                 try:
                     row = _one(current, candidate, tenant, name, version, aliases, thresholds, canary_for, staged,
                                as_examples)
-                except (TrainingDataError, ValidationError) as e:  # this version's data, not the plan's: go on
+                except TrainingDataError as e:  # this version's data, not the backbones: the plan goes on
+                    # (a candidate giving bad vectors is a ValidationError of the embeddings: that stops the plan)
                     log.warning("backbone plan: %s needs data: %s", k, e)
                     row = {"tenant": tenant, "classifier": name, "version": version, "aliases": aliases,
+                           "kind": _kind_of(current, tenant, name, version),
                            "verdict": "needs_data", "reason": f"its stored training data cannot be compared: {e}",
                            "holdout": {"negative_flips": 0}, "error": True}
                 row.update(key=k, backbones=key)
@@ -193,6 +195,15 @@ def plan(current: Engine, candidate: Engine, tenants: Sequence[str], *, out: Pat
            "classifiers": rows}
     write_json_atomic(out, doc)
     return doc
+
+
+def _kind_of(current: Engine, tenant: str, name: str, version: int) -> str | None:
+    """The head kind of a version, as :func:`_one` reports it (None when its manifest is unreadable)."""
+    try:
+        manifest = current.registry.resolve(tenant, f"{name}@{version}")
+    except HeadfleetError:
+        return None
+    return manifest.get("type") or (manifest.get("metrics") or {}).get("kind")
 
 
 def _one(current: Engine, candidate: Engine, tenant: str, name: str, version: int, aliases: list[str],

@@ -28,6 +28,7 @@ from headfleet.errors import (
     TrainingDataError,
     UnauthorizedError,
     ValidationError,
+    clip_message,
 )
 from headfleet.service.request import param_of
 
@@ -68,9 +69,6 @@ _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403:
                  422: "invalid_request_error", 429: "rate_limit_error"}
 
 
-MAX_MESSAGE = 2_000  # characters of an error message; a longer one (quoting a huge input) is cut
-
-
 def error_response(request: Request, status: int, message: str, error_type: str,
                    headers: dict[str, str] | None = None, param: str | None = None) -> Response:
     """``{"error", "error_type"}``; on ``/v1/*`` OpenAI's ``{"error": {"message", "type", "param", "code"}}``
@@ -78,8 +76,7 @@ def error_response(request: Request, status: int, message: str, error_type: str,
     service = getattr(request.app.state, "service", None)
     if service is not None:
         service.metrics.failures.labels(error_type).inc()
-    if len(message) > MAX_MESSAGE:  # whatever quoted the client's input: never echo it back whole
-        message = f"{message[:MAX_MESSAGE]}... (message cut: {len(message):,} characters)"
+    message = clip_message(message)  # any message quoting the client's input (a domain error is clipped already)
     if request.url.path.startswith("/v1/"):
         body: dict = {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error" if status >= 500
                                                                                else "invalid_request_error"),

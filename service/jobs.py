@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from headfleet.errors import HeadfleetError, NotFoundError
+from headfleet.errors import HeadfleetError, NotFoundError, clip_message
 from headfleet.heads import Examples
 from headfleet.service.job_records import UNFINISHED, JobRecords, LeaseLost
 
@@ -235,7 +235,8 @@ class JobManager:
         except Exception as exc:  # a bug, not the user's data: say so, keep the service up
             log.exception("training job %s failed", job_id)
             self._update(tenant, job_id, state="failed", finished=_now(),
-                         error={"error": f"internal error ({type(exc).__name__}: {exc})", "error_type": "internal_error"})
+                         error={"error": clip_message(f"internal error ({type(exc).__name__}: {exc})"),
+                                "error_type": "internal_error"})
             return
         result = {"id": manifest["id"], "version": manifest["version"], "metrics": manifest.get("metrics"),
                   "warnings": manifest.get("validation", {}).get("warnings", []),

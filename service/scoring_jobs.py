@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
-from headfleet.errors import ConflictError, ForbiddenError, HeadfleetError, NotFoundError, ValidationError
+from headfleet.errors import ConflictError, ForbiddenError, HeadfleetError, NotFoundError, ValidationError, clip_message
 from headfleet.service.job_records import UNFINISHED, JobRecords, LeaseLost
 from headfleet.names import check_name
 from headfleet.scoring import Cancelled, JobSpec, ScoreJob, SourceSpec
@@ -148,7 +148,7 @@ class ScoringJobs:
                             ("--overwrite", "overwrite: true"), ("--format", "format"),
                             ("the job's folder", "your scoring folder")):
             message = message.replace(flag, field)
-        return message
+        return clip_message(message)
 
     def _relative(self, tenant: str, path: Path) -> str:
         return str(path.relative_to(self.folder(tenant)))

@@ -65,7 +65,7 @@ def minute_series(cache_stats, tenant: str, minutes: int = 60) -> list[dict[str,
     """The tenant's last ``minutes`` one-minute buckets, oldest first: ``{"minute": epoch s of the
     minute's start, "lookups", "hits": {tier: n}, "misses", "computed", "hit_rate"}`` (minutes
     without traffic included as zeros). Adapter: reads ``CacheStats``' private per-minute buckets
-    (the ones ``/stats`` sums into its 1m / 5m / 1h windows) under its lock; returns None when
+    (the ones ``/stats`` sums into its 1h window; 1m and 5m come from 10-second buckets) under its lock; returns None when
     that class no longer keeps them, and the page says the series is unavailable."""
     lock, tenants = getattr(cache_stats, "_lock", None), getattr(cache_stats, "_tenants", None)
     clock = getattr(cache_stats, "_clock", time.time)

@@ -61,3 +61,17 @@ def test_the_1m_and_5m_windows_slide_across_the_minute_boundary():
     w = stats.snapshot("acme")["windows"]
     assert (w["5m"]["lookups"], w["1h"]["lookups"]) == (1, 3)
     assert stats.snapshot("acme")["lookups"] == 3  # since start: nothing leaves it
+
+
+def test_a_peer_of_an_older_version_without_fine_buckets_still_counts_in_every_window():
+    """During a rolling upgrade a peer's export has minute buckets only: its lookups still reach
+    "1m" and "5m" (placed at their minute's start), not "1h" alone."""
+    minute = 60 * 16_667
+    clock = Clock(minute + 30.0)
+    stats, peer = CacheStats(clock), CacheStats(clock)
+    peer.record("acme", ["spam"], ["memory", None])
+    old = peer.export()["acme"]
+    del old["fine"]
+    clock.t = minute + 45.0
+    w = stats.snapshot("acme", [old])["windows"]
+    assert (w["1m"]["lookups"], w["5m"]["lookups"], w["1h"]["lookups"]) == (2, 2, 2)

@@ -30,3 +30,14 @@ def test_a_refused_name_is_quoted_clipped_with_its_length():
     assert len(str(e.value)) < 300 and "'xxxx" in str(e.value) and "100,000 characters" in str(e.value)
     with pytest.raises(ValidationError, match="'Prod'"):  # a short one is quoted whole, as before
         check_alias("Prod")
+
+
+def test_a_long_error_message_keeps_its_start_and_its_end():
+    """Every domain error is clipped in the middle: a message quoting a huge input keeps the reason
+    and the fix that follow the quote (a path of 5,000 characters, then "too long: ...")."""
+    from headfleet.errors import ValidationError as Refused
+
+    e = Refused("source " + repr("d/" * 2_500) + " is too long: use a path under 4,096 bytes")
+    assert len(e.message) < 2_100 and str(e) == e.message
+    assert e.message.startswith("source 'd/d/") and e.message.endswith("use a path under 4,096 bytes")
+    assert "characters cut" in e.message

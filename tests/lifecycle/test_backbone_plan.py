@@ -14,6 +14,7 @@ from headfleet.embedder import Embedder, default_model_path
 from headfleet.engine import Engine
 from headfleet.heads import examples_from_records, load_examples
 from headfleet.heads.examples import TRAINING_DATA_FILE
+from headfleet.heads.split import holdout_split
 from headfleet.lifecycle.backbone_plan import Thresholds, plan
 from headfleet.lifecycle.feedback import Labelled
 from headfleet.settings import Settings
@@ -203,6 +204,13 @@ def test_a_tiny_classifier_is_compared_and_a_damaged_one_does_not_stop_the_plan(
         eng.train("acme", "topic", examples_from_records(tiny))
         eng.train("acme", "urgency", examples_from_records(other))
         eng.train("acme", "damaged", examples_from_records(other), seed=1)
+        # multi-label, label "c" on 2 rows that seed 35's split holds out both of: training fits with
+        # "c" as an all-zero column; the plan must compare it the same way, not on 2 columns of 3
+        tags = [["a"], ["b"], ["a", "c"], ["b", "c"], ["a"], ["b"], ["a"], ["b"], ["a"], ["b"]]
+        tagged = examples_from_records([{"text": f"tag text {i}", "label": t} for i, t in enumerate(tags)],
+                                       multi_label=True)
+        assert tagged.targets()[holdout_split(tagged.targets(), True, 0.2, 35).train][:, 2].sum() == 0
+        eng.train("acme", "tags", tagged, seed=35)
         manifest = eng.registry.resolve("acme", "damaged@1")
         stored = eng.registry.version_dir("acme", manifest) / manifest["training_data"].get("file", TRAINING_DATA_FILE)
     with open(stored, "ab") as f:
@@ -214,11 +222,13 @@ def test_a_tiny_classifier_is_compared_and_a_damaged_one_does_not_stop_the_plan(
             Engine.open(Settings(data_dir=data, device="cpu"), embedder=int8) as cand:
         doc = plan(current, cand, ["acme"], out=out)
     rows = {r["key"]: r for r in doc["classifiers"]}
-    assert set(rows) == {"acme/topic@1", "acme/urgency@1", "acme/damaged@1"}
+    assert set(rows) == {"acme/topic@1", "acme/urgency@1", "acme/damaged@1", "acme/tags@1"}
+    assert rows["acme/tags@1"]["verdict"] in ("pass", "regression") and rows["acme/tags@1"]["holdout"]["n"] == 3
     assert rows["acme/topic@1"]["verdict"] in ("pass", "regression") and rows["acme/topic@1"]["holdout"]["n"] == 2
     assert rows["acme/urgency@1"]["verdict"] in ("pass", "regression")
     bad = rows["acme/damaged@1"]
     assert bad["verdict"] == "needs_data" and "sha256" in bad["reason"] and "acme/damaged@1" in bad["reason"]
     assert doc["summary"]["needs_data"] == 1 and json.loads(out.read_text()) == doc
     kept = [json.loads(line)["key"] for line in out.with_name("plan.json.partial.jsonl").read_text().splitlines()]
-    assert sorted(kept) == ["acme/topic@1", "acme/urgency@1"]
+    assert sorted(kept) == ["acme/tags@1", "acme/topic@1", "acme/urgency@1"]
+    assert bad["kind"] == rows["acme/urgency@1"]["kind"] == "logreg"
