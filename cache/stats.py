@@ -71,6 +71,15 @@ class _Bucket:
     computed: int = 0
     fanout: int = 0  # classifier lookups beyond the first: embeddings shared instead of repeated
 
+    def raw(self) -> list:
+        return [self.counts.raw(), self.computed, self.fanout]
+
+    def merge_raw(self, raw: list) -> None:
+        counts, computed, fanout = raw
+        self.counts.merge(_Counts.from_raw(counts))
+        self.computed += int(computed)
+        self.fanout += int(fanout)
+
 
 @dataclasses.dataclass
 class _Tenant:
@@ -84,8 +93,8 @@ class _Tenant:
     def raw(self) -> dict[str, Any]:
         return {"total": self.total.raw(), "computed": self.computed, "fanout": self.fanout,
                 "classifiers": {n: c.raw() for n, c in self.classifiers.items()},
-                "buckets": {str(m): [b.counts.raw(), b.computed, b.fanout] for m, b in self.buckets.items()},
-                "fine": {str(m): [b.counts.raw(), b.computed, b.fanout] for m, b in self.fine.items()}}
+                "buckets": {str(m): b.raw() for m, b in self.buckets.items()},
+                "fine": {str(m): b.raw() for m, b in self.fine.items()}}
 
     def merge_raw(self, raw: dict[str, Any]) -> None:
         """Add another process's figures of the same tenant (buckets line up: they are absolute
@@ -100,11 +109,8 @@ class _Tenant:
             # minute's first 10 seconds, so its figures still reach "1m" and "5m", less finely placed
             fine = {str(int(m) * (BUCKET_S // FINE_S)): b for m, b in raw["buckets"].items()}
         for into, got in ((self.buckets, raw["buckets"]), (self.fine, fine)):
-            for slot, (counts, computed, fanout) in got.items():
-                b = into.setdefault(int(slot), _Bucket())
-                b.counts.merge(_Counts.from_raw(counts))
-                b.computed += int(computed)
-                b.fanout += int(fanout)
+            for slot, bucket in got.items():
+                into.setdefault(int(slot), _Bucket()).merge_raw(bucket)
 
     def bucket(self, now: float) -> tuple[_Bucket, _Bucket]:
         """The minute bucket and the 10-second bucket ``now`` falls in (made, and the ones past

@@ -38,7 +38,7 @@ from scipy import stats as sps
 
 from headfleet.atomic import write_json_atomic
 from headfleet.engine import Engine
-from headfleet.errors import HeadfleetError, TrainingDataError
+from headfleet.errors import TrainingDataError
 from headfleet.heads.metrics import classification_metrics
 from headfleet.heads.retrain import stored_examples
 from headfleet.heads.split import holdout_split
@@ -90,8 +90,12 @@ def compare(X_old: np.ndarray, X_new: np.ndarray, examples, *, kind: str, seed: 
     multi, classes = examples.multi_label, examples.classes()
     y = examples.targets()
     split = holdout_split(y, multi, holdout, seed)
-    report = validate(examples)  # the rules training applied to the whole data (TrainingDataError)
-    heads = [_fit_train_split(X, examples, kind, seed, holdout, report) for X in (X_old, X_new)]
+    # each head fitted on the recorded train split alone, as training fitted it before measuring
+    # its holdout: train_head makes the same split (same seed and share) over the whole data's
+    # labels, so a label absent from the split is still a column; validated once for both
+    report = validate(examples)
+    heads = [train_head(X, examples, kind=kind, seed=seed, holdout=holdout, report=report).head
+             for X in (X_old, X_new)]
     out: dict[str, Any] = {"canary": None}
     parts = {"holdout": (X_old[split.holdout], X_new[split.holdout], y[split.holdout])}
     if canary is not None:
@@ -122,16 +126,6 @@ def compare(X_old: np.ndarray, X_new: np.ndarray, examples, *, kind: str, seed: 
     out["verdict"] = "regression" if reasons else "pass"
     out["reasons"] = reasons
     return out
-
-
-def _fit_train_split(X: np.ndarray, examples, kind: str, seed: int, holdout: float, report):
-    """The head fitted on the recorded train split alone, exactly as training fitted it before
-    measuring its holdout: ``train_head`` makes the same split (``holdout_split``, same seed and
-    share), keeps the whole data's label order (so a label absent from the split is still a
-    column) and refuses what training refused ("the train split lacks some classes");
-    ``report`` is the whole data's validation, so a split training accepted (a class of 2
-    examples leaves 1 to train on) is not refused here on its own."""
-    return train_head(X, examples, kind=kind, seed=seed, holdout=holdout, report=report).head
 
 
 def plan(current: Engine, candidate: Engine, tenants: Sequence[str], *, out: Path,
@@ -165,16 +159,8 @@ def plan(current: Engine, candidate: Engine, tenants: Sequence[str], *, out: Pat
         for i, (tenant, name, version, aliases) in enumerate(todo):
             k = f"{tenant}/{name}@{version}"
             if k not in done:
-                try:
-                    row = _one(current, candidate, tenant, name, version, aliases, thresholds, canary_for, staged,
-                               as_examples)
-                except TrainingDataError as e:  # this version's data, not the backbones: the plan goes on
-                    # (a candidate giving bad vectors is a ValidationError of the embeddings: that stops the plan)
-                    log.warning("backbone plan: %s needs data: %s", k, e)
-                    row = {"tenant": tenant, "classifier": name, "version": version, "aliases": aliases,
-                           "kind": _kind_of(current, tenant, name, version),
-                           "verdict": "needs_data", "reason": f"its stored training data cannot be compared: {e}",
-                           "holdout": {"negative_flips": 0}, "error": True}
+                row = _one(current, candidate, tenant, name, version, aliases, thresholds, canary_for, staged,
+                           as_examples)
                 row.update(key=k, backbones=key)
                 if not row.pop("error", False):  # a rerun tries a version whose data failed again
                     log_file.write(json.dumps(row) + "\n")
@@ -197,26 +183,31 @@ def plan(current: Engine, candidate: Engine, tenants: Sequence[str], *, out: Pat
     return doc
 
 
-def _kind_of(current: Engine, tenant: str, name: str, version: int) -> str | None:
-    """The head kind of a version, as :func:`_one` reports it (None when its manifest is unreadable)."""
-    try:
-        manifest = current.registry.resolve(tenant, f"{name}@{version}")
-    except HeadfleetError:
-        return None
-    return manifest.get("type") or (manifest.get("metrics") or {}).get("kind")
-
-
 def _one(current: Engine, candidate: Engine, tenant: str, name: str, version: int, aliases: list[str],
          thresholds: Thresholds, canary_for, staged: Path, as_examples) -> dict:
     manifest = current.registry.resolve(tenant, f"{name}@{version}")
     base = {"tenant": tenant, "classifier": name, "version": version, "aliases": aliases,
             "kind": manifest.get("type") or (manifest.get("metrics") or {}).get("kind")}
+    try:
+        return base | _compared(current, candidate, tenant, name, version, manifest, thresholds, canary_for, staged,
+                                as_examples)
+    except TrainingDataError as e:  # this version's data, not the backbones: the plan goes on
+        # (a candidate giving bad vectors is a ValidationError of the embeddings: that stops the plan)
+        log.warning("backbone plan: %s/%s@%s needs data: %s", tenant, name, version, e)
+        return base | {"verdict": "needs_data", "reason": f"its stored training data cannot be compared: {e}",
+                       "holdout": {"negative_flips": 0}, "error": True}
+
+
+def _compared(current: Engine, candidate: Engine, tenant: str, name: str, version: int, manifest: dict,
+              thresholds: Thresholds, canary_for, staged: Path, as_examples) -> dict:
+    """:func:`_one`'s verdict and figures for a version whose manifest is read (TrainingDataError
+    when its stored data cannot be compared)."""
     if manifest.get("adapter"):
-        return base | {"verdict": "needs_retrain", "reason": "a LoRA adapter is trained on the backbone's own "
+        return {"verdict": "needs_retrain", "reason": "a LoRA adapter is trained on the backbone's own "
                        "activations: train it again on the new backbone", "holdout": {"negative_flips": 0}}
     examples = stored_examples(current.registry, tenant, manifest)
     if examples is None:
-        return base | {"verdict": "needs_data", "reason": "no training data stored with this version",
+        return {"verdict": "needs_data", "reason": "no training data stored with this version",
                        "holdout": {"negative_flips": 0}}
     metrics = manifest.get("metrics") or {}
     kind, seed = metrics.get("kind", "logreg"), int(metrics.get("seed", 0))
@@ -243,4 +234,4 @@ def _one(current: Engine, candidate: Engine, tenant: str, name: str, version: in
     head = train_head(X_new, examples, kind=kind, seed=seed, holdout=holdout, refit=True)
     folder = staged / tenant / f"{name}@{version}"
     head.head.save(folder)
-    return base | figures | {"kind": kind, "seed": seed, "staged": str(folder.relative_to(staged))}
+    return figures | {"kind": kind, "seed": seed, "staged": str(folder.relative_to(staged))}
